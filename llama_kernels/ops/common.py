@@ -1,0 +1,160 @@
+"""Helpers shared by every kernel file: when to launch Triton, argument checks, row layouts.
+
+Nothing here launches a kernel.  Every public op follows the same steps, in this order:
+validate its arguments (``check_*``: a ``TypeError``/``ValueError`` that names the argument),
+decide whether a Triton kernel can run (``use_triton``: CUDA, or CPU under ``TRITON_INTERPRET=1``;
+otherwise the eager reference runs, with a :class:`KernelFallbackWarning`), then launch and record
+the launch in :data:`LAUNCHES` so that tests can prove a kernel really ran.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at `@triton.jit` time whether a kernel is interpreted, from this variable, so it
+# is read once here, when the first kernel module imports us.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_INTERPRET: tl.constexpr = tl.constexpr(INTERPRET)
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# kernel name -> number of launches since import (or since the last `LAUNCHES.clear()`).
+LAUNCHES: collections.Counter = collections.Counter()
+
+
+class KernelFallbackWarning(UserWarning):
+    """A public op ran its eager PyTorch reference because no Triton kernel can run here."""
+
+
+def count_launch(kernel) -> None:
+    """Record one launch of ``kernel`` (a ``@triton.jit`` function) in :data:`LAUNCHES`."""
+    LAUNCHES[getattr(kernel, "__name__", None) or kernel.fn.__name__] += 1
+
+
+def use_triton(op: str, device: torch.device) -> bool:
+    """True when Triton kernels can run on ``device``; otherwise warn that ``op`` falls back."""
+    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+        return True
+    warnings.warn(
+        f"llama_kernels.{op}: no Triton kernel can run on {device} tensors (a CUDA device, or the "
+        "CPU with TRITON_INTERPRET=1 set before triton is imported, is needed); running the eager "
+        "PyTorch reference instead",
+        KernelFallbackWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """Cast float32 ``x`` to ``dtype`` rounding to nearest even, as PyTorch and the GPU do.
+
+    Kernels round every half-precision result through this.  Triton 3.6's interpreter truncates
+    float32 -> bfloat16 (and computes bfloat16 arithmetic wrongly: keep the math in float32), so
+    under the interpreter the rounding is done on the bits first, which makes the cast exact.
+    """
+    if _INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+def check_tensor(name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES) -> None:
+    """Raise a TypeError/ValueError naming ``name`` unless ``t`` is a tensor of an accepted dtype/rank."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_same(attr: str, **tensors) -> None:
+    """Raise unless every tensor has the same ``attr`` ("device" -> ValueError, "dtype" -> TypeError)."""
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if getattr(t, attr) != getattr(first, attr):
+            error = TypeError if attr == "dtype" else ValueError
+            raise error(
+                f"{name} must have the same {attr} as {first_name}: "
+                f"{first_name} is {getattr(first, attr)}, {name} is {getattr(t, attr)}"
+            )
+
+
+def check_float_arg(name: str, value, *, positive: bool = False) -> float:
+    """Return ``value`` as a Python float; TypeError unless it is a real number (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def row_layout(x: torch.Tensor):
+    """Describe the rows of ``x (..., N)`` by two strided levels, without copying.
+
+    Returns ``(x, inner, stride_outer, stride_inner, stride_col)``: row ``r`` of the flattened
+    ``(-1, N)`` view starts at ``(r // inner) * stride_outer + (r % inner) * stride_inner``.  Leading
+    dims merge when their strides allow it, so every 1-, 2- and 3-D tensor and every slice or
+    transpose of a contiguous buffer qualifies; a tensor whose leading dims still need more than two
+    levels (rare: e.g. a 4-D tensor sliced in two dims) is copied to contiguous first.
+    """
+    sizes, strides = list(x.shape[:-1]), list(x.stride()[:-1])
+    # Merge leading dims from the innermost outward where stride[i] == stride[i+1] * size[i+1].
+    merged = []  # (size, stride), outermost first
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    if len(merged) > 2:
+        x = x.contiguous()
+        return row_layout(x)
+    while len(merged) < 2:
+        merged.insert(0, (1, 0))
+    (_, stride_outer), (inner, stride_inner) = merged
+    return x, inner, stride_outer, stride_inner, x.stride(-1)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a small constant on the CPU interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def compilable(name: str, fake):
+    """Register a launcher as the custom operator ``llama_kernels::<name>``.
+
+    ``torch.compile`` sees the operator as one opaque node whose output shapes come from ``fake``
+    (no graph break, no tracing into Triton); eager calls skip the dispatcher (~10 us per call) and
+    run the launcher directly.  The launcher must not mutate its inputs and needs type annotations.
+    """
+
+    def register(launcher):
+        op = torch.library.custom_op(f"llama_kernels::{name}", launcher, mutates_args=())
+        op.register_fake(fake)
+
+        def call(*args):
+            if torch.compiler.is_compiling():
+                return op(*args)
+            return launcher(*args)
+
+        call.__name__, call.__doc__, call.op = launcher.__name__, launcher.__doc__, op
+        return call
+
+    return register

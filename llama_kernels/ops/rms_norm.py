@@ -1,0 +1,247 @@
+"""RMSNorm, optionally fused with the residual add that precedes it in every LLaMA block.
+
+Forward, for each row ``x`` of length ``N`` (statistics in float32)::
+
+    h    = x + residual                    (fused variant only; rounded to x.dtype, as eager does)
+    rstd = 1 / sqrt(mean(h**2) + eps)
+    y    = w * cast(h * rstd)              (cast to x.dtype first: transformers' cast order)
+
+Backward, with ``n = h * rstd`` and ``g = dy * w``::
+
+    dh = rstd * (g - n * mean(g * n)) (+ the gradient flowing into the returned ``h``)
+    dw = sum over rows of dy * n
+
+``dx`` and ``dresidual`` both equal ``dh``.  ``dw`` is reduced without atomics: each program of the
+backward keeps a float32 partial sum over the rows it visits, and one ``sum`` over the few
+partials finishes it (deterministic run to run).
+
+One program normalises ``BLOCK_M`` whole rows held in registers (``BLOCK_N`` = the hidden size
+rounded up to a power of two), so each element is read once and written once; small hidden sizes
+pack several rows per program to keep the loads wide.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+from .common import (
+    INTERPRET,
+    cast_rne,
+    check_float_arg,
+    check_same,
+    check_tensor,
+    compilable,
+    count_launch,
+    num_sms,
+    row_layout,
+    use_triton,
+)
+
+MAX_HIDDEN = 65536  # one row must fit in a program's registers
+
+
+@triton.jit
+def _row_offsets(rows, inner, stride_outer, stride_inner):
+    # Start of each row of a tensor whose leading dims collapse to two strided levels.
+    rows = rows.to(tl.int64)
+    return (rows // inner) * stride_outer + (rows % inner) * stride_inner
+
+
+@triton.jit
+def rms_norm_fwd_kernel(
+    X, R, W, Y, H, RSTD,
+    M, N, eps,
+    x_inner, x_so, x_si, x_sn,
+    r_inner, r_so, r_si, r_sn,
+    w_sn,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    x_ptrs = X + _row_offsets(rows, x_inner, x_so, x_si)[:, None] + cols[None, :] * x_sn
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # Y and H are contiguous
+    if HAS_RESIDUAL:
+        r_ptrs = R + _row_offsets(rows, r_inner, r_so, r_si)[:, None] + cols[None, :] * r_sn
+        r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+        h = cast_rne(x + r, H.dtype.element_ty)  # the sum eager would store, normalised below
+        tl.store(H + out_offsets, h, mask=mask)
+        x = h.to(tl.float32)
+    mean_square = tl.sum(x * x, axis=1) / N
+    rstd = 1.0 / tl.sqrt(mean_square + tl.cast(eps, tl.float32))
+    normed = cast_rne(x * rstd[:, None], Y.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols * w_sn, mask=cols < N, other=0.0).to(tl.float32)
+    tl.store(Y + out_offsets, cast_rne(normed * w[None, :], Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < M)
+
+
+@triton.jit
+def rms_norm_bwd_kernel(
+    DY, X, W, RSTD, DH_OUT, DX, DW_PARTIAL,
+    M, N,
+    dy_inner, dy_so, dy_si, dy_sn,
+    x_inner, x_so, x_si, x_sn,
+    dh_inner, dh_so, dh_si, dh_sn,
+    w_sn,
+    HAS_DH_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    w = tl.load(W + cols * w_sn, mask=col_mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Persistent loop: each program walks every num_programs-th block of rows, so the weight
+    # gradient needs one partial per program rather than one per row block.
+    for start in range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        dy_ptrs = DY + _row_offsets(rows, dy_inner, dy_so, dy_si)[:, None] + cols[None, :] * dy_sn
+        dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
+        x_ptrs = X + _row_offsets(rows, x_inner, x_so, x_si)[:, None] + cols[None, :] * x_sn
+        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+        normed = x * rstd[:, None]
+        dw += tl.sum(dy * normed, axis=0)
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - normed * (tl.sum(g * normed, axis=1) / N)[:, None])
+        if HAS_DH_OUT:
+            dh_ptrs = DH_OUT + _row_offsets(rows, dh_inner, dh_so, dh_si)[:, None] + cols[None, :] * dh_sn
+            dx += tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dx_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(DX + dx_offsets, cast_rne(dx, DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_mask)
+
+
+def _launch_config(n: int):
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows per program, about 4k elements per program."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(16, 4096 // block_n))
+    if INTERPRET:  # the interpreter's cost is per program: give each one more rows
+        block_m = max(1, min(64, 16384 // block_n))
+    elements = block_m * block_n
+    num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16 if elements <= 32768 else 32
+    return block_m, block_n, num_warps
+
+
+def _fwd_fake(x, weight, residual, eps):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(out) if residual is not None else out.new_empty(0)
+    return out, h, x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+@compilable("rms_norm_fwd", _fwd_fake)
+def rms_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward: returns ``(y, h, rstd)`` (``h`` empty without ``residual``)."""
+    n = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty_like(y) if residual is not None else y.new_empty(0)
+    rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    m = rstd.numel()
+    if m == 0:
+        return y, h, rstd
+    block_m, block_n, num_warps = _launch_config(n)
+    has_residual = residual is not None
+    x, *x_strides = row_layout(x)
+    residual, *r_strides = row_layout(residual) if has_residual else (x, *x_strides)
+    rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x, residual, weight, y, h, rstd, m, n, eps, *x_strides, *r_strides, weight.stride(0),
+        HAS_RESIDUAL=has_residual, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    count_launch(rms_norm_fwd_kernel)
+    return y, h, rstd
+
+
+def _bwd_fake(dy, x, weight, rstd, dh_out):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
+
+
+@compilable("rms_norm_bwd", _bwd_fake)
+def rms_norm_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+    dh_out: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward: returns ``(dx, dweight)``; ``x`` is the normalised input (``h``)."""
+    n = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    m = rstd.numel()
+    if m == 0:
+        return dx, torch.zeros_like(weight)
+    block_m, block_n, num_warps = _launch_config(n)
+    programs = min(triton.cdiv(m, block_m), 2 * num_sms(x.device))
+    dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
+    has_dh_out = dh_out is not None
+    dy, *dy_strides = row_layout(dy)
+    x, *x_strides = row_layout(x)
+    dh_out, *dh_strides = row_layout(dh_out) if has_dh_out else (dy, *dy_strides)
+    rms_norm_bwd_kernel[(programs,)](
+        dy, x, weight, rstd, dh_out, dx, dw_partial, m, n,
+        *dy_strides, *x_strides, *dh_strides, weight.stride(0),
+        HAS_DH_OUT=has_dh_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    count_launch(rms_norm_bwd_kernel)
+    return dx, dw_partial.sum(0).to(weight.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Autograd of ``rms_norm``: saves the normalised input and ``rstd``, nothing else."""
+
+    @staticmethod
+    def forward(ctx, x, weight, residual, eps):
+        y, h, rstd = rms_norm_fwd(x, weight, residual, eps)
+        has_residual = residual is not None
+        ctx.has_residual = has_residual
+        ctx.save_for_backward(h if has_residual else x, weight, rstd)
+        ctx.set_materialize_grads(False)
+        if has_residual:
+            ctx.mark_non_differentiable(rstd)
+            return y, h
+        return y
+
+    @staticmethod
+    def backward(ctx, dy, dh_out=None):
+        x, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used downstream
+            dy = torch.zeros_like(x)
+        dx, dw = rms_norm_bwd(dy, x, weight, rstd, dh_out)
+        return dx, dw, (dx if ctx.has_residual else None), None
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """RMSNorm of ``x (..., hidden)`` with ``weight (hidden,)``, statistics in float32.
+
+    Returns ``weight * cast(x * rsqrt(mean(x**2, -1) + eps))`` in ``x.dtype`` (the math and cast order
+    of transformers' ``LlamaRMSNorm``; a float32 weight with half-precision ``x`` is allowed).  With
+    ``residual`` (same shape and dtype as ``x``) returns ``(rms_norm(x + residual), x + residual)``
+    from one pass over memory.  Differentiable in ``x``, ``weight`` and ``residual``.
+    """
+    check_tensor("x", x, min_ndim=1)
+    check_tensor("weight", weight, ndim=1)
+    eps = check_float_arg("eps", eps)
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (hidden,) = ({x.shape[-1]},) to match x's last dim; "
+            f"got {tuple(weight.shape)}"
+        )
+    if x.shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"x's hidden size must be <= {MAX_HIDDEN}, got {x.shape[-1]}")
+    check_same("device", x=x, weight=weight)
+    if residual is not None:
+        check_tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
+            )
+        check_same("dtype", x=x, residual=residual)
+        check_same("device", x=x, residual=residual)
+    if not use_triton("rms_norm", x.device):
+        return reference.rms_norm(x, weight, eps, residual)
+    return RMSNormFunction.apply(x, weight, residual, eps)

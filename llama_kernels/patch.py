@@ -1,0 +1,2 @@
+def apply_kernels(model, **kw):
+    return model

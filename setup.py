@@ -1,0 +1,22 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llama-kernels",
+    version="0.1.0",
+    description="Fused Triton kernels for LLaMA-family models: RMSNorm, SwiGLU, RoPE, flash attention",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llama_kernels", "llama_kernels.*", "benchmarks", "benchmarks.*"]),
+    install_requires=["torch>=2.6", "triton>=3.6", "numpy", "einops"],
+    extras_require={
+        # Triton 3.6's CPU interpreter fails on numpy >= 2.3 (loop bounds from tl.program_id).
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis>=6", "numpy<2.3"],
+        "hf": ["transformers>=5.0,<6", "gguf>=0.10", "accelerate", "safetensors"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["llama-kernels=llama_kernels.cli:main"]},
+)

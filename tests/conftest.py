@@ -1,0 +1,29 @@
+"""Run every test on CUDA when there is a GPU, else on the CPU through Triton's interpreter.
+
+``TRITON_INTERPRET`` must be set before anything imports triton, so it is set here, at collection.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+    # The interpreter is single-threaded numpy; torch's own threads only compete with it.
+    torch.set_num_threads(1)
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+def pytest_report_header(config):
+    where = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter"
+    return f"llama_kernels tests on {where}"

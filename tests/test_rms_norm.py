@@ -1,0 +1,91 @@
+"""RMSNorm (plain and fused with the residual add) against the float64 oracle."""
+import pytest
+import torch
+
+import llama_kernels as lk
+from llama_kernels import reference
+from llama_kernels.ops.common import LAUNCHES
+from helpers import DTYPES, check_against_oracle
+
+HIDDEN = [576, 1000, 4096, 5120, 16384]
+
+
+def _weight(n, dtype, device):
+    return 1 + 0.1 * torch.randn(n, device=device).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", HIDDEN)
+@pytest.mark.parametrize("fused", [False, True])
+def test_rms_norm_matches_oracle(dtype, hidden, fused, device):
+    rows = 3 if hidden > 5000 else 9
+    x = torch.randn(rows, hidden, device=device, dtype=dtype) * 3
+    w = _weight(hidden, dtype, device)
+    if fused:
+        r = torch.randn_like(x)
+        check_against_oracle(
+            "rms_norm+residual",
+            lambda x, w, r: lk.rms_norm(x, w, 1e-5, residual=r),
+            lambda x, w, r: reference.rms_norm(x, w, 1e-5, residual=r),
+            [x, w, r],
+        )
+    else:
+        check_against_oracle("rms_norm", lambda x, w: lk.rms_norm(x, w, 1e-5), reference.rms_norm, [x, w])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_token_and_batched_3d(dtype, device):
+    for shape in [(1, 4096), (1, 1, 576), (2, 5, 1000)]:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        w = _weight(shape[-1], dtype, device)
+        check_against_oracle(f"rms_norm {shape}", lk.rms_norm, reference.rms_norm, [x, w])
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_non_contiguous_inputs_without_copies(fused, device):
+    base = torch.randn(6, 4, 1100, device=device, dtype=torch.float16)
+    views = {
+        "column slice": base[:, :, :1000],          # row stride 1100
+        "transposed": base[..., :1000].transpose(0, 1),  # leading dims swapped
+        "strided rows": base[::2, 1:, :1000],       # gaps between rows and batches
+    }
+    w = _weight(1000, torch.float16, device)
+    for name, x in views.items():
+        assert not x.is_contiguous()
+        residual = torch.randn(*x.shape[:-1], 1200, device=device, dtype=x.dtype)[..., 200:]
+        inputs = [x, w, residual] if fused else [x, w]
+        fn = (lambda x, w, r: lk.rms_norm(x, w, residual=r)) if fused else lk.rms_norm
+        ref = (lambda x, w, r: reference.rms_norm(x, w, residual=r)) if fused else reference.rms_norm
+        check_against_oracle(f"rms_norm {name}", fn, ref, inputs)
+
+
+def test_float32_weight_with_half_activations(device):
+    """AMP keeps weights in float32: the output stays in the activation dtype."""
+    x = torch.randn(7, 576, device=device, dtype=torch.bfloat16)
+    w = _weight(576, torch.float32, device)
+    (y,) = check_against_oracle("rms_norm mixed", lk.rms_norm, reference.rms_norm, [x, w])
+    assert y.dtype == torch.bfloat16
+
+
+def test_matches_transformers_bitwise_in_half(device):
+    """Same cast order as transformers' LlamaRMSNorm: identical forward bits in bf16 and fp16."""
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(33, 1000, device=device, dtype=dtype)
+        w = _weight(1000, dtype, device)
+        torch.testing.assert_close(lk.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), rtol=0, atol=0)
+
+
+def test_kernels_launch(device):
+    LAUNCHES.clear()
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    lk.rms_norm(x, torch.ones(64, device=device)).sum().backward()
+    assert LAUNCHES["rms_norm_fwd_kernel"] == 1 and LAUNCHES["rms_norm_bwd_kernel"] == 1
+
+
+def test_only_residual_output_used(device):
+    """The gradient reaches x and residual when only the returned sum h is used downstream."""
+    x, r = torch.randn(2, 3, 64, device=device, requires_grad=True), torch.randn(2, 3, 64, device=device, requires_grad=True)
+    _, h = lk.rms_norm(x, torch.ones(64, device=device), residual=r)
+    (h * 2).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+    torch.testing.assert_close(r.grad, torch.full_like(r, 2.0))
