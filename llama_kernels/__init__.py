@@ -1,11 +1,43 @@
 """llama_kernels: fused Triton kernels for LLaMA-family models.
 
-Public API (see the README): ``rms_norm``, ``swiglu``, ``apply_rotary``, ``flash_attention``,
-``apply_kernels``, and the reference model in ``llama_kernels.model``.
+Public API::
+
+    rms_norm(x, weight, eps=1e-6, residual=None)
+    swiglu(gate, up)
+    apply_rotary(q, k, cos, sin, interleaved=False)
+    flash_attention(q, k, v, causal=True, sm_scale=None)
+    apply_kernels(model, *, rms_norm=True, swiglu=True, rope=True, attention=True)
+    model.Llama, model.LlamaConfig       (the eager reference LLaMA)
+    reference                            (the eager twin of every op)
+
+Names load on first use, so ``llama_kernels.cli`` can set ``TRITON_INTERPRET`` on a machine without
+a GPU before anything imports triton.
 """
-from . import model, reference
-from .ops.rms_norm import rms_norm
-from .patch import apply_kernels
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["rms_norm", "apply_kernels", "model", "reference", "__version__"]
+
+_EXPORTS = {
+    "rms_norm": ".ops.rms_norm",
+    "swiglu": ".ops.swiglu",
+    "apply_rotary": ".ops.rope",
+    "flash_attention": ".ops.attention",
+    "apply_kernels": ".patch",
+}
+_SUBMODULES = ("model", "reference", "patch", "ops", "cli")
+__all__ = [*_EXPORTS, "model", "reference", "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'llama_kernels' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

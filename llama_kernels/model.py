@@ -1,0 +1,296 @@
+"""A small, readable LLaMA in eager PyTorch: config, blocks, KV cache, generation, loading.
+
+Module and parameter names follow Hugging Face transformers (``embed_tokens``, ``layers.{i}.self_attn
+.q_proj``, ``input_layernorm``, ...), so a transformers checkpoint loads by stripping its ``model.``
+prefix.  Every op comes from :mod:`llama_kernels.reference` through a class attribute, an *op slot*
+(``RMSNorm.rms_norm``, ``MLP.swiglu``, ``Attention.apply_rotary``, ``Attention.attention``), which
+:func:`llama_kernels.apply_kernels` overrides with the Triton kernels.
+
+Each block is pre-norm with the residual add fused into the next norm: the running residual stream
+travels beside the block output, and ``norm(x, residual)`` returns ``(rms_norm(x + residual),
+x + residual)``, which is the same arithmetic as ``h = residual + x; norm(h)``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import reference
+
+
+@dataclass
+class LlamaConfig:
+    """Hyper-parameters, with transformers' field names (``LlamaConfig(**hf_config_fields)`` works)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None  # default hidden_size // num_attention_heads
+    rope_scaling: dict | None = field(default=None)  # {"rope_type": "llama3", ...} (Llama 3.1+)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+
+    @classmethod
+    def from_hf(cls, hf_config) -> "LlamaConfig":
+        """Build from a transformers ``LlamaConfig`` (or its ``config.json`` dict), 4.x or 5.x."""
+        d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"unsupported rope_type {rope_type!r}: 'default' and 'llama3' are supported")
+        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling"}
+        return cls(
+            **{k: d[k] for k in known if d.get(k) is not None},
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rope_scaling=rope if rope_type == "llama3" else None,
+        )
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies ``theta ** (-2i / D)``, with Llama 3's long-context scaling if configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+class RMSNorm(nn.Module):
+    rms_norm = staticmethod(reference.rms_norm)  # op slot
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, residual=None):
+        return self.rms_norm(x, self.weight, self.eps, residual=residual)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MLP(nn.Module):
+    swiglu = staticmethod(reference.swiglu)  # op slot
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(self.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, ``(B, Hk, max_len, D)`` each; no reallocation,
+    so a decode step has static shapes.  ``layers[i]`` is layer ``i``'s ``(k, v)`` buffer pair."""
+
+    def __init__(self, config: LlamaConfig, batch: int, max_len: int, dtype, device):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.layers = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.max_len = max_len
+
+    def update(self, layer: int, k, v, start_pos: int):
+        """Write ``k, v (B, Hk, T, D)`` at ``start_pos`` and return views of everything cached so far."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} needed")
+        k_cache, v_cache = self.layers[layer]
+        k_cache[:, :, start_pos:end] = k
+        v_cache[:, :, start_pos:end] = v
+        return k_cache[:, :, :end], v_cache[:, :, :end]
+
+
+class Attention(nn.Module):
+    apply_rotary = staticmethod(reference.apply_rotary)  # op slot
+    attention = staticmethod(reference.attention)  # op slot
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim,
+        )
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        b, t, _ = x.shape
+        # (B, T, H, D) projections seen as (B, H, T, D) views: the ops read them through strides.
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Under autocast q is half while cos/sin follow the float32 residual stream.
+        q, k = self.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, start_pos)
+        o = self.attention(q, k, v, causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, residual, cos, sin, cache=None, start_pos=0):
+        """``x``: the previous block's output; ``residual``: the stream before it (None at layer 0)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, cache, start_pos), residual)
+        return self.mlp(h), residual
+
+
+class Llama(nn.Module):
+    """Decoder-only LLaMA: ``model(input_ids) -> logits (B, T, vocab)``."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.apply(self._init_weights)
+
+    def _apply(self, fn, *args, **kwargs):
+        # `.to(bfloat16)` would round the rotary frequencies too: recompute them in float32 instead.
+        super()._apply(fn, *args, **kwargs)
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+        return self
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, input_ids, cache: KVCache | None = None, start_pos: int = 0):
+        """Logits for ``input_ids (B, T)`` at positions ``start_pos ..``; with ``cache``, keys and
+        values of earlier positions come from it and this call's are written into it."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        x = self.embed_tokens(input_ids)
+        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+        cos, sin = reference.rotary_cos_sin(positions, self.inv_freq, x.dtype)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, cache, start_pos)
+        x, _ = self.norm(x, residual)
+        return self.lm_head(x)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        p = self.embed_tokens.weight
+        return KVCache(self.config, batch, max_len, p.dtype, p.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None):
+        """Continue ``input_ids (B, T)`` by ``max_new_tokens`` tokens with a KV cache.
+
+        Greedy (argmax) at ``temperature == 0``; otherwise samples from ``softmax(logits / temperature)``,
+        restricted to the ``top_k`` most likely tokens when given.  Returns ``(B, T + max_new_tokens)``.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if max_new_tokens == 0:
+            return input_ids
+        b, t = input_ids.shape
+        tokens = [input_ids]
+        cache = self.new_cache(b, t + max_new_tokens)
+        logits = self(input_ids, cache, 0)[:, -1]
+        for step in range(max_new_tokens):
+            next_token = sample(logits, temperature, top_k, generator)
+            tokens.append(next_token)
+            if step + 1 < max_new_tokens:
+                logits = self(next_token, cache, t + step)[:, -1]
+        return torch.cat(tokens, dim=1)
+
+    @classmethod
+    def from_hf(cls, hf_model_or_dir) -> "Llama":
+        """Load transformers LLaMA weights: a ``LlamaForCausalLM``/``LlamaModel`` object, or a directory
+        holding ``config.json`` and ``*.safetensors`` (read without transformers)."""
+        if isinstance(hf_model_or_dir, (str, Path)):
+            from safetensors.torch import load_file
+
+            path = Path(hf_model_or_dir)
+            hf_config = json.loads((path / "config.json").read_text())
+            state = {}
+            for shard in sorted(path.glob("*.safetensors")):
+                state.update(load_file(shard))
+            if not state:
+                raise ValueError(f"no *.safetensors weights in {path}")
+            dtype = next(iter(state.values())).dtype
+        else:
+            hf_config = hf_model_or_dir.config
+            state = hf_model_or_dir.state_dict()
+            dtype = next(hf_model_or_dir.parameters()).dtype
+        config = LlamaConfig.from_hf(hf_config)
+        model = cls(config).to(dtype)
+        state = {k.removeprefix("model."): v for k, v in state.items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match LLaMA: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None):
+    """One token per row of ``logits (B, vocab)``: argmax at temperature 0, else a softmax sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

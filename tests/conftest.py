@@ -19,7 +19,7 @@ if not ON_GPU:
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def device():
     return DEVICE
 

@@ -38,17 +38,11 @@ from .common import (
     count_launch,
     num_sms,
     row_layout,
+    row_tile_ptrs,
     use_triton,
 )
 
 MAX_HIDDEN = 65536  # one row must fit in a program's registers
-
-
-@triton.jit
-def _row_offsets(rows, inner, stride_outer, stride_inner):
-    # Start of each row of a tensor whose leading dims collapse to two strided levels.
-    rows = rows.to(tl.int64)
-    return (rows // inner) * stride_outer + (rows % inner) * stride_inner
 
 
 @triton.jit
@@ -63,11 +57,11 @@ def rms_norm_fwd_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    x_ptrs = X + _row_offsets(rows, x_inner, x_so, x_si)[:, None] + cols[None, :] * x_sn
+    x_ptrs = row_tile_ptrs(X, rows, cols, x_inner, x_so, x_si, x_sn)
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # Y and H are contiguous
     if HAS_RESIDUAL:
-        r_ptrs = R + _row_offsets(rows, r_inner, r_so, r_si)[:, None] + cols[None, :] * r_sn
+        r_ptrs = row_tile_ptrs(R, rows, cols, r_inner, r_so, r_si, r_sn)
         r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         h = cast_rne(x + r, H.dtype.element_ty)  # the sum eager would store, normalised below
         tl.store(H + out_offsets, h, mask=mask)
@@ -100,9 +94,9 @@ def rms_norm_bwd_kernel(
     for start in range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
-        dy_ptrs = DY + _row_offsets(rows, dy_inner, dy_so, dy_si)[:, None] + cols[None, :] * dy_sn
+        dy_ptrs = row_tile_ptrs(DY, rows, cols, dy_inner, dy_so, dy_si, dy_sn)
         dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x_ptrs = X + _row_offsets(rows, x_inner, x_so, x_si)[:, None] + cols[None, :] * x_sn
+        x_ptrs = row_tile_ptrs(X, rows, cols, x_inner, x_so, x_si, x_sn)
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
         normed = x * rstd[:, None]
@@ -110,7 +104,7 @@ def rms_norm_bwd_kernel(
         g = dy * w[None, :]
         dx = rstd[:, None] * (g - normed * (tl.sum(g * normed, axis=1) / N)[:, None])
         if HAS_DH_OUT:
-            dh_ptrs = DH_OUT + _row_offsets(rows, dh_inner, dh_so, dh_si)[:, None] + cols[None, :] * dh_sn
+            dh_ptrs = row_tile_ptrs(DH_OUT, rows, cols, dh_inner, dh_so, dh_si, dh_sn)
             dx += tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
         dx_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(DX + dx_offsets, cast_rne(dx, DX.dtype.element_ty), mask=mask)

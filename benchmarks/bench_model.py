@@ -1,0 +1,351 @@
+"""End-to-end benchmarks: a LLaMA-3-8B-shaped model (fewer layers) trained, prefilled and decoded.
+
+Providers: the reference model eager (``eager``), patched with ``apply_kernels`` (``ours``) and
+``torch.compile``d (``torch.compile``); transformers' ``LlamaForCausalLM`` with SDPA attention
+(``hf``), patched with ``apply_kernels`` (``hf+ours``) and with Liger-Kernel (``hf+liger``, Liger's
+defaults: RoPE, RMSNorm, SwiGLU and its fused linear cross-entropy).  Each model is built from the
+same seed in bf16, measured, and freed before the next.
+
+Figures, for ``T`` tokens (batch 1), ``P`` = parameters of the linear layers (LM head included,
+embedding excluded: a lookup), ``L`` layers, ``Hq`` query heads of dim ``D``:
+
+* train step (forward, backward, AdamW step): tokens/s = T / step time; peak memory of one step;
+  model FLOP utilisation = (6 P T + 3.5 L * 2 Hq T^2 D) / time / measured matmul peak (matmuls
+  forward 2 P T, backward twice that; causal attention forward 4 Hq T^2 D / 2, backward 2.5x).
+* prefill (forward of T tokens, no grad): tokens/s; FLOP = 2 P T + L * 2 Hq T^2 D.
+* decode (batch 1, greedy, the model's own ``generate`` and KV cache): a generation of N tokens
+  and one of 1 token are timed; their difference is N - 1 decode steps.  tokens/s = (N - 1) /
+  difference.  Bytes a step must move: every weight read once (the embedding: one row) plus the
+  K and V cache of every layer up to the current position (2 L Hk pos D s), plus the new K/V row;
+  their sum over the N - 1 steps / difference is compared with the measured copy bandwidth.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .common import (Missing, Record, Settings, Skipped, Timing, Unreliable, classify, free_memory, peak_memory,
+                     say, time_calls)
+
+LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
+SMOKE = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=4096)
+
+# layers: as many as leave room for eager's activations at the largest T on an 80 GB card.
+SWEEPS = {
+    "full": dict(layers=4, train=(2048, 8192), prefill=(2048, 8192), decode=((1024, 128), (8192, 128)),
+                 warmup=3, reps=10),
+    "quick": dict(layers=2, train=(4096,), prefill=(4096,), decode=((1024, 64),), warmup=2, reps=3),
+    "smoke": dict(layers=2, train=(16,), prefill=(16,), decode=((8, 4),), warmup=0, reps=2),
+}
+LOSS_TOLERANCE = 1e-2  # relative difference of the first loss from the family's unpatched model
+
+
+def _config(settings: Settings) -> dict:
+    base = SMOKE if settings.mode == "smoke" else LLAMA3_8B
+    return dict(base, num_hidden_layers=SWEEPS[settings.mode]["layers"])
+
+
+@contextlib.contextmanager
+def _building(device, dtype=torch.bfloat16):
+    """Build parameters directly on ``device`` in ``dtype`` from seed 0 (no fp32 CPU copy)."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners: one interface over the reference model and transformers' model
+# ---------------------------------------------------------------------------------------------
+class LlamaRunner:
+    family = "eager"
+
+    def __init__(self, model, note=None):
+        self.model, self.note = model, note
+
+    def logits(self, ids):
+        return self.model(ids)
+
+    def loss(self, ids):
+        logits = self.model(ids)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    def generate(self, ids, n):
+        return self.model.generate(ids, max_new_tokens=n)
+
+
+class HFRunner:
+    family = "hf"
+
+    def __init__(self, model, note=None):
+        self.model, self.note = model, note
+        # Random weights: never stop early at an end-of-sequence token.
+        self.model.generation_config.eos_token_id = None
+        self.model.generation_config.pad_token_id = 0
+
+    def logits(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+    def loss(self, ids):  # transformers shifts the labels itself (Liger: fused linear cross-entropy)
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def generate(self, ids, n):
+        return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                   min_new_tokens=n, do_sample=False)
+
+
+def _llama(cfg, settings):
+    from llama_kernels.model import Llama, LlamaConfig
+
+    with _building(settings.device):
+        return Llama(LlamaConfig(**cfg))
+
+
+def _hf(cfg, settings):
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except Exception as exc:
+        raise Missing(f"transformers not importable ({type(exc).__name__}: {exc})") from None
+    config = LlamaConfig(**cfg, head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
+                         attn_implementation="sdpa")
+    with _building(settings.device):
+        return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+
+
+def _patched(model):
+    try:
+        import llama_kernels as lk
+
+        return lk.apply_kernels(model)
+    except Exception as exc:
+        raise Missing(f"llama_kernels.apply_kernels unavailable: {type(exc).__name__}: {exc}") from None
+
+
+def _liger_patched(stack: contextlib.ExitStack, model):
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        from transformers.models.llama import modeling_llama
+    except Exception as exc:
+        raise Missing(f"liger_kernel not importable ({type(exc).__name__}: {exc}); "
+                      "benchmarks/README.md says how to carry its wheel") from None
+    # Liger also swaps module-level names of transformers' LLaMA for every later model: undo that
+    # when this provider is done, so it cannot leak into other providers (or other tests).
+    saved = {n: getattr(modeling_llama, n) for n in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
+    saved_forward = modeling_llama.LlamaForCausalLM.forward
+    stack.callback(lambda: [setattr(modeling_llama, n, v) for n, v in saved.items()])
+    stack.callback(setattr, modeling_llama.LlamaForCausalLM, "forward", saved_forward)
+    apply_liger_kernel_to_llama(model=model)
+    return model
+
+
+def _compiled(model, settings):
+    if not settings.compile:
+        raise Skipped("torch.compile providers are off (--no-compile, or --smoke; --compile turns them on)")
+    model.compile()  # compiles the module's __call__, so generate() runs the compiled forward too
+    return model
+
+
+def provider_notes() -> dict:
+    return {
+        "model eager / ours / torch.compile": "llama_kernels.model.Llama: eager, apply_kernels, model.compile()",
+        "model hf / hf+ours / hf+liger": "transformers LlamaForCausalLM (sdpa): plain, apply_kernels, "
+                                         "apply_liger_kernel_to_llama (defaults, incl. fused linear cross-entropy)",
+    }
+
+
+def providers(cfg: dict, settings: Settings) -> dict:
+    """name -> builder(stack) of a runner; each runs alone and is freed (stack closed) after."""
+    return {
+        "eager": lambda stack: LlamaRunner(_llama(cfg, settings)),
+        "ours": lambda stack: LlamaRunner(_patched(_llama(cfg, settings))),
+        "torch.compile": lambda stack: LlamaRunner(_compiled(_llama(cfg, settings), settings),
+                                                   "model.compile(), default mode; compile time not timed"),
+        "hf": lambda stack: HFRunner(_hf(cfg, settings), "transformers LlamaForCausalLM, attn_implementation=sdpa"),
+        "hf+ours": lambda stack: HFRunner(_patched(_hf(cfg, settings)), "apply_kernels on transformers' model"),
+        "hf+liger": lambda stack: HFRunner(_liger_patched(stack, _hf(cfg, settings)),
+                                           "apply_liger_kernel_to_llama defaults (rope, rms_norm, swiglu, "
+                                           "fused linear cross-entropy: no logits in training)"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Work counts
+# ---------------------------------------------------------------------------------------------
+def _linear_params(cfg) -> int:
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    attn = h * d * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])  # q, o and k, v
+    return cfg["num_hidden_layers"] * (attn + 3 * h * i) + h * cfg["vocab_size"]
+
+
+def _attention_fwd_flop(cfg, t: int) -> float:
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * 4 * cfg["num_attention_heads"] * t * t * d / 2
+
+
+def _weight_bytes_per_token(model, cfg) -> int:
+    """Bytes of the weights one decode step reads: all, but one row of an untied embedding."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name and not cfg.get("tie_word_embeddings", False):
+            total += p.shape[1] * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _decode_bytes(cfg, weight_bytes: int, prompt: int, new: int, elem: int) -> int:
+    """Bytes the N - 1 decode steps of a generation must move (see the module docstring)."""
+    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_row = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * d * elem  # K and V, all layers
+    steps = new - 1
+    positions_read = steps * prompt + steps * (steps + 1) // 2  # step j reads prompt + j + 1 rows
+    return steps * (weight_bytes + kv_row) + kv_row * positions_read
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+def _ids(cfg, t: int, device, seed: int):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randint(0, cfg["vocab_size"], (1, t), generator=gen, device=device)
+
+
+_OPS = (("prefill", "forward"), ("decode", "generate"), ("train", "forward+backward+AdamW"))
+
+
+def _record(name, op, tokens, cfg, settings, **kw) -> Record:
+    dims = {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                                "num_key_value_heads", "vocab_size")}
+    return Record("model", op, dict(_OPS)[op], name, "smoke" if settings.mode == "smoke" else "llama3-8b",
+                  {**dims, "batch": 1}, tokens, "bf16", **kw)
+
+
+def _plan(settings: Settings):
+    """(op, tokens) of every figure of one provider; decode's tokens are the prompt length."""
+    sweep = SWEEPS[settings.mode]
+    return ([("prefill", t) for t in sweep["prefill"]] + [("decode", p) for p, _ in sweep["decode"]]
+            + [("train", t) for t in sweep["train"]])
+
+
+def _measure(name, runner, cfg, settings, limits, records, ref_losses):
+    sweep = dict(SWEEPS[settings.mode])
+    dev = settings.device
+    if name == "torch.compile":  # the first calls compile (and may recompile): never time them
+        sweep["warmup"] += 2
+
+    # Check first: the first loss must agree with the same family's unpatched model.  In eval mode
+    # and without grad, like the prefill after it (a compiled model reuses that graph).
+    runner.model.eval()
+    try:
+        with torch.no_grad():
+            loss = runner.loss(_ids(cfg, sweep["train"][0], dev, 0)).item()
+    except Exception as exc:
+        status, reason = classify(exc)
+        for op, tokens in _plan(settings):
+            records.append(_record(name, op, tokens, cfg, settings, status=status, reason=reason, note=runner.note))
+            say(records[-1].describe())
+        return
+    ref = ref_losses.setdefault(runner.family, loss)
+    mismatch = not abs(loss - ref) <= LOSS_TOLERANCE * abs(ref)
+    say(f"model {name}: first loss {loss:.4f} ({runner.family} reference {ref:.4f})")
+
+    def attempt(op, tokens, body, **kw):
+        r = _record(name, op, tokens, cfg, settings, note=runner.note, **kw)
+        if mismatch:
+            r.status, r.reason = "mismatch", f"first loss {loss:.4f} vs {runner.family}'s {ref:.4f}"
+        else:
+            try:
+                body(r)
+            except Exception as exc:
+                r.status, r.reason = classify(exc)
+        r.extra["loss"] = loss
+        records.append(r)
+        free_memory()
+        say(r.describe())
+
+    def prefill(r, t):
+        ids = _ids(cfg, t, dev, 1)
+
+        def call():
+            with torch.no_grad():
+                return runner.logits(ids)
+
+        r.set_timing(time_calls(call, dev, sweep["warmup"], sweep["reps"]), limits)
+        r.tokens_per_s = t / r.ms * 1e3
+        r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(call, dev)
+
+    def decode(r, prompt, new):
+        if name == "torch.compile" and settings.mode != "full":
+            raise Skipped("compiled decode recompiles for new cache lengths: full mode only")
+        ids = _ids(cfg, prompt, dev, 2)
+        one = time_calls(lambda: runner.generate(ids, 1), dev, sweep["warmup"], sweep["reps"])
+        many = time_calls(lambda: runner.generate(ids, new), dev, sweep["warmup"], sweep["reps"])
+        step_ms = (many.ms - one.ms) / (new - 1)
+        if step_ms <= 0:
+            raise Unreliable(f"generate({new}) took no longer than generate(1): {many.ms:.3f} ms")
+        elem = next(runner.model.parameters()).element_size()
+        r.work = _decode_bytes(cfg, _weight_bytes_per_token(runner.model, cfg), prompt, new, elem) / (new - 1)
+        r.work_unit = "B"  # per decode step, on average
+        r.set_timing(Timing(step_ms, step_ms, step_ms), limits)
+        r.ms_p20 = r.ms_p80 = None  # a difference of two medians: no spread to report
+        r.tokens_per_s = 1e3 / step_ms
+        r.extra.update(new_tokens=new, generate_1_ms=one.ms, generate_n_ms=many.ms)
+        r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(lambda: runner.generate(ids, new), dev)
+
+    def train(r, t):
+        ids = _ids(cfg, t, dev, 3)
+        opt = torch.optim.AdamW(runner.model.parameters(), lr=1e-6, **({"fused": True} if dev.type == "cuda" else {}))
+
+        def step():
+            loss = runner.loss(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        r.set_timing(time_calls(step, dev, sweep["warmup"], sweep["reps"]), limits)
+        r.tokens_per_s = t / r.ms * 1e3
+        r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(step, dev)
+
+    for t in sweep["prefill"]:
+        attempt("prefill", t, lambda r: prefill(r, t),
+                work=2 * _linear_params(cfg) * t + _attention_fwd_flop(cfg, t), work_unit="FLOP")
+    for prompt, new in sweep["decode"]:
+        attempt("decode", prompt, lambda r: decode(r, prompt, new))
+    runner.model.train()
+    for t in sweep["train"]:
+        attempt("train", t, lambda r: train(r, t),
+                work=6 * _linear_params(cfg) * t + 3.5 * _attention_fwd_flop(cfg, t), work_unit="FLOP")
+
+
+def run(settings: Settings, limits: dict, records: list) -> None:
+    cfg = _config(settings)
+    say(f"model: {cfg['num_hidden_layers']} layers of LLaMA-3-8B shape" if settings.mode != "smoke"
+        else "model: tiny smoke config")
+    ref_losses: dict = {}
+    for name, build in providers(cfg, settings).items():
+        say(f"model {name}: building")
+        with contextlib.ExitStack() as stack:
+            try:
+                runner = build(stack)
+            except Exception as exc:
+                status, reason = classify(exc)
+                for op, tokens in _plan(settings):
+                    records.append(_record(name, op, tokens, cfg, settings, status=status, reason=reason))
+                    say(records[-1].describe())
+                continue
+            try:
+                _measure(name, runner, cfg, settings, limits, records, ref_losses)
+            finally:
+                del runner
+                if name == "torch.compile":
+                    torch._dynamo.reset()
+                free_memory()

@@ -1,0 +1,532 @@
+"""Per-op benchmarks: every llama_kernels op against eager, torch.compile, Liger-Kernel, SDPA, flash-attn.
+
+One table, :data:`OPS`, says for each op which model shapes it runs at, how its inputs are built,
+how many bytes (or FLOP) one call must move (or do), and which providers exist besides the three
+every op has (``ours``, ``eager``, ``torch.compile``).  One loop (:func:`run_case`) does the same
+for every op and shape: check each provider's outputs and gradients against the reference (ours,
+or eager where ours cannot run), then time each mode with rotated inputs and record the peak memory.
+
+Work per call (each op's ``note`` below, the README and the ``_work_*`` functions say the same):
+the bytes that must move, each input read once and each output written once, the least any
+implementation moves, for memory-bound ops (compared with the measured copy bandwidth); the FLOP of
+the two matrix products for attention (compared with the measured bf16 matmul rate).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from llama_kernels import reference
+
+from .common import (Missing, Record, Settings, Skipped, bench, classify, cycling, free_memory, nbytes,
+                     peak_memory, rotation, say)
+
+EPS = 1e-5  # LLaMA-3's rms_norm_eps
+TRAIN_MODES = ("forward", "backward", "forward+backward")
+
+# The model shapes op sizes come from (their transformers configs).  LLaMA-2-7B is used for its
+# MLP width only; SmolLM2-135M is the small model the project's demos run; "smoke" is for CPU runs.
+MODELS = {
+    "llama3-8b": dict(hidden=4096, intermediate=14336, hq=32, hk=8, d=128),
+    "llama2-7b": dict(hidden=4096, intermediate=11008, hq=32, hk=32, d=128),
+    "smollm2-135m": dict(hidden=576, intermediate=1536, hq=9, hk=3, d=64),
+    "smoke": dict(hidden=128, intermediate=256, hq=4, hk=2, d=32),
+}
+
+# Token counts (batch 1) per run mode; decode's are KV-cache lengths.  fp16 runs once per op, at
+# `fp16_at` tokens on the op's first shape: it takes the same kernels as bf16, so one point shows
+# whether it differs.
+SWEEPS = {
+    "full": dict(tokens=(1024, 2048, 4096, 8192, 16384, 32768), decode=(1024, 4096, 16384, 32768), fp16_at=4096),
+    "quick": dict(tokens=(2048, 8192), decode=(4096, 32768), fp16_at=None),
+    "smoke": dict(tokens=(16, 32), decode=(32, 64), fp16_at=16),
+}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Largest max|a - b| / max|ref| accepted between two providers: a few roundings of the dtype (bf16
+# keeps 8 bits, fp16 11), loose enough for eager attention's bf16 scores, far below a wrong result.
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
+
+
+@dataclass
+class Case:
+    shape: str
+    dims: dict
+    tokens: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class Inputs:
+    args: tuple  # what every provider is called with
+    leaves: tuple = ()  # the tensors gradients are taken for (autograd leaves under args)
+
+
+@dataclass
+class OpSpec:
+    name: str
+    lk_name: str  # the public function in llama_kernels
+    ref_name: str  # its eager twin in llama_kernels.reference
+    adapt: Callable  # f -> the provider function of Inputs.args (adds eps, causal, ...)
+    build: Callable  # (case, generator, requires_grad) -> Inputs
+    work: Callable  # (case, mode) -> (amount, "B" | "FLOP") per call
+    dims: Callable  # model dims -> the ones this op depends on (for the record)
+    shapes: tuple  # model shapes of the full sweep (quick runs the first only)
+    extra: dict = field(default_factory=dict)  # more providers: name -> factory(spec) -> function
+    modes: tuple = TRAIN_MODES
+    note: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs.  Projections come as (B, T, H, D) buffers seen as (B, H, T, D) views, as in the model.
+# ---------------------------------------------------------------------------------------------
+def _randn(case, gen, *shape, grad=False):
+    t = torch.randn(*shape, generator=gen, device=case.device, dtype=case.dtype)
+    return t.requires_grad_(grad)
+
+
+def _build_rms_norm(case, gen, grad):
+    x = _randn(case, gen, case.tokens, case.dims["hidden"], grad=grad)
+    w = _randn(case, gen, case.dims["hidden"], grad=grad)
+    return Inputs((x, w), (x, w))
+
+
+def _build_rms_norm_residual(case, gen, grad):
+    x, w = _build_rms_norm(case, gen, grad).args
+    r = _randn(case, gen, case.tokens, case.dims["hidden"], grad=grad)
+    return Inputs((x, r, w), (x, r, w))
+
+
+def _build_swiglu(case, gen, grad):
+    g = _randn(case, gen, case.tokens, case.dims["intermediate"], grad=grad)
+    u = _randn(case, gen, case.tokens, case.dims["intermediate"], grad=grad)
+    return Inputs((g, u), (g, u))
+
+
+def _heads(case, gen, n_heads, tokens, grad):
+    buf = _randn(case, gen, 1, tokens, n_heads, case.dims["d"], grad=grad)
+    return buf, buf.transpose(1, 2)
+
+
+def _build_rope(case, gen, grad):
+    (qb, q), (kb, k) = (_heads(case, gen, case.dims[h], case.tokens, grad) for h in ("hq", "hk"))
+    d = case.dims["d"]
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device=case.device).float() / d))
+    cos, sin = reference.rotary_cos_sin(torch.arange(case.tokens, device=case.device), inv_freq, case.dtype)
+    return Inputs((q, k, cos, sin), (qb, kb))
+
+
+def _build_attention(case, gen, grad):
+    (qb, q), (kb, k), (vb, v) = (_heads(case, gen, case.dims[h], case.tokens, grad) for h in ("hq", "hk", "hk"))
+    return Inputs((q, k, v), (qb, kb, vb))
+
+
+def _build_decode(case, gen, grad):
+    # One new token's query against a KV cache of `tokens` positions, laid out as the cache is.
+    _, q = _heads(case, gen, case.dims["hq"], 1, False)
+    k = _randn(case, gen, 1, case.dims["hk"], case.tokens, case.dims["d"])
+    v = _randn(case, gen, 1, case.dims["hk"], case.tokens, case.dims["d"])
+    return Inputs((q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# Work per call (see the module docstring)
+# ---------------------------------------------------------------------------------------------
+def _by_mode(mode, fwd, bwd):
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
+
+
+def _size(case):
+    return torch.finfo(case.dtype).bits // 8
+
+
+def _work_rms_norm(case, mode):
+    n, h, s = case.tokens, case.dims["hidden"], _size(case)
+    return _by_mode(mode, (2 * n * h + h) * s, (3 * n * h + 2 * h) * s), "B"
+
+
+def _work_rms_norm_residual(case, mode):
+    n, h, s = case.tokens, case.dims["hidden"], _size(case)
+    return _by_mode(mode, (4 * n * h + h) * s, (4 * n * h + 2 * h) * s), "B"
+
+
+def _work_swiglu(case, mode):
+    n, i, s = case.tokens, case.dims["intermediate"], _size(case)
+    return _by_mode(mode, 3 * n * i * s, 5 * n * i * s), "B"
+
+
+def _work_rope(case, mode):
+    n, d, s = case.tokens, case.dims["d"], _size(case)
+    one_way = (2 * n * (case.dims["hq"] + case.dims["hk"]) * d + 2 * n * d) * s
+    return _by_mode(mode, one_way, one_way), "B"
+
+
+def _work_attention(case, mode):
+    n, d = case.tokens, case.dims["d"]
+    fwd = 4 * case.dims["hq"] * n * n * d / 2  # QK^T and PV, 2 FLOP per multiply-add, causal half
+    return _by_mode(mode, fwd, 2.5 * fwd), "FLOP"
+
+
+def _work_decode(case, mode):
+    hq, hk, d, s = case.dims["hq"], case.dims["hk"], case.dims["d"], _size(case)
+    return (2 * hq * d + 2 * hk * case.tokens * d) * s, "B"
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers beyond ours / eager / torch.compile
+# ---------------------------------------------------------------------------------------------
+def _liger(attr: str, adapt: Callable, note: str = ""):
+    """Factory of a Liger-Kernel provider: ``adapt(liger_kernel.<module>.<name>)``."""
+
+    def factory():
+        module_name, name = attr.rsplit(".", 1)
+        try:
+            import importlib
+
+            fn = adapt(getattr(importlib.import_module(module_name), name))
+        except Exception as exc:
+            raise Missing(f"liger_kernel not importable ({type(exc).__name__}: {exc}); "
+                          "benchmarks/README.md says how to carry its wheel") from None
+        fn.note = note or None
+        return fn
+
+    return factory
+
+
+class Sdpa:
+    """``F.scaled_dot_product_attention`` pinned to one backend with ``sdpa_kernel``.
+
+    Grouped-query heads: ``enable_gqa=True`` when the backend accepts it; otherwise K/V are expanded
+    to the query heads (``repeat_interleave``) inside the timed call, since a caller of that backend
+    has to pay for it.  Which of the two ran is the provider's note.
+    """
+
+    def __init__(self, backend: str, causal: bool):
+        self.backend_name, self.causal = backend, causal
+        self.expand = None  # decided by the first call
+        self.note = None
+
+    def _call(self, q, k, v, expand):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if expand and k.shape[1] != q.shape[1]:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        with sdpa_kernel(getattr(SDPBackend, self.backend_name)):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=not expand)
+
+    def __call__(self, q, k, v):
+        if self.expand is not None:
+            return self._call(q, k, v, self.expand)
+        try:
+            out, self.expand, self.note = self._call(q, k, v, False), False, "enable_gqa=True"
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as gqa_error:
+            try:
+                out = self._call(q, k, v, True)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as exc:
+                raise Missing(f"SDPA {self.backend_name} backend refuses these inputs: "
+                              f"{str(exc).strip().splitlines()[0][:200]}") from None
+            self.expand = True
+            self.note = ("K/V expanded to the query heads inside the timed call (enable_gqa refused: "
+                         f"{str(gqa_error).strip().splitlines()[0][:120]})")
+        return out
+
+
+def _flash_attn(causal: bool):
+    def factory():
+        try:
+            from flash_attn import flash_attn_func
+        except Exception as exc:
+            raise Missing(f"flash_attn not importable ({type(exc).__name__}: {exc})") from None
+
+        def run(q, k, v):  # flash-attn takes (B, T, H, D): our views transposed back, no copy
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+            return out.transpose(1, 2)
+
+        run.note = "flash_attn_func, native GQA"
+        return run
+
+    return factory
+
+
+def _attention_extras(causal: bool) -> dict:
+    # Decode (one query over the whole cache) is non-causal for SDPA, whose causal mask is aligned
+    # top-left; ours and eager align bottom-right, which for Tq = 1 is the same thing.
+    return {
+        "sdpa-flash": lambda: Sdpa("FLASH_ATTENTION", causal),
+        "sdpa-cudnn": lambda: Sdpa("CUDNN_ATTENTION", causal),
+        "flash-attn": _flash_attn(causal),
+    }
+
+
+# How each op calls a function of its family: ours and eager share one adapter, and the eager one
+# is what torch.compile compiles.  (decode has its own lambda so that torch.compile caches its
+# graphs apart from prefill's.)
+def _rms_norm_call(f):
+    return lambda x, w: f(x, w, EPS)
+
+
+def _rms_norm_residual_call(f):
+    return lambda x, r, w: f(x, w, EPS, residual=r)
+
+
+def _swiglu_call(f):
+    return lambda g, u: f(g, u)
+
+
+def _rope_call(f):
+    return lambda q, k, cos, sin: f(q, k, cos, sin)
+
+
+def _attention_call(f):
+    return lambda q, k, v: f(q, k, v, causal=True)
+
+
+def _decode_call(f):
+    return lambda q, k, v: f(q, k, v, True)
+
+
+# Liger's functions, called with LLaMA's casting ("llama": statistics in float32, as ours).
+_LIGER_NORM = "in_place=False, so the cotangent we pass is not overwritten between timed calls"
+_LIGER = {
+    "rms_norm": _liger("liger_kernel.ops.LigerRMSNormFunction",
+                       lambda fn: lambda x, w: fn.apply(x, w, EPS, 0.0, "llama", False), _LIGER_NORM),
+    "rms_norm+residual": _liger("liger_kernel.ops.LigerFusedAddRMSNormFunction",
+                                lambda fn: lambda x, r, w: fn.apply(x, r, w, EPS, 0.0, "llama", False), _LIGER_NORM),
+    "swiglu": _liger("liger_kernel.ops.LigerSiLUMulFunction", lambda fn: lambda g, u: fn.apply(g, u),
+                     "LigerSiLUMulFunction; its backward writes the gradients into the saved inputs, so repeated "
+                     "timed backwards see drifting values (the same bytes move)"),
+    "apply_rotary": _liger("liger_kernel.transformers.rope.liger_rotary_pos_emb", _rope_call,
+                           "liger_rotary_pos_emb rotates q and k in place"),
+}
+
+_HEADS = lambda m: {k: m[k] for k in ("hq", "hk", "d")}  # noqa: E731
+OPS = [
+    OpSpec("rms_norm", "rms_norm", "rms_norm", _rms_norm_call, _build_rms_norm, _work_rms_norm,
+           lambda m: {"hidden": m["hidden"]}, ("llama3-8b", "smollm2-135m"), {"liger": _LIGER["rms_norm"]},
+           note="N tokens x H hidden, s bytes each: forward (2NH + H)s: read x, w; write y. "
+                "Backward (3NH + 2H)s: read dy, x, w; write dx, dw."),
+    OpSpec("rms_norm+residual", "rms_norm", "rms_norm", _rms_norm_residual_call, _build_rms_norm_residual,
+           _work_rms_norm_residual, lambda m: {"hidden": m["hidden"]}, ("llama3-8b", "smollm2-135m"),
+           {"liger": _LIGER["rms_norm+residual"]},
+           note="h = x + r, y = rms_norm(h): forward (4NH + H)s: read x, r, w; write y, h. Backward "
+                "(4NH + 2H)s: read dy, dh, h, w; write dx (= dr, one tensor), dw."),
+    OpSpec("swiglu", "swiglu", "swiglu", _swiglu_call, _build_swiglu, _work_swiglu,
+           lambda m: {"intermediate": m["intermediate"]}, ("llama3-8b", "llama2-7b", "smollm2-135m"),
+           {"liger": _LIGER["swiglu"]},
+           note="N tokens x I intermediate: forward 3NIs: read g, u; write y. Backward 5NIs: read dy, g, u; "
+                "write dg, du."),
+    OpSpec("apply_rotary", "apply_rotary", "apply_rotary", _rope_call, _build_rope, _work_rope, _HEADS,
+           ("llama3-8b", "smollm2-135m"), {"liger": _LIGER["apply_rotary"]},
+           note="q (1, Hq, N, D), k (1, Hk, N, D) as transposed views of (1, N, H, D), cos/sin (N, D): each "
+                "direction (2N(Hq + Hk)D + 2ND)s: read q, k (or their gradients), cos, sin; write two outputs."),
+    OpSpec("flash_attention", "flash_attention", "attention", _attention_call, _build_attention, _work_attention,
+           _HEADS, ("llama3-8b", "smollm2-135m"), _attention_extras(causal=True),
+           note="causal prefill, Tq = Tk = N, GQA: forward 4 Hq N^2 D / 2 FLOP (two matrix products, causal "
+                "half); backward 2.5x that (FlashAttention's count); compared with the bf16 matmul rate."),
+    OpSpec("decode", "flash_attention", "attention", _decode_call, _build_decode, _work_decode, _HEADS,
+           ("llama3-8b", "smollm2-135m"), _attention_extras(causal=False), modes=("forward",),
+           note="one query token over a KV cache of L positions (the tokens column), inference: "
+                "(2 Hq D + 2 Hk L D)s bytes: read q, K, V; write o; compared with the copy bandwidth."),
+]
+
+
+def provider_notes() -> dict:
+    """What each provider is, for the report's provider list."""
+    return {
+        "ours": "llama_kernels (Triton)",
+        "eager": "llama_kernels.reference: the eager PyTorch twin of each op",
+        "torch.compile": "torch.compile (default mode) of the eager op; compile time is not timed; op runs "
+                         "compile backwards with torch._functorch.config.donated_buffer=False so that a "
+                         "backward can be timed alone (retain_graph)",
+        "liger": "Liger-Kernel's Triton ops (LigerRMSNormFunction, LigerFusedAddRMSNormFunction, "
+                 "LigerSiLUMulFunction, liger_rotary_pos_emb)",
+        "sdpa-flash": "torch SDPA under sdpa_kernel(SDPBackend.FLASH_ATTENTION)",
+        "sdpa-cudnn": "torch SDPA under sdpa_kernel(SDPBackend.CUDNN_ATTENTION)",
+        "flash-attn": "flash_attn.flash_attn_func",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+_COMPILED: dict = {}
+
+
+def providers(spec: OpSpec, settings: Settings) -> dict:
+    """name -> factory of the function every provider of ``spec`` is called through."""
+
+    def ours():
+        try:
+            import llama_kernels as lk
+
+            fn = getattr(lk, spec.lk_name)
+        except Exception as exc:  # an op module not written yet, or broken
+            raise Missing(f"llama_kernels.{spec.lk_name} not importable: {type(exc).__name__}: {exc}") from None
+        return spec.adapt(fn)
+
+    def compiled():
+        if not settings.compile:
+            raise Skipped("torch.compile providers are off (--no-compile, or --smoke where inductor's CPU "
+                          "compile takes ~20 s per graph; --compile turns them on)")
+        if spec.name not in _COMPILED:  # one per op, so dynamo's cache serves every shape
+            _COMPILED[spec.name] = torch.compile(spec.adapt(getattr(reference, spec.ref_name)))
+        return _COMPILED[spec.name]
+
+    return {"ours": ours, "eager": lambda: spec.adapt(getattr(reference, spec.ref_name)),
+            "torch.compile": compiled, **spec.extra}
+
+
+def cases(spec: OpSpec, settings: Settings):
+    sweep = SWEEPS[settings.mode]
+    shapes = ("smoke",) if settings.mode == "smoke" else spec.shapes[:1] if settings.mode == "quick" else spec.shapes
+    tokens = settings.tokens or (sweep["decode"] if spec.name == "decode" else sweep["tokens"])
+    for i, shape in enumerate(shapes):
+        for n in tokens:
+            yield Case(shape, MODELS[shape], n, torch.bfloat16, settings.device)
+            if i == 0 and n == sweep["fp16_at"]:
+                yield Case(shape, MODELS[shape], n, torch.float16, settings.device)
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _cotangents(outs, seed: int):
+    """Random output gradients, laid out like the outputs (a provider may return strided views)."""
+    gen = torch.Generator(device=outs[0].device).manual_seed(seed)
+    cots = []
+    for o in outs:
+        values = torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype)
+        cots.append(torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device).copy_(values))
+    return cots
+
+
+def _check_run(fn, build, trains: bool):
+    """Outputs and (for training ops) input gradients of one call on input set 0."""
+    inputs = build(0, trains)
+    with torch.set_grad_enabled(trains):
+        outs = _as_tuple(fn(*inputs.args))
+    grads = list(torch.autograd.grad(outs, inputs.leaves, _cotangents(outs, 7))) if trains else []
+    return [o.detach() for o in outs] + grads
+
+
+def _max_rel_err(got: list, want: list) -> float:
+    """max over tensors of max|got - want| / max|want|: inf on a shape mismatch or a non-finite value."""
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for g, w in zip(got, want):
+        if g.shape != w.shape or not torch.isfinite(g).all():
+            return float("inf")
+        scale = w.float().abs().max().clamp_min(1e-6)
+        worst = max(worst, ((g.float() - w.float()).abs().max() / scale).item())
+    return worst
+
+
+def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
+    """(call, sets): a no-argument function doing one ``mode`` step on the next of several input
+    sets, rotated so that the sets together exceed the L2."""
+    probe = build(0, trains)
+    set_bytes = nbytes(*probe.args) * (2 if mode != "forward" else 1)  # + cotangents, about as large
+    del probe
+    if mode == "forward":
+        grad_mode = torch.enable_grad if trains else torch.no_grad  # a training forward records the graph
+
+        def call(inp):
+            with grad_mode():
+                return fn(*inp.args)
+
+        return cycling(rotation(lambda i: build(i, trains), set_bytes, settings), call), None
+
+    def make(i):
+        inp = build(i, True)
+        outs = _as_tuple(fn(*inp.args))  # the graph is recorded once per set, kept for `backward`
+        cots = _cotangents(outs, 100 + i)  # laid out like this provider's outputs
+        return inp, (outs if mode == "backward" else None), cots
+
+    sets = rotation(make, set_bytes, settings)
+    if mode == "backward":
+        return cycling(sets, lambda s: torch.autograd.grad(s[1], s[0].leaves, s[2], retain_graph=True)), sets
+    return cycling(sets, lambda s: torch.autograd.grad(_as_tuple(fn(*s[0].args)), s[0].leaves, s[2])), sets
+
+
+def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records: list) -> None:
+    trains = spec.modes != ("forward",)
+    dtype = DTYPE_NAMES[case.dtype]
+
+    def build(i, grad):
+        return spec.build(case, torch.Generator(device=case.device).manual_seed(1000 + i), grad)
+
+    def record(provider, mode, **kw):
+        work, unit = spec.work(case, mode)
+        r = Record("ops", spec.name, mode, provider, case.shape, {**spec.dims(case.dims), "batch": 1},
+                   case.tokens, dtype, work=work, work_unit=unit, **kw)
+        records.append(r)
+        return r
+
+    say(f"ops {spec.name} {case.shape} T={case.tokens} {dtype}")
+    reference_out, reference_name = None, None
+    for name, factory in providers(spec, settings).items():
+        # 1. Check: outputs (and gradients) against the reference, the first provider that ran.
+        fn = err = None
+        try:
+            fn = factory()
+            out = _check_run(fn, build, trains)
+            if reference_out is None:
+                reference_out, reference_name = out, name
+            else:
+                err = _max_rel_err(out, reference_out)
+            del out
+        except Exception as exc:
+            status, reason = classify(exc)
+            for mode in spec.modes:
+                say(record(name, mode, status=status, reason=reason).describe())
+            free_memory()
+            continue
+        note = getattr(fn, "note", None)
+        if err is not None and not err <= TOLERANCE[case.dtype]:
+            reason = f"max|out - {reference_name}| / max|{reference_name}| = {err:.3g} > {TOLERANCE[case.dtype]}"
+            for mode in spec.modes:
+                say(record(name, mode, status="mismatch", reason=reason, note=note, max_rel_err=err).describe())
+            continue
+        # 2. Time every mode, then one more call for its peak memory.
+        for mode in spec.modes:
+            r = record(name, mode, note=note, max_rel_err=err)
+            call = sets = None
+            try:
+                call, sets = _timed_call(fn, build, mode, trains, settings)
+                r.set_timing(bench(call, settings), limits)
+                r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(call, settings.device)
+            except Exception as exc:
+                r.status, r.reason = classify(exc)
+            del call, sets  # the input sets and recorded graphs: free before the next mode
+            free_memory()
+            say(r.describe())
+    del reference_out
+    free_memory()
+
+
+def run(settings: Settings, limits: dict, records: list) -> None:
+    import torch._functorch.config as functorch_config
+
+    # AOTAutograd lets a compiled backward reuse ("donate") its saved tensors by default, which
+    # forbids retain_graph=True, and the backward mode times torch.autograd.grad(retain_graph=True)
+    # on one recorded graph.  The choice is made when the backward compiles (its first call), so it
+    # is switched off for the whole op run.
+    no_donation = functorch_config.patch(donated_buffer=False) if hasattr(
+        functorch_config, "donated_buffer") else contextlib.nullcontext()
+    with no_donation:
+        for spec in OPS:
+            if settings.ops and spec.name not in settings.ops:
+                continue
+            for case in cases(spec, settings):
+                run_case(spec, case, settings, limits, records)

@@ -1,0 +1,265 @@
+"""Flash-decoding: split-KV attention for generation over a KV cache (forward only).
+
+With few queries (one decode step, ``Tq = 1``, or a short chunk) and a long cache, the training
+kernel would launch only ``B * Hq`` programs, each streaming the whole cache for a handful of rows.
+Here the cache length is the parallel axis instead:
+
+* ``attention_decode_split_kernel``: one program per (split, batch, KV head).  The rows of its
+  query tile are all ``Tq`` tokens of all ``group = Hq / Hk`` query heads that share the KV head
+  (row ``r`` is head ``r // Tq``, token ``r % Tq``), so every K/V tile is read from memory once
+  for the whole group.  It runs the online softmax of ``attention.py`` over its chunk of keys
+  (``keys_per_split`` of them) and writes the chunk's normalised partial output ``o_s``, its
+  softmax max ``m_s`` and its sum ``l_s`` (float32; ``l_s = 0`` if the chunk holds no visible
+  key).
+* ``attention_decode_combine_kernel``: merges the splits of each row::
+
+      M = max_s m_s,   w_s = l_s 2^(m_s - M),   o = sum_s w_s o_s / sum_s w_s
+
+  which is zero for a row that sees no key at all.  ``m_s`` and ``l_s`` stay apart rather than
+  as one log-sum-exp, whose float32 rounding would cost ~``|lse| * 2^-24`` relative in every
+  weight when logits are large.  (For float32 inputs the maxima are in raw score units and
+  ``w_s = l_s 2^(c (m_s - M))``: see ``attention.softmax_row_max``.)  With a single split the
+  first kernel writes the output itself and the combine is skipped.
+
+Causal masking is bottom-right as everywhere: token ``i`` of the chunk sees keys
+``j <= i + Tk - Tq``, so the last token sees the whole cache.
+
+Precision as in ``attention.py``: float32 scores, statistics and accumulators, ``P`` rounded to the
+input dtype before ``P @ V``, IEEE float32 dots for float32 inputs, and under the interpreter
+float32 dots on operands rounded with ``cast_rne``.
+
+The number of splits is a function of the shapes and the device's multiprocessor count only, and
+nothing here reads data back to the host, so a decode step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import softmax_exponent, softmax_rescale, softmax_row_max
+from .common import INTERPRET, cast_rne, compilable, count_launch, num_sms
+
+LOG2E = 1.4426950408889634
+
+# The rule ``flash_attention`` uses (see ``use_decode``): the query tile of one (batch, KV head)
+# holds ``Tq * group`` rows; up to this many it is a decode-shaped problem.
+DECODE_MAX_ROWS = 64
+# A split gets at least this many keys, so that the combine stays cheap next to the key reads.
+MIN_KEYS_PER_SPLIT = 64 if INTERPRET else 256
+SHARED_MEMORY_BUDGET = 160 * 1024
+
+
+def use_decode(seq_q: int, group: int, needs_grad: bool) -> bool:
+    """True when ``flash_attention`` runs the split-KV decode kernels.
+
+    Rule: no gradient is needed (the decode path is forward only; training keeps the autograd
+    kernels) and the queries of one KV group fit one small tile: ``seq_q * group <= 64``
+    (``DECODE_MAX_ROWS``), e.g. one decode step with up to 64 query heads per KV head, or a chunk
+    of 8 tokens with group 8.  Any cache length qualifies: a short cache simply gets one split.
+    """
+    return not needs_grad and seq_q * group <= DECODE_MAX_ROWS
+
+
+@triton.jit
+def attention_decode_split_kernel(
+    Q, K, V, O, O_PART, STATS_PART,
+    q_sb, q_sh, q_st, q_sd,
+    k_sb, k_sh, k_st, k_sd,
+    v_sb, v_sh, v_st, v_sd,
+    o_sb, o_sh, o_st, o_sd,
+    num_kv_heads, group, seq_q, seq_k, qk_scale, keys_per_split, num_splits,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bkv = tl.program_id(1)
+    b = (bkv // num_kv_heads).to(tl.int64)
+    kvh = bkv % num_kv_heads
+
+    # Pack (query head of the group, token) pairs as the rows of one tile.
+    rows = tl.arange(0, BLOCK_M)
+    tok = rows % seq_q
+    head = kvh * group + rows // seq_q
+    rows_in = rows < group * seq_q
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_in = offs_d < HEAD_DIM
+
+    q_ptrs = (Q + b * q_sb + head.to(tl.int64)[:, None] * q_sh + tok[:, None] * q_st
+              + offs_d[None, :] * q_sd)
+    q = tl.load(q_ptrs, mask=rows_in[:, None] & d_in[None, :], other=0.0)
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
+    kvh64 = kvh.to(tl.int64)
+    k_base = K + b * k_sb + kvh64 * k_sh
+    v_base = V + b * v_sb + kvh64 * v_sh
+    k_offs = offs_n[:, None] * k_st + offs_d[None, :] * k_sd
+    v_offs = offs_n[:, None] * v_st + offs_d[None, :] * v_sd
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows give 2^-inf = 0
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = split * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, seq_k)
+    last_visible = tok + (seq_k - seq_q)  # bottom-right causal: token i sees j <= i + Tk - Tq
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        tile = start_n.to(tl.int64)
+        keys = start_n + offs_n
+        keys_in = keys < hi
+        kv_mask = keys_in[:, None] & d_in[None, :]
+        k = tl.load(k_base + tile * k_st + k_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tile * v_st + v_offs, mask=kv_mask, other=0.0)
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        visible = keys_in[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= last_visible[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = softmax_row_max(m_i, s, qk_scale, RAW_MAX)
+        p = tl.exp2(softmax_exponent(s, m_new[:, None], qk_scale, RAW_MAX))
+        alpha = softmax_rescale(m_i, m_new, qk_scale, RAW_MAX)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = cast_rne(p, Q.dtype.element_ty)  # the precision the GPU multiplies P @ V in
+        if DOT_IN_FP32:
+            p = p.to(tl.float32)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]
+    out_mask = rows_in[:, None] & d_in[None, :]
+    if WRITE_PARTIAL:
+        row_id = (b * (num_kv_heads * group) + head) * seq_q + tok  # (B, Hq, Tq) flattened
+        part = row_id * num_splits + split
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        tl.store(STATS_PART + 2 * part, m_i, mask=rows_in)  # (m_s, l_s) pairs
+        tl.store(STATS_PART + 2 * part + 1, l_i, mask=rows_in)
+    else:
+        o_ptrs = (O + b * o_sb + head.to(tl.int64)[:, None] * o_sh + tok[:, None] * o_st
+                  + offs_d[None, :] * o_sd)
+        tl.store(o_ptrs, cast_rne(o, O.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def attention_decode_combine_kernel(
+    O_PART, STATS_PART, O,
+    o_sb, o_sh, o_st, o_sd,
+    num_heads, seq_q, num_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, RAW_MAX: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one output row: (batch, head, token)
+    tok = row % seq_q
+    bh = row // seq_q
+    h = bh % num_heads
+    b = bh // num_heads
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    splits_in = splits < num_splits
+    d_in = offs_d < HEAD_DIM
+    part = row * num_splits + splits
+    # A split without visible keys has l_s = 0 (and m_s = -1e30): its weight is 0.
+    m_s = tl.load(STATS_PART + 2 * part, mask=splits_in, other=-1.0e30)
+    l_s = tl.load(STATS_PART + 2 * part + 1, mask=splits_in, other=0.0)
+    w = l_s * softmax_rescale(m_s, tl.max(m_s, 0), qk_scale, RAW_MAX)
+    denom = tl.sum(w, 0)  # 0 only for a row that sees no key at all: it outputs zeros
+    o_part = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=splits_in[:, None] & d_in[None, :], other=0.0)
+    o = tl.sum(w[:, None] * o_part, 0) / tl.where(denom > 0.0, denom, 1.0)
+    o_ptrs = O + b * o_sb + h * o_sh + tok * o_st + offs_d * o_sd
+    tl.store(o_ptrs, cast_rne(o, O.dtype.element_ty), mask=d_in)
+
+
+def dot_mode(dtype):
+    """``(DOT_IN_FP32, PRECISION)``: as ``attention.dot_mode`` (half-precision operands on the GPU,
+    IEEE float32, everything in float32 under the interpreter)."""
+    return INTERPRET, ("ieee" if (dtype == torch.float32 or INTERPRET) else "tf32")
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, rows: int = 1):
+    """``(BLOCK_N, num_warps, num_stages)`` of the split kernel for ``rows = Tq * group`` query
+    rows: K/V tiles as large as shared memory allows with a few stages in flight (the kernel is
+    bound by reading the cache)."""
+    if INTERPRET:
+        return 32, 4, 1
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    elt = torch.empty((), dtype=dtype).element_size()
+    if elt == 4:
+        # float32 multiplies with FMA dots whose operand tiles live in registers: 8 warps, and
+        # narrow key tiles once the rows are many (sizes checked for spills by compiling for sm_90).
+        return (32 if rows <= 16 else 16), 8, 2
+    block_n, stages = 64, 4
+    while stages * 2 * block_n * block_d * elt > SHARED_MEMORY_BUDGET and stages > 2:
+        stages -= 1
+    return block_n, 4, stages
+
+
+def decode_splits(batch: int, kv_heads: int, seq_k: int, block_n: int, device: torch.device):
+    """``(num_splits, keys_per_split)``: about two programs per multiprocessor in all, each split
+    at least ``MIN_KEYS_PER_SPLIT`` keys and a whole number of ``block_n`` tiles.  Depends on the
+    shapes and the device only (never on data), as CUDA-graph capture requires."""
+    programs = max(1, batch * kv_heads)
+    want = triton.cdiv(2 * num_sms(device), programs)
+    splits = max(1, min(want, triton.cdiv(seq_k, MIN_KEYS_PER_SPLIT)))
+    keys_per_split = triton.cdiv(triton.cdiv(seq_k, splits), block_n) * block_n
+    return triton.cdiv(seq_k, keys_per_split), keys_per_split
+
+
+def _decode_fake(q, k, v, causal, sm_scale):
+    return torch.empty_like(q)
+
+
+@compilable("flash_decode", _decode_fake)
+def attention_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
+) -> torch.Tensor:
+    """Launch split-KV attention (forward only): returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.
+
+    Arguments are those of ``flash_attention``, already validated; ``Tq * Hq / Hk`` must be at most
+    ``DECODE_MAX_ROWS``.
+    """
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    o = torch.empty_like(q)
+    if o.numel() == 0:
+        return o
+    if seq_q * group > DECODE_MAX_ROWS:
+        raise ValueError(
+            f"attention_decode takes at most {DECODE_MAX_ROWS} query rows per KV head "
+            f"(Tq * Hq / Hk); got {seq_q} * {group}"
+        )
+    block_n, num_warps, num_stages = decode_config(head_dim, q.dtype, seq_q * group)
+    splits, keys_per_split = decode_splits(batch, kv_heads, seq_k, block_n, q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    dot_in_fp32, precision = dot_mode(q.dtype)
+    rows = batch * heads * seq_q
+    if splits > 1:
+        o_part = torch.empty((rows, splits, head_dim), dtype=torch.float32, device=q.device)
+        stats_part = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
+    else:  # the split kernel writes o directly; these are never touched
+        o_part = stats_part = o
+    attention_decode_split_kernel[(splits, batch * kv_heads)](
+        q, k, v, o, o_part, stats_part,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        kv_heads, group, seq_q, seq_k, sm_scale * LOG2E, keys_per_split, splits,
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)), BLOCK_N=block_n,
+        WRITE_PARTIAL=splits > 1, DOT_IN_FP32=dot_in_fp32, PRECISION=precision,
+        RAW_MAX=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    count_launch(attention_decode_split_kernel)
+    if splits > 1:
+        attention_decode_combine_kernel[(rows,)](
+            o_part, stats_part, o, *o.stride(), heads, seq_q, splits, sm_scale * LOG2E,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            RAW_MAX=q.dtype == torch.float32,
+            num_warps=4 if block_d >= 128 else 2,
+        )
+        count_launch(attention_decode_combine_kernel)
+    return o

@@ -1,0 +1,156 @@
+"""apply_kernels on transformers LLaMA models: a tiny random one (every path, fast) and the real
+trained SmolLM2-135M-Instruct (logits, a training step, greedy and padded-batch generation)."""
+import copy
+
+import pytest
+import torch
+
+import llama_kernels as lk
+from llama_kernels.model import Llama
+from llama_kernels.ops.common import LAUNCHES
+from llama_kernels.patch import kernel_summary
+from helpers import max_error
+
+transformers = pytest.importorskip("transformers")
+ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False)
+
+
+def relative_error(a, b):
+    return max_error(a, b) / b.abs().max().item()
+
+
+def launched_families():
+    names = " ".join(LAUNCHES)
+    return {f for f in ("rms_norm", "swiglu", "rope", "attention") if f in names}
+
+
+def loss_and_grads(model, ids, mask=None):
+    model.zero_grad()
+    out = model(ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_training_step(model, patched, ids, mask=None):
+    loss, grads = loss_and_grads(model, ids, mask)
+    p_loss, p_grads = loss_and_grads(patched, ids, mask)
+    assert abs(p_loss.item() - loss.item()) <= 1e-5 * abs(loss.item())
+    assert grads.keys() == p_grads.keys()
+    worst = max(relative_error(p_grads[n], grads[n]) for n in grads)
+    assert worst <= 2e-3, f"worst relative gradient error {worst:.2e}"
+
+
+# --- a tiny random transformers model: every path, quickly ------------------------------------
+
+@pytest.fixture
+def tiny(device):
+    config = transformers.LlamaConfig(
+        vocab_size=120, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(device).eval()
+
+
+def test_tiny_hf_logits_grads_and_launches(tiny, device):
+    patched = lk.apply_kernels(copy.deepcopy(tiny))
+    ids = torch.randint(1, 120, (2, 19), device=device)
+    with torch.no_grad():
+        LAUNCHES.clear()
+        assert relative_error(patched(ids).logits, tiny(ids).logits) <= 1e-4
+    assert launched_families() == {"rms_norm", "swiglu", "rope", "attention"}
+    assert_same_training_step(tiny.train(), patched.train(), ids)
+
+
+def test_tiny_hf_generation_dynamic_static_and_padded(tiny, device):
+    patched = lk.apply_kernels(copy.deepcopy(tiny))
+    ids = torch.randint(1, 120, (2, 7), device=device)
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(patched.generate(ids, **greedy), tiny.generate(ids, **greedy))
+    static = dict(greedy, cache_implementation="static")
+    assert torch.equal(patched.generate(ids, **static), tiny.generate(ids, **static))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding of the first row
+    ids[0, :3] = 0
+    assert torch.equal(patched.generate(ids, attention_mask=mask, **greedy),
+                       tiny.generate(ids, attention_mask=mask, **greedy))
+
+
+def test_tiny_hf_flags_print_and_restore(tiny):
+    eager_classes = [type(m) for m in tiny.modules()]
+    lk.apply_kernels(tiny, swiglu=False)
+    assert kernel_summary(tiny) == {"rms_norm": 5, "swiglu": 0, "rope": 2, "attention": 2}
+    assert "kernels=[rms_norm]" in repr(tiny) and "kernels=[attention, rope]" in repr(tiny)
+    assert tiny.config._attn_implementation == "llama_kernels"
+    lk.apply_kernels(tiny, **ALL_OFF)
+    assert [type(m) for m in tiny.modules()] == eager_classes
+    assert tiny.config._attn_implementation != "llama_kernels" and "kernels" not in repr(tiny)
+
+
+def test_tiny_hf_llama_model_without_head(tiny, device):
+    body = lk.apply_kernels(copy.deepcopy(tiny.model))
+    ids = torch.randint(1, 120, (1, 9), device=device)
+    with torch.no_grad():
+        expected = tiny.model(ids).last_hidden_state
+        assert relative_error(body(ids).last_hidden_state, expected) <= 1e-4
+
+
+# --- the real trained model -------------------------------------------------------------------
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
+
+
+@pytest.fixture(scope="module")
+def smollm2(device):
+    from llama_kernels.cli import load_smollm2, smollm2_path
+
+    try:
+        smollm2_path()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    model, tokenizer = load_smollm2(torch.float32, device, quiet=True)
+    return model, lk.apply_kernels(copy.deepcopy(model)), tokenizer
+
+
+def test_smollm2_logits_and_kernels_ran(smollm2, device):
+    model, patched, tok = smollm2
+    assert kernel_summary(patched) == {"rms_norm": 61, "swiglu": 30, "rope": 30, "attention": 30}
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        LAUNCHES.clear()
+        error = relative_error(patched(ids).logits, model(ids).logits)
+    assert error <= 1e-4
+    assert launched_families() == {"rms_norm", "swiglu", "rope", "attention"}
+
+
+def test_smollm2_training_step(smollm2, device):
+    model, patched, tok = smollm2
+    ids = tok(PROMPTS[1] + " return n if n < 2 else", return_tensors="pt").input_ids.to(device)
+    LAUNCHES.clear()
+    assert_same_training_step(model, patched, ids)
+    assert {"attention_fwd_kernel", "rms_norm_bwd_kernel", "swiglu_bwd_kernel"} <= set(LAUNCHES)
+    assert any("attention_bwd" in name for name in LAUNCHES)
+
+
+def test_smollm2_greedy_generation_token_for_token(smollm2, device):
+    model, patched, tok = smollm2
+    for prompt in PROMPTS[:2]:
+        ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+        greedy = dict(max_new_tokens=5, do_sample=False)
+        assert torch.equal(patched.generate(ids, **greedy), model.generate(ids, **greedy)), prompt
+
+
+def test_smollm2_padded_batch_generation(smollm2, device):
+    model, patched, tok = smollm2
+    tok.padding_side = "left"
+    batch = tok(PROMPTS, return_tensors="pt", padding=True).to(device)
+    assert (batch.attention_mask == 0).any()
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(patched.generate(**batch, **greedy), model.generate(**batch, **greedy))
+
+
+def test_from_hf_matches_smollm2(smollm2, device):
+    model, _, tok = smollm2
+    ours = Llama.from_hf(model).to(device)
+    ids = tok(PROMPTS[2], return_tensors="pt").input_ids.to(device)
+    with torch.no_grad():
+        assert relative_error(ours(ids), model(ids).logits) <= 1e-5
