@@ -6,6 +6,7 @@ Public API::
     swiglu(gate, up)
     apply_rotary(q, k, cos, sin, interleaved=False)
     flash_attention(q, k, v, causal=True, sm_scale=None)
+    flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None)   (CUDA-graph-safe decode)
     apply_kernels(model, *, rms_norm=True, swiglu=True, rope=True, attention=True)
     model.Llama, model.LlamaConfig       (the eager reference LLaMA)
     reference                            (the eager twin of every op)
@@ -22,6 +23,7 @@ _EXPORTS = {
     "swiglu": ".ops.swiglu",
     "apply_rotary": ".ops.rope",
     "flash_attention": ".ops.attention",
+    "flash_decode": ".ops.decode",
     "apply_kernels": ".patch",
 }
 _SUBMODULES = ("model", "reference", "patch", "ops", "cli")

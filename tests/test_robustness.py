@@ -99,22 +99,31 @@ def test_empty_inputs_give_empty_outputs(op, device):
 
 
 def test_cpu_without_interpreter_falls_back_with_one_warning():
-    """No GPU and no TRITON_INTERPRET: each op warns once and returns the reference result."""
+    """No GPU and no TRITON_INTERPRET: each op warns once (per op, however often it is called),
+    launches nothing and returns exactly the reference result; apply_kernels says so too."""
     script = textwrap.dedent("""
         import warnings, torch
         import llama_kernels as lk
         from llama_kernels import reference
-        from llama_kernels.ops.common import KernelFallbackWarning
-        x = torch.randn(3, 64)
-        w = torch.randn(64)
+        from llama_kernels.ops.common import KernelFallbackWarning, LAUNCHES
+        x, w = torch.randn(3, 64), torch.randn(64)
+        q, k, cos = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 3, 16), torch.randn(3, 16)
+        calls = {
+            "rms_norm": ((x, w), reference.rms_norm),
+            "swiglu": ((x, x), reference.swiglu),
+            "apply_rotary": ((q, k, cos, cos), reference.apply_rotary),
+            "flash_attention": ((q, k, k), reference.attention),
+        }
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             for _ in range(3):
-                y = lk.rms_norm(x, w)
-                s = lk.swiglu(x, x)
-        fallbacks = [c for c in caught if issubclass(c.category, KernelFallbackWarning)]
-        assert len(fallbacks) == 2, [str(c.message) for c in caught]
-        assert torch.equal(y, reference.rms_norm(x, w)) and torch.equal(s, reference.swiglu(x, x))
+                for name, (args, ref) in calls.items():
+                    out, expected = getattr(lk, name)(*args), ref(*args)
+                    out, expected = (o if isinstance(o, tuple) else (o,) for o in (out, expected))
+                    assert all(torch.equal(a, b) for a, b in zip(out, expected)), name
+        fallbacks = [str(c.message) for c in caught if issubclass(c.category, KernelFallbackWarning)]
+        assert len(fallbacks) == 4 and all(any(n in m for m in fallbacks) for n in calls), fallbacks
+        assert not LAUNCHES
         from llama_kernels.model import Llama, LlamaConfig
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -206,27 +206,47 @@ def _causal_key_bounds(start_m, seq_q, seq_k, CAUSAL: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, keys, offs_m, offs_d, seq_q, seq_k, qk_scale,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
-              DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
-              RAW_MAX: tl.constexpr):
+def _key_tile_scores(q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in,
+                     seq_q, seq_k, MASK: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+                     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    # The key/value tile at start_n, the raw scores q k^T, and which (query, key) pairs are
+    # visible (ragged end of the keys, causal diagonal); callers apply it only where MASK.
+    start_n = tl.multiple_of(start_n, offs_n.shape[0])
+    tile = start_n.to(tl.int64)
+    keys = start_n + offs_n
     keys_in = keys < seq_k
-    d_in = offs_d < HEAD_DIM
-    k = _load_tile(k_ptrs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
-    v = _load_tile(v_ptrs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
+    k = _load_tile(k_base + tile * k_st + k_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
+    v = _load_tile(v_base + tile * v_st + v_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    if MASK:
-        visible = keys_in[None, :]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-        s = tl.where(visible, s, float("-inf"))
-    m_new = softmax_row_max(m_i, s, qk_scale, RAW_MAX)
-    p = tl.exp2(softmax_exponent(s, m_new[:, None], qk_scale, RAW_MAX))
-    alpha = softmax_rescale(m_i, m_new, qk_scale, RAW_MAX)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(_dot_operand(p, DTYPE, DOT_IN_FP32), v, acc, input_precision=PRECISION)
-    return acc, l_i, m_new
+    visible = keys_in[None, :]
+    if CAUSAL:
+        visible = visible & (keys[None, :] <= offs_m[:, None] + (seq_k - seq_q))
+    return k, v, s, visible
+
+
+@triton.jit
+def _fwd_key_range(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, hi, offs_n,
+                   offs_m, offs_d, seq_q, seq_k, qk_scale,
+                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                   PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Online softmax over the key tiles [lo, hi); MASK compiles the causal/ragged masks in.
+    d_in = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        k, v, s, visible = _key_tile_scores(
+            q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in, seq_q,
+            seq_k, MASK, CAUSAL, PAD_D, DOT_IN_FP32, PRECISION,
+        )
+        if MASK:
+            s = tl.where(visible, s, float("-inf"))
+        m_new = softmax_row_max(m_i, s, qk_scale, RAW_MAX)
+        p = tl.exp2(softmax_exponent(s, m_new[:, None], qk_scale, RAW_MAX))
+        alpha = softmax_rescale(m_i, m_new, qk_scale, RAW_MAX)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(_dot_operand(p, DTYPE, DOT_IN_FP32), v, acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -274,22 +294,17 @@ def attention_fwd_kernel(
     DTYPE: tl.constexpr = Q.dtype.element_ty
 
     full_hi, hi = _causal_key_bounds(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in range(0, full_hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        tile = start_n.to(tl.int64)
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base + tile * k_st + k_offs, v_base + tile * v_st + v_offs,
-            start_n + offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
-            False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        tile = start_n.to(tl.int64)
-        acc, l_i, m_i = _fwd_tile(
-            acc, l_i, m_i, q, k_base + tile * k_st + k_offs, v_base + tile * v_st + v_offs,
-            start_n + offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale,
-            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX,
-        )
+    # Key tiles every row of this query tile sees in full need no mask; the rest hold the diagonal.
+    acc, l_i, m_i = _fwd_key_range(
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi, offs_n, offs_m,
+        offs_d, seq_q, seq_k, qk_scale,
+        False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_key_range(
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi, offs_n, offs_m,
+        offs_d, seq_q, seq_k, qk_scale,
+        True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+    )
 
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
@@ -329,35 +344,43 @@ def attention_bwd_preprocess_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_ptrs, do_ptrs, stats_ptrs, delta_ptrs, offs_m, keys, offs_d,
-               seq_q, seq_k, qk_scale, stats_plane,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-               PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-               PRECISION: tl.constexpr, RAW_MAX: tl.constexpr):
+def _dkdv_query_range(dk, dv, k, v, q_base, do_base, stats_base, delta_base, q_offs, do_offs,
+                      q_st, do_st, lo, hi, offs_m, keys, offs_d, seq_q, seq_k, qk_scale,
+                      stats_plane,
+                      MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                      PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Accumulate the query tiles [lo, hi) of one query head into this key tile's dK, dV.
     # Transposed form: rows are keys, columns are queries, so the row stats broadcast along rows.
-    rows_in = offs_m < seq_q
     d_in = offs_d < HEAD_DIM
-    q = _load_tile(q_ptrs, rows_in, d_in, MASK, PAD_D, DOT_IN_FP32)
-    do = _load_tile(do_ptrs, rows_in, d_in, MASK, PAD_D, DOT_IN_FP32)
-    if MASK:
-        # Queries past the end get m = +inf, hence P = 0 (their q and dO are zeros anyway).
-        m = tl.load(stats_ptrs, mask=rows_in, other=float("inf"))
-        log2_l = tl.load(stats_ptrs + stats_plane, mask=rows_in, other=0.0)
-        delta = tl.load(delta_ptrs, mask=rows_in, other=0.0)
-    else:
-        m = tl.load(stats_ptrs)
-        log2_l = tl.load(stats_ptrs + stats_plane)
-        delta = tl.load(delta_ptrs)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-    x_t = softmax_log_prob(s_t, m[None, :], log2_l[None, :], qk_scale, RAW_MAX)
-    if MASK:
-        if CAUSAL:  # mask the exponent, not P: a hidden score may exceed m and overflow 2^x
-            x_t = tl.where(keys[:, None] <= offs_m[None, :] + (seq_k - seq_q), x_t, float("-inf"))
-    p_t = tl.exp2(x_t)
-    dv = tl.dot(_dot_operand(p_t, DTYPE, DOT_IN_FP32), do, dv, input_precision=PRECISION)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(_dot_operand(ds_t, DTYPE, DOT_IN_FP32), q, dk, input_precision=PRECISION)
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        tile = start_m.to(tl.int64)
+        queries = start_m + offs_m
+        rows_in = queries < seq_q
+        q = _load_tile(q_base + tile * q_st + q_offs, rows_in, d_in, MASK, PAD_D, DOT_IN_FP32)
+        do = _load_tile(do_base + tile * do_st + do_offs, rows_in, d_in, MASK, PAD_D, DOT_IN_FP32)
+        stats_ptrs = stats_base + queries
+        if MASK:
+            # Queries past the end get m = +inf, hence P = 0 (their q and dO are zeros anyway).
+            m = tl.load(stats_ptrs, mask=rows_in, other=float("inf"))
+            log2_l = tl.load(stats_ptrs + stats_plane, mask=rows_in, other=0.0)
+            delta = tl.load(delta_base + queries, mask=rows_in, other=0.0)
+        else:
+            m = tl.load(stats_ptrs)
+            log2_l = tl.load(stats_ptrs + stats_plane)
+            delta = tl.load(delta_base + queries)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        x_t = softmax_log_prob(s_t, m[None, :], log2_l[None, :], qk_scale, RAW_MAX)
+        if MASK:
+            if CAUSAL:  # mask the exponent, not P: a hidden score may exceed m and overflow 2^x
+                x_t = tl.where(keys[:, None] <= queries[None, :] + (seq_k - seq_q), x_t,
+                               float("-inf"))
+        p_t = tl.exp2(x_t)
+        dv = tl.dot(_dot_operand(p_t, DTYPE, DOT_IN_FP32), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(_dot_operand(ds_t, DTYPE, DOT_IN_FP32), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
@@ -428,33 +451,21 @@ def attention_bwd_dkdv_kernel(
         do_base = DO + b * do_sb + h64 * do_sh
         stats_base = STATS + bh * seq_q
         delta_base = DELTA + bh * seq_q
-        for start_m in range(lo, mid, BLOCK_M):
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            tile = start_m.to(tl.int64)
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base + tile * q_st + q_offs, do_base + tile * do_st + do_offs,
-                stats_base + start_m + offs_m, delta_base + start_m + offs_m,
-                start_m + offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
-                True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX,
-            )
-        for start_m in range(full_lo, whole, BLOCK_M):
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            tile = start_m.to(tl.int64)
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base + tile * q_st + q_offs, do_base + tile * do_st + do_offs,
-                stats_base + start_m + offs_m, delta_base + start_m + offs_m,
-                start_m + offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
-                False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX,
-            )
-        for start_m in range(tail, seq_q, BLOCK_M):
-            start_m = tl.multiple_of(start_m, BLOCK_M)
-            tile = start_m.to(tl.int64)
-            dk, dv = _dkdv_tile(
-                dk, dv, k, v, q_base + tile * q_st + q_offs, do_base + tile * do_st + do_offs,
-                stats_base + start_m + offs_m, delta_base + start_m + offs_m,
-                start_m + offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
-                True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX,
-            )
+        dk, dv = _dkdv_query_range(
+            dk, dv, k, v, q_base, do_base, stats_base, delta_base, q_offs, do_offs, q_st, do_st,
+            lo, mid, offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
+            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_M,
+        )
+        dk, dv = _dkdv_query_range(
+            dk, dv, k, v, q_base, do_base, stats_base, delta_base, q_offs, do_offs, q_st, do_st,
+            full_lo, whole, offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
+            False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_M,
+        )
+        dk, dv = _dkdv_query_range(
+            dk, dv, k, v, q_base, do_base, stats_base, delta_base, q_offs, do_offs, q_st, do_st,
+            tail, seq_q, offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
+            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_M,
+        )
 
     dk_ptrs = DK + b * dk_sb + kvh64 * dk_sh + keys[:, None] * dk_st + offs_d[None, :] * dk_sd
     dv_ptrs = DV + b * dv_sb + kvh64 * dv_sh + keys[:, None] * dv_st + offs_d[None, :] * dv_sd
@@ -463,29 +474,28 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, delta, q, do, m, log2_l, k_ptrs, v_ptrs, keys, offs_m, offs_d, seq_q, seq_k,
-             qk_scale, DELTA_PASS: tl.constexpr,
-             MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-             PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-             PRECISION: tl.constexpr, RAW_MAX: tl.constexpr):
-    keys_in = keys < seq_k
+def _dq_key_range(dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, hi,
+                  offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, DELTA_PASS: tl.constexpr,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Over the key tiles [lo, hi): accumulate dQ, or (DELTA_PASS) Delta = rowsum(P * dP).
     d_in = offs_d < HEAD_DIM
-    k = _load_tile(k_ptrs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
-    v = _load_tile(v_ptrs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    x = softmax_log_prob(s, m[:, None], log2_l[:, None], qk_scale, RAW_MAX)
-    if MASK:
-        visible = keys_in[None, :]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= offs_m[:, None] + (seq_k - seq_q))
-        x = tl.where(visible, x, float("-inf"))
-    p = tl.exp2(x)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if DELTA_PASS:  # accumulate Delta = rowsum(P * dP) (float32 inputs, see the launcher)
-        delta += tl.sum(p * dp, 1)
-    else:
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(_dot_operand(ds, DTYPE, DOT_IN_FP32), k, dq, input_precision=PRECISION)
+    for start_n in range(lo, hi, BLOCK_N):
+        k, v, s, visible = _key_tile_scores(
+            q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in, seq_q,
+            seq_k, MASK, CAUSAL, PAD_D, DOT_IN_FP32, PRECISION,
+        )
+        x = softmax_log_prob(s, m[:, None], log2_l[:, None], qk_scale, RAW_MAX)
+        if MASK:
+            x = tl.where(visible, x, float("-inf"))
+        p = tl.exp2(x)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DELTA_PASS:
+            delta += tl.sum(p * dp, 1)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(_dot_operand(ds, DTYPE, DOT_IN_FP32), k, dq, input_precision=PRECISION)
     return dq, delta
 
 
@@ -537,45 +547,29 @@ def attention_bwd_dq_kernel(
         # rowsum(dO * O) differs from it by roundings that large logits magnify.  It costs two
         # more matmuls per tile, so only float32 (the accuracy reference, not the fast path) pays.
         delta = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, full_hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            tile = start_n.to(tl.int64)
-            dq, delta = _dq_tile(
-                dq, delta, q, do, m, log2_l, k_base + tile * k_st + k_offs,
-                v_base + tile * v_st + v_offs, start_n + offs_n, offs_m, offs_d, seq_q, seq_k,
-                qk_scale, True, False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION,
-                RAW_MAX,
-            )
-        for start_n in range(full_hi, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            tile = start_n.to(tl.int64)
-            dq, delta = _dq_tile(
-                dq, delta, q, do, m, log2_l, k_base + tile * k_st + k_offs,
-                v_base + tile * v_st + v_offs, start_n + offs_n, offs_m, offs_d, seq_q, seq_k,
-                qk_scale, True, True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION,
-                RAW_MAX,
-            )
+        dq, delta = _dq_key_range(
+            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi,
+            offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, True,
+            False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        )
+        dq, delta = _dq_key_range(
+            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi,
+            offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, True,
+            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        )
         tl.store(DELTA + row_base + offs_m, delta, mask=rows_in)  # for the dK/dV kernel
     else:
         delta = tl.load(DELTA + row_base + offs_m, mask=rows_in, other=0.0)
-    for start_n in range(0, full_hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        tile = start_n.to(tl.int64)
-        dq, delta = _dq_tile(
-            dq, delta, q, do, m, log2_l, k_base + tile * k_st + k_offs,
-            v_base + tile * v_st + v_offs, start_n + offs_n, offs_m, offs_d, seq_q, seq_k,
-            qk_scale, False, False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION,
-            RAW_MAX,
-        )
-    for start_n in range(full_hi, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        tile = start_n.to(tl.int64)
-        dq, delta = _dq_tile(
-            dq, delta, q, do, m, log2_l, k_base + tile * k_st + k_offs,
-            v_base + tile * v_st + v_offs, start_n + offs_n, offs_m, offs_d, seq_q, seq_k,
-            qk_scale, False, True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION,
-            RAW_MAX,
-        )
+    dq, delta = _dq_key_range(
+        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi,
+        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, False,
+        False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+    )
+    dq, delta = _dq_key_range(
+        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi,
+        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, False,
+        True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+    )
 
     dq_ptrs = DQ + b * dq_sb + h * dq_sh + offs_m[:, None] * dq_st + offs_d[None, :] * dq_sd
     _store_tile(dq_ptrs, dq * sm_scale, rows_in, d_in, PAD_D)
@@ -812,31 +806,32 @@ class FlashAttentionFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------------------------
 
 
-def _validate(q, k, v, causal, sm_scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _validate(q, k, v, causal, sm_scale, names=("q", "k", "v")):
+    qn, kn, vn = names
+    for name, t in zip(names, (q, k, v)):
         check_tensor(name, t, ndim=4)
-    check_same("dtype", q=q, k=k, v=v)
-    check_same("device", q=q, k=k, v=v)
+    check_same("dtype", **{qn: q, kn: k, vn: v})
+    check_same("device", **{qn: q, kn: k, vn: v})
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if k.shape != v.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+        raise ValueError(f"{vn} must have the shape of {kn} {tuple(k.shape)}, got {tuple(v.shape)}")
     batch, heads, _, head_dim = q.shape
     if k.shape[0] != batch:
-        raise ValueError(f"k must have q's batch size {batch}, got shape {tuple(k.shape)}")
+        raise ValueError(f"{kn} must have {qn}'s batch size {batch}, got shape {tuple(k.shape)}")
     if k.shape[3] != head_dim:
-        raise ValueError(f"k must have q's head dim {head_dim}, got shape {tuple(k.shape)}")
+        raise ValueError(f"{kn} must have {qn}'s head dim {head_dim}, got shape {tuple(k.shape)}")
     if k.shape[1] < 1 or heads % k.shape[1] != 0:
         raise ValueError(
-            f"k's number of heads must divide q's ({heads}) for grouped-query attention; "
+            f"{kn}'s number of heads must divide {qn}'s ({heads}) for grouped-query attention; "
             f"got {k.shape[1]}"
         )
     if head_dim % 16 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(
-            f"q's head dim must be a multiple of 16 between 16 and {MAX_HEAD_DIM}, got {head_dim}"
+            f"{qn}'s head dim must be a multiple of 16 between 16 and {MAX_HEAD_DIM}, got {head_dim}"
         )
     if k.shape[2] < 1:
-        raise ValueError(f"k must hold at least one key (Tk >= 1), got shape {tuple(k.shape)}")
+        raise ValueError(f"{kn} must hold at least one key (Tk >= 1), got shape {tuple(k.shape)}")
     if sm_scale is None:
         return head_dim ** -0.5
     return check_float_arg("sm_scale", sm_scale, positive=True)

@@ -41,6 +41,8 @@ def use_triton(op: str, device: torch.device) -> bool:
     """True when Triton kernels can run on ``device``; otherwise warn that ``op`` falls back."""
     if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
         return True
+    if torch.compiler.is_compiling():
+        return False  # Dynamo cannot trace warnings.warn; eager calls and apply_kernels warn
     warnings.warn(
         f"llama_kernels.{op}: no Triton kernel can run on {device} tensors (a CUDA device, or the "
         "CPU with TRITON_INTERPRET=1 set before triton is imported, is needed); running the eager "
@@ -82,7 +84,8 @@ def check_tensor(name: str, t, *, ndim=None, min_ndim=None, dtypes=FLOAT_DTYPES)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        allowed = " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
         raise TypeError(f"{name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")

@@ -24,6 +24,13 @@ Here the cache length is the parallel axis instead:
 Causal masking is bottom-right as everywhere: token ``i`` of the chunk sees keys
 ``j <= i + Tk - Tq``, so the last token sees the whole cache.
 
+``flash_decode`` serves a decode step captured in a CUDA graph, whose shapes must not change from
+token to token: the keys are the whole preallocated cache buffer ``(B, Hk, Tmax, D)`` and
+``cache_seqlens (B,)`` (int32, on the device) says how much of it each row holds.  Row ``b`` sees
+keys ``[0, L_b)``, causal relative to that length (token ``i`` sees ``j <= i + L_b - Tq``).  The
+splits still cover the whole buffer (their number depends on ``Tmax``, never on the lengths), so
+a split that starts at or past ``L_b`` visits no key and leaves ``l_s = 0``: it adds nothing.
+
 Precision as in ``attention.py``: float32 scores, statistics and accumulators, ``P`` rounded to the
 input dtype before ``P @ V``, IEEE float32 dots for float32 inputs, and under the interpreter
 float32 dots on operands rounded with ``cast_rne``.
@@ -33,12 +40,24 @@ nothing here reads data back to the host, so a decode step can be captured in a 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .attention import softmax_exponent, softmax_rescale, softmax_row_max
-from .common import INTERPRET, cast_rne, compilable, count_launch, num_sms
+from .. import reference
+from .attention import _validate, dot_mode, softmax_exponent, softmax_rescale, softmax_row_max
+from .common import (
+    INTERPRET,
+    cast_rne,
+    check_same,
+    check_tensor,
+    compilable,
+    count_launch,
+    num_sms,
+    use_triton,
+)
 
 LOG2E = 1.4426950408889634
 
@@ -63,15 +82,16 @@ def use_decode(seq_q: int, group: int, needs_grad: bool) -> bool:
 
 @triton.jit
 def attention_decode_split_kernel(
-    Q, K, V, O, O_PART, STATS_PART,
+    Q, K, V, O, O_PART, STATS_PART, SEQLENS,
     q_sb, q_sh, q_st, q_sd,
     k_sb, k_sh, k_st, k_sd,
     v_sb, v_sh, v_st, v_sd,
     o_sb, o_sh, o_st, o_sd,
-    num_kv_heads, group, seq_q, seq_k, qk_scale, keys_per_split, num_splits,
+    num_kv_heads, group, seq_q, seq_k, qk_scale, keys_per_split, num_splits, seqlens_stride,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr,
 ):
     split = tl.program_id(0)
     bkv = tl.program_id(1)
@@ -101,9 +121,15 @@ def attention_decode_split_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows give 2^-inf = 0
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if HAS_SEQLENS:
+        # This row's cache holds keys [0, L) of the buffer (clamped to it, so that a bad length
+        # can never read past the buffer); the rest is stale or empty.
+        seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b * seqlens_stride), 0), seq_k)
+    else:
+        seq_len = seq_k
     lo = split * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, seq_k)
-    last_visible = tok + (seq_k - seq_q)  # bottom-right causal: token i sees j <= i + Tk - Tq
+    hi = tl.minimum(lo + keys_per_split, seq_len)  # hi <= lo: a split past L visits no key
+    last_visible = tok + (seq_len - seq_q)  # bottom-right causal: token i sees j <= i + L - Tq
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         tile = start_n.to(tl.int64)
@@ -174,12 +200,6 @@ def attention_decode_combine_kernel(
     tl.store(o_ptrs, cast_rne(o, O.dtype.element_ty), mask=d_in)
 
 
-def dot_mode(dtype):
-    """``(DOT_IN_FP32, PRECISION)``: as ``attention.dot_mode`` (half-precision operands on the GPU,
-    IEEE float32, everything in float32 under the interpreter)."""
-    return INTERPRET, ("ieee" if (dtype == torch.float32 or INTERPRET) else "tf32")
-
-
 def decode_config(head_dim: int, dtype: torch.dtype, rows: int = 1):
     """``(BLOCK_N, num_warps, num_stages)`` of the split kernel for ``rows = Tq * group`` query
     rows: K/V tiles as large as shared memory allows with a few stages in flight (the kernel is
@@ -209,18 +229,20 @@ def decode_splits(batch: int, kv_heads: int, seq_k: int, block_n: int, device: t
     return triton.cdiv(seq_k, keys_per_split), keys_per_split
 
 
-def _decode_fake(q, k, v, causal, sm_scale):
+def _decode_fake(q, k, v, causal, sm_scale, cache_seqlens=None):
     return torch.empty_like(q)
 
 
 @compilable("flash_decode", _decode_fake)
 def attention_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+    cache_seqlens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch split-KV attention (forward only): returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.
 
     Arguments are those of ``flash_attention``, already validated; ``Tq * Hq / Hk`` must be at most
-    ``DECODE_MAX_ROWS``.
+    ``DECODE_MAX_ROWS``.  With ``cache_seqlens`` (int32 ``(B,)``, see ``flash_decode``) row ``b``
+    attends to the first ``cache_seqlens[b]`` keys of ``k, v`` only.
     """
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
@@ -243,14 +265,16 @@ def attention_decode(
         stats_part = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
     else:  # the split kernel writes o directly; these are never touched
         o_part = stats_part = o
+    has_seqlens = cache_seqlens is not None
     attention_decode_split_kernel[(splits, batch * kv_heads)](
-        q, k, v, o, o_part, stats_part,
+        q, k, v, o, o_part, stats_part, cache_seqlens if has_seqlens else o,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         kv_heads, group, seq_q, seq_k, sm_scale * LOG2E, keys_per_split, splits,
+        cache_seqlens.stride(0) if has_seqlens else 0,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)), BLOCK_N=block_n,
         WRITE_PARTIAL=splits > 1, DOT_IN_FP32=dot_in_fp32, PRECISION=precision,
-        RAW_MAX=q.dtype == torch.float32,
+        RAW_MAX=q.dtype == torch.float32, HAS_SEQLENS=has_seqlens,
         num_warps=num_warps, num_stages=num_stages,
     )
     count_launch(attention_decode_split_kernel)
@@ -263,3 +287,43 @@ def attention_decode(
         )
         count_launch(attention_decode_combine_kernel)
     return o
+
+
+def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
+    """Attention of a few new queries over a preallocated KV cache whose lengths live on the device.
+
+    ``q (B, Hq, Tq, D)``; ``k_cache, v_cache (B, Hk, Tmax, D)`` the whole cache buffers (any
+    strides); ``cache_seqlens`` an int32 tensor ``(B,)`` on ``q``'s device (any stride, e.g. one
+    length expanded over the batch): row ``b`` holds ``L_b = cache_seqlens[b]`` keys, the new
+    tokens' included, and its queries are the last ``Tq`` of them.  Query ``i`` of row ``b`` sees
+    keys ``j <= i + L_b - Tq`` (causal, bottom-right relative to ``L_b``); a query that sees no
+    key outputs zeros.  Lengths are clamped to ``[0, Tmax]``; they are never read on the host.
+    ``sm_scale`` defaults to ``D ** -0.5``.
+
+    Shapes, head dims and grouped-query heads as in ``flash_attention``, with ``Tq * Hq / Hk <=
+    DECODE_MAX_ROWS`` (64).  The launch depends on the shapes only, so one decode step can be
+    captured in a CUDA graph and replayed with new lengths.  Forward only: the inputs must not
+    need gradients.  Returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.
+    """
+    sm_scale = _validate(q, k_cache, v_cache, True, sm_scale, names=("q", "k_cache", "v_cache"))
+    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
+    if cache_seqlens.shape[0] != q.shape[0]:
+        raise ValueError(
+            f"cache_seqlens must have shape (B,) = ({q.shape[0]},) to match q; "
+            f"got {tuple(cache_seqlens.shape)}"
+        )
+    check_same("device", q=q, cache_seqlens=cache_seqlens)
+    seq_q, group = q.shape[2], q.shape[1] // k_cache.shape[1]
+    if seq_q * group > DECODE_MAX_ROWS:
+        raise ValueError(
+            f"q holds too many query rows per KV head for flash_decode: Tq * Hq / Hk = {seq_q} * "
+            f"{group} > {DECODE_MAX_ROWS}; use flash_attention for prefill-sized chunks"
+        )
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        raise ValueError(
+            "flash_decode is forward only: q, k_cache and v_cache must not require grad "
+            "(call it under torch.no_grad(), or use flash_attention for training)"
+        )
+    if not use_triton("flash_decode", q.device):
+        return reference.attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale)
+    return attention_decode(q, k_cache, v_cache, True, sm_scale, cache_seqlens)
