@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import model as reference_model
-from .ops.common import INTERPRET
+from .ops.common import INTERPRET, KernelFallbackWarning
 from .ops.attention import flash_attention
 from .ops.decode import flash_decode
 from .ops.rms_norm import rms_norm
@@ -221,6 +221,7 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
             "apply_kernels: the model is on the CPU and TRITON_INTERPRET is not set, so the patched "
             "ops will run their eager PyTorch reference; move the model to a CUDA device to use the "
             "Triton kernels",
+            KernelFallbackWarning,
             stacklevel=2,
         )
     return model

@@ -103,6 +103,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at"]
 def smollm2(device):
     from llama_kernels.cli import load_smollm2, smollm2_path
 
+    pytest.importorskip("gguf", reason="transformers reads SmolLM2's GGUF file with the gguf package")
     try:
         smollm2_path()
     except RuntimeError as e:
@@ -154,3 +155,16 @@ def test_from_hf_matches_smollm2(smollm2, device):
     ids = tok(PROMPTS[2], return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
         assert relative_error(ours(ids), model(ids).logits) <= 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 end to end is checked on a GPU")
+def test_smollm2_bf16_within_twice_eager_error(smollm2, device):
+    """In bf16 the patched model's logits are as close to a float64 run as eager bf16's (2x rule)."""
+    model, _, tok = smollm2
+    ids = tok(PROMPTS, return_tensors="pt", padding=True).input_ids.to(device)
+    with torch.no_grad():
+        oracle = copy.deepcopy(model).double()(ids).logits
+        eager = copy.deepcopy(model).to(torch.bfloat16)
+        patched = lk.apply_kernels(copy.deepcopy(eager))
+        eager_logits, patched_logits = eager(ids).logits, patched(ids).logits
+    assert max_error(patched_logits, oracle) <= 2 * max_error(eager_logits, oracle) + 1e-6 * oracle.abs().max().item()
