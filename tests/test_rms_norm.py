@@ -92,3 +92,32 @@ def test_only_residual_output_used(device):
     (h * 2).sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
     torch.testing.assert_close(r.grad, torch.full_like(r, 2.0))
+
+
+def test_bad_arguments_raise_before_launch(device):
+    x, w = torch.randn(3, 64, device=device), torch.ones(64, device=device)
+    cases = [
+        (TypeError, "x must be a torch.Tensor", ([[1.0]], w)),
+        (TypeError, "x must have dtype.*float64", (x.double(), w)),
+        (TypeError, "x must have dtype.*int64", (x.long(), w)),
+        (TypeError, "weight must have dtype.*int32", (x, w.int())),
+        (ValueError, r"weight must have shape \(hidden,\) = \(64,\).*\(63,\)", (x, w[:63])),
+        (ValueError, "weight must have 1 dimensions", (x, w[None])),
+        (ValueError, "x must have at least 1 dimension", (torch.tensor(1.0, device=device), w)),
+        (ValueError, "weight must have the same device as x", (x, w.to("meta"))),
+    ]
+    LAUNCHES.clear()
+    for error, match, args in cases:
+        with pytest.raises(error, match=match):
+            lk.rms_norm(*args)
+    with pytest.raises(TypeError, match="eps must be a float"):
+        lk.rms_norm(x, w, eps="1e-6")
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        lk.rms_norm(x, w, eps=-1.0)
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        lk.rms_norm(x, w, residual=x[:2])
+    with pytest.raises(TypeError, match="residual must have the same dtype as x"):
+        lk.rms_norm(x, w, residual=x.half())
+    with pytest.raises(ValueError, match="hidden size must be <= 65536"):
+        lk.rms_norm(torch.empty(1, 65537, device=device), torch.empty(65537, device=device))
+    assert not LAUNCHES

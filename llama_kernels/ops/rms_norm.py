@@ -112,13 +112,14 @@ def rms_norm_bwd_kernel(
 
 
 def _launch_config(n: int):
-    """(BLOCK_M, BLOCK_N, num_warps): whole rows per program, about 4k elements per program."""
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows per program, at least 4k elements per program."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, 4096 // block_n))
     if INTERPRET:  # the interpreter's cost is per program: give each one more rows
         block_m = max(1, min(64, 16384 // block_n))
-    elements = block_m * block_n
-    num_warps = 4 if elements <= 2048 else 8 if elements <= 8192 else 16 if elements <= 32768 else 32
+    # About 16 elements per thread: the backward holds ~7 float32 values per element in registers
+    # (x, dy, w, normed, g, dx, the dw partial), which more elements per thread would spill.
+    num_warps = min(32, max(4, triton.next_power_of_2(block_m * block_n // 512)))
     return block_m, block_n, num_warps
 
 
