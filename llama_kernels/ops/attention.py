@@ -250,6 +250,20 @@ def _fwd_key_range(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st,
 
 
 @triton.jit
+def _query_tile_program(num_heads, group, BLOCK_M: tl.constexpr):
+    # (start_m, bh, b, h, kvh) of this forward/dQ program.  Tiles of one head are adjacent in
+    # launch order (axis 0 fastest), and the query heads of one KV group are adjacent heads, so the
+    # K/V tiles that programs in flight share stay in L2.  Under causal masking the last query
+    # tiles see the most keys: launch them first.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = bh % num_heads
+    kvh = (h // group).to(tl.int64)
+    return start_m, bh, b, h.to(tl.int64), kvh
+
+
+@triton.jit
 def attention_fwd_kernel(
     Q, K, V, O, STATS,
     q_sb, q_sh, q_st, q_sd,
@@ -262,15 +276,7 @@ def attention_fwd_kernel(
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Tiles of one head are adjacent in launch order (axis 0 fastest), and the query heads of one
-    # KV group are adjacent heads, so the K/V tiles that programs in flight share stay in L2.
-    # Under causal masking the last query tiles see the most keys: launch them first.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    kvh = (h // group).to(tl.int64)
-    h = h.to(tl.int64)
+    start_m, bh, b, h, kvh = _query_tile_program(num_heads, group, BLOCK_M)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -514,12 +520,7 @@ def attention_bwd_dq_kernel(
     EXACT_DELTA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest tiles first
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = bh % num_heads
-    kvh = (h // group).to(tl.int64)
-    h = h.to(tl.int64)
+    start_m, bh, b, h, kvh = _query_tile_program(num_heads, group, BLOCK_M)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
