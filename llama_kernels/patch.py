@@ -5,7 +5,8 @@ applies to, and the class attributes to override.  A module whose class appears 
 given a *patched subclass* of its class (``module.__class__ = ...``) carrying the overrides of its
 enabled rows.  Parameters, buffers, hooks and state-dict names are untouched, ``print(model)``
 shows ``kernels=[...]`` on each patched module, and calling ``apply_kernels`` again recomputes the
-subclass from the original class, so it is idempotent and can turn kernels off again.
+subclass from the original class, so it is idempotent and can turn kernels off again.  Patched
+classes are named in this module (``RMSNorm__patched__rms_norm``), so a patched model pickles.
 
 * The reference model (:mod:`llama_kernels.model`) exposes its ops as class attributes (*op slots*),
   so its rows just point the slots at the kernels.
@@ -63,12 +64,26 @@ def _patched_class(base: type, rows: list[Replacement]) -> type:
     kernels = tuple(sorted({r.flag for r in rows}))
     key = (base, kernels)
     if key not in _patched_classes:
-        attrs = {"__module__": base.__module__, "__qualname__": base.__qualname__,
+        # Named in this module (see __getattr__ below) so that pickle can find it again.
+        attrs = {"__module__": __name__, "__qualname__": "__".join((base.__name__, "patched", *kernels)),
                  "_lk_base": base, "_lk_kernels": kernels, "extra_repr": _extra_repr}
         for row in rows:
             attrs.update(row.overrides)
         _patched_classes[key] = type(base.__name__, (base,), attrs)
     return _patched_classes[key]
+
+
+def __getattr__(name: str):
+    """Patched classes by their qualified name (``RMSNorm__patched__rms_norm``), for unpickling."""
+    base_name, marker, *kernels = name.split("__")
+    if marker == "patched":
+        rows = reference_model_table()
+        if base_name.startswith("Llama"):
+            rows += hf_table()[0]
+        rows = [r for r in rows if r.target.__name__ == base_name and r.flag in kernels]
+        if rows and {r.flag for r in rows} == set(kernels):
+            return _patched_class(rows[0].target, rows)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _extra_repr(self) -> str:
@@ -149,6 +164,7 @@ def hf_table() -> tuple[list[Replacement], callable]:
             f"apply_kernels supports transformers 5.x LLaMA models; transformers {transformers.__version__} "
             "is installed (pip install 'transformers>=5,<6')"
         )
+    _install_hf_hooks()
     rows = [
         Replacement("rms_norm", llama.LlamaRMSNorm, {"forward": _hf_rms_norm_forward}),
         Replacement("swiglu", llama.LlamaMLP, {"forward": _hf_mlp_forward}),
@@ -158,16 +174,21 @@ def hf_table() -> tuple[list[Replacement], callable]:
     return rows, _hf_finish
 
 
-def _hf_finish(model, enabled: dict) -> None:
+def _install_hf_hooks() -> None:
+    """Register the attention kernel with transformers and route ``apply_rotary_pos_emb`` through
+    the dispatcher.  Both are inert for models nobody patched; idempotent."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.models.llama import modeling_llama as llama
 
-    if enabled["rope"] and llama.apply_rotary_pos_emb is not _hf_rotary_dispatch:
-        _hf_rotary_dispatch.original = llama.apply_rotary_pos_emb
-        llama.apply_rotary_pos_emb = _hf_rotary_dispatch
     AttentionInterface.register(HF_ATTENTION, _hf_attention)
     AttentionMaskInterface.register(HF_ATTENTION, sdpa_mask)
+    if llama.apply_rotary_pos_emb is not _hf_rotary_dispatch:
+        _hf_rotary_dispatch.original = llama.apply_rotary_pos_emb
+        llama.apply_rotary_pos_emb = _hf_rotary_dispatch
+
+
+def _hf_finish(model, enabled: dict) -> None:
     current = model.config._attn_implementation
     if enabled["attention"] and current != HF_ATTENTION:
         model._lk_previous_attention = current

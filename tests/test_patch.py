@@ -106,3 +106,18 @@ def test_bad_arguments():
         lk.apply_kernels(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="rope"):
         lk.apply_kernels(Llama(CONFIG), rope="yes")
+
+
+def test_patched_model_pickles(model, device):
+    """torch.save/torch.load of a whole patched model keeps its kernels (classes found by name)."""
+    import io
+
+    patched = lk.apply_kernels(model, swiglu=False)
+    buffer = io.BytesIO()
+    torch.save(patched, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert kernel_summary(loaded) == kernel_summary(patched)
+    ids = torch.randint(0, CONFIG.vocab_size, (1, 5), device=device)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), patched(ids))
