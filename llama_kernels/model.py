@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -50,8 +51,20 @@ class LlamaConfig:
     rope_scaling: dict | None = field(default=None)  # {"rope_type": "llama3", ...} (Llama 3.1+)
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                     "num_key_value_heads", "max_position_embeddings"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("num_hidden_layers", self.num_hidden_layers, minimum=0)
+        _check_number("rms_norm_eps", self.rms_norm_eps, minimum=0.0)
+        _check_number("rope_theta", self.rope_theta, minimum=0.0, strict=True)
         if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                    f"({self.num_attention_heads}), or head_dim must be given"
+                )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        _check_int("head_dim", self.head_dim, minimum=2)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -62,18 +75,82 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config) -> "LlamaConfig":
-        """Build from a transformers ``LlamaConfig`` (or its ``config.json`` dict), 4.x or 5.x."""
+        """Build from a transformers ``LlamaConfig`` (or its ``config.json`` dict), 4.x or 5.x.
+
+        Raises ``ValueError`` naming every setting whose math this model does not implement (see
+        :func:`hf_config_differences`): such a checkpoint would load and silently compute
+        something else.
+        """
         d = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+        differences = hf_config_differences(d)
+        if differences:
+            raise ValueError(
+                "this checkpoint's math differs from the reference LLaMA, so it cannot be loaded: "
+                + "; ".join(differences)
+            )
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"unsupported rope_type {rope_type!r}: 'default' and 'llama3' are supported")
         known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling"}
         return cls(
             **{k: d[k] for k in known if d.get(k) is not None},
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             rope_scaling=rope if rope_type == "llama3" else None,
         )
+
+
+# model_types whose math is this model's (Mistral: only without a sliding window, checked below).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+# Settings of transformers' configs that change the math, with the value that leaves it LLaMA's
+# (None: any value set is refused).  A key absent from a config, or None, means "off".
+NEUTRAL_SETTINGS = {
+    "attention_bias": False, "mlp_bias": False,
+    "sliding_window": None, "use_sliding_window": False,
+    "embedding_multiplier": 1.0, "residual_multiplier": 1.0, "attention_multiplier": None,
+    "logits_scaling": 1.0, "partial_rotary_factor": 1.0,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None, "query_pre_attn_scalar": None,
+    "use_bidirectional_attention": False, "use_qk_norm": False,
+}
+
+
+def hf_config_differences(d: dict) -> list[str]:
+    """What in the transformers config dict ``d`` the reference LLaMA does not implement, one
+    phrase each (empty when it loads exactly)."""
+    differences = []
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        differences.append(f"model_type is {model_type!r} (supported: {', '.join(map(repr, SUPPORTED_MODEL_TYPES))})")
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        differences.append(f"hidden_act is {act!r} (the MLP is SwiGLU: 'silu')")
+    for key, neutral in NEUTRAL_SETTINGS.items():
+        value = d.get(key)
+        if value is not None and value != neutral:  # None: not set, transformers' default applies
+            differences.append(f"{key} is {value!r} (supported: {neutral!r})")
+    no_rope = d.get("no_rope_layers")
+    if no_rope is not None and not all(no_rope):  # SmolLM3: 0 marks a layer without RoPE
+        differences.append("no_rope_layers skips RoPE in some layers (every layer uses RoPE here)")
+    layer_types = [t for t in d.get("layer_types") or () if t != "full_attention"]
+    if layer_types:
+        differences.append(f"layer_types has {sorted(set(layer_types))} layers (all are 'full_attention' here)")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        differences.append(f"rope_type is {rope_type!r} ('default' and 'llama3' are supported)")
+    return differences
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value, minimum: float, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {minimum}, got {value}")
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -246,8 +323,7 @@ class Llama(nn.Module):
         attention reads the whole cache buffer, masked by lengths computed on the device), as
         capturing it in a CUDA graph requires; see :class:`StaticDecodeStep`.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        _check_input_ids(input_ids)
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)
         cache_seqlens = None
@@ -289,10 +365,9 @@ class Llama(nn.Module):
         captured in a CUDA graph (:class:`StaticDecodeStep`) and replayed for every further token,
         which removes the per-kernel launch overhead of small batches.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        _check_input_ids(input_ids)
+        _check_int("max_new_tokens", max_new_tokens, minimum=0)
+        _check_sampling(temperature, top_k)
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
         if max_new_tokens == 0:
@@ -398,8 +473,33 @@ class StaticDecodeStep:
             self.logits = self._run()
 
 
+def _check_input_ids(input_ids) -> None:
+    """A ``(batch, seq_len)`` integer tensor with at least one token per row (checked before the
+    embedding, whose own errors would not name the argument)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}"
+            + (" (add a batch dimension: input_ids[None])" if input_ids.dim() == 1 else "")
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one sequence of at least one token, got shape "
+                         f"{tuple(input_ids.shape)}")
+
+
+def _check_sampling(temperature, top_k) -> None:
+    _check_number("temperature", temperature, minimum=0.0)
+    if top_k is not None:
+        _check_int("top_k", top_k, minimum=1)
+
+
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None):
-    """One token per row of ``logits (B, vocab)``: argmax at temperature 0, else a softmax sample."""
+    """One token per row of ``logits (B, vocab)``: argmax at temperature 0, else a softmax sample,
+    restricted to the ``top_k`` most likely tokens when given (``top_k >= 1``)."""
+    _check_sampling(temperature, top_k)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature

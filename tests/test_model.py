@@ -91,3 +91,71 @@ def test_from_hf_rejects_unknown_rope_scaling():
     hf = tiny_hf_model(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0})
     with pytest.raises(ValueError, match="rope_type"):
         Llama.from_hf(hf)
+
+
+# Checkpoints whose parameter names match LLaMA's but whose math differs: each must be refused,
+# naming what differs, rather than load and silently compute something else.
+OTHER_MATH = {
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}, "model_type is 'gemma'"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM",
+                {"embedding_multiplier": 12.0, "residual_multiplier": 0.2, "logits_scaling": 4.0}, "multiplier"),
+    "mistral_sliding_window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}, "sliding_window is 4"),
+    "llama_gelu": ("LlamaConfig", "LlamaForCausalLM", {"hidden_act": "gelu"}, "hidden_act is 'gelu'"),
+    "llama_attention_bias": ("LlamaConfig", "LlamaForCausalLM", {"attention_bias": True}, "attention_bias"),
+    "helium": ("HeliumConfig", "HeliumForCausalLM", {}, "model_type is 'helium'"),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM",
+                {"num_hidden_layers": 4, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+                "no_rope_layers"),
+}
+
+
+@pytest.mark.parametrize("family", OTHER_MATH)
+def test_from_hf_refuses_other_math(family, tmp_path):
+    config_class, model_class, overrides, reason = OTHER_MATH[family]
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
+    config = getattr(transformers, config_class)(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    hf = getattr(transformers, model_class)(config).eval()
+    with pytest.raises(ValueError, match=reason):
+        Llama.from_hf(hf)
+    hf.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=reason):
+        Llama.from_hf(tmp_path)
+
+
+def test_from_hf_loads_mistral_without_sliding_window():
+    """Mistral without a sliding window is LLaMA's math: it loads and gives transformers' logits."""
+    hf = transformers.MistralForCausalLM(transformers.MistralConfig(**TINY, sliding_window=None)).eval()
+    ids = torch.randint(0, 101, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(Llama.from_hf(hf)(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"num_attention_heads": 0}, ValueError, "num_attention_heads must be >= 1"),
+    ({"num_key_value_heads": 0}, ValueError, "num_key_value_heads must be >= 1"),
+    ({"hidden_size": 62}, ValueError, "hidden_size \\(62\\) must be a multiple of num_attention_heads"),
+    ({"vocab_size": 10.5}, TypeError, "vocab_size must be an int"),
+    ({"rms_norm_eps": float("nan")}, ValueError, "rms_norm_eps"),
+    ({"rope_theta": 0.0}, ValueError, "rope_theta"),
+    ({"head_dim": 15}, ValueError, "head_dim must be even"),
+])
+def test_config_refuses_bad_values(overrides, error, match):
+    with pytest.raises(error, match=match):
+        LlamaConfig(**{**TINY, **overrides})
+
+
+@pytest.mark.parametrize("prompt, kwargs, error, match", [
+    (torch.zeros(5, dtype=torch.long), {}, ValueError, "input_ids must have shape \\(batch, seq_len\\)"),
+    (torch.zeros(1, 0, dtype=torch.long), {}, ValueError, "input_ids must hold at least one"),
+    (torch.zeros(0, 4, dtype=torch.long), {}, ValueError, "input_ids must hold at least one"),
+    (torch.zeros(1, 4), {}, TypeError, "input_ids must be an integer tensor"),
+    (torch.zeros(1, 4, dtype=torch.long), {"temperature": 1.0, "top_k": 0}, ValueError, "top_k must be >= 1"),
+    (torch.zeros(1, 4, dtype=torch.long), {"temperature": float("inf")}, ValueError, "temperature"),
+    (torch.zeros(1, 4, dtype=torch.long), {"max_new_tokens": 2.0}, TypeError, "max_new_tokens must be an int"),
+])
+def test_generate_refuses_bad_arguments(prompt, kwargs, error, match):
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        tiny_model().generate(prompt, **kwargs)

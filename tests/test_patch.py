@@ -121,3 +121,46 @@ def test_patched_model_pickles(model, device):
     ids = torch.randint(0, CONFIG.vocab_size, (1, 5), device=device)
     with torch.no_grad():
         assert torch.equal(loaded(ids), patched(ids))
+
+
+# --- modules the kernels cannot take, and modules where no kernel runs --------------------------
+
+@pytest.mark.parametrize("head_dim", [24, 8])
+def test_unsupported_head_dim_runs_eagerly_with_one_warning(head_dim, device):
+    """The attention kernel takes head dims that are multiples of 16: other attention modules are
+    left eager at patch time (one warning), never failing inside a forward; RoPE still runs."""
+    from llama_kernels.ops.common import KernelFallbackWarning
+
+    config = LlamaConfig(vocab_size=97, hidden_size=4 * head_dim, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = Llama(config).to(device)
+    with pytest.warns(KernelFallbackWarning, match=f"2 x Attention with head_dim {head_dim}") as caught:
+        patched = lk.apply_kernels(copy.deepcopy(model))
+    assert len(caught) == 1
+    assert kernel_summary(patched) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 0}
+    ids = torch.randint(0, 97, (2, 9), device=device)
+    LAUNCHES.clear()
+    logits, grads = _loss_and_grads(model, ids)
+    p_logits, p_grads = _loss_and_grads(patched, ids)
+    assert "rope_kernel" in LAUNCHES and not any("attention" in k for k in LAUNCHES)
+    assert _relative(p_logits, logits) <= 1e-4
+    assert all(_relative(p_grads[n], grads[n]) <= 2e-3 for n in grads)
+    assert torch.equal(patched.generate(ids[:, :4], 5), model.generate(ids[:, :4], 5))
+
+
+def test_kernel_summary_counts_only_modules_that_run_kernels(model, monkeypatch):
+    """Modules on a device where no Triton kernel runs (the meta device; the CPU without the
+    interpreter) are not counted, and apply_kernels says so once."""
+    from llama_kernels.ops import common
+    from llama_kernels.ops.common import KernelFallbackWarning
+
+    patched = lk.apply_kernels(model)
+    patched.layers[1].to("meta")
+    assert kernel_summary(patched) == {"rms_norm": 3, "swiglu": 1, "rope": 1, "attention": 1}
+    with pytest.warns(KernelFallbackWarning, match="1 module\\(s\\) on meta") as caught:
+        lk.apply_kernels(patched)
+    assert len(caught) == 1
+    monkeypatch.setattr(common, "INTERPRET", False)
+    if next(model.parameters()).device.type == "cpu":
+        assert kernel_summary(patched) == dict.fromkeys(("rms_norm", "swiglu", "rope", "attention"), 0)

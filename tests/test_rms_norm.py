@@ -1,4 +1,5 @@
 """RMSNorm (plain and fused with the residual add) against the float64 oracle."""
+import numpy as np
 import pytest
 import torch
 
@@ -116,8 +117,56 @@ def test_bad_arguments_raise_before_launch(device):
         lk.rms_norm(x, w, eps=-1.0)
     with pytest.raises(ValueError, match="residual must have the shape of x"):
         lk.rms_norm(x, w, residual=x[:2])
-    with pytest.raises(TypeError, match="residual must have the same dtype as x"):
-        lk.rms_norm(x, w, residual=x.half())
+    with pytest.raises(TypeError, match="residual must have dtype.*int64"):
+        lk.rms_norm(x, w, residual=x.long())
     with pytest.raises(ValueError, match="hidden size must be <= 65536"):
         lk.rms_norm(torch.empty(1, 65537, device=device), torch.empty(65537, device=device))
     assert not LAUNCHES
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_hidden_size_zero(fused, device):
+    """A hidden size of 0 gives what the reference gives (empty outputs, empty gradients), no error."""
+    x = torch.randn(3, 0, device=device, requires_grad=True)
+    w = torch.ones(0, device=device, requires_grad=True)
+    r = torch.randn(3, 0, device=device, requires_grad=True)
+    out = lk.rms_norm(x, w, residual=r) if fused else lk.rms_norm(x, w)
+    expected = reference.rms_norm(x, w, residual=r) if fused else reference.rms_norm(x, w)
+    out, expected = (out, expected) if fused else ((out,), (expected,))
+    for o, e in zip(out, expected):
+        assert o.shape == e.shape == (3, 0) and o.dtype == e.dtype
+    grads = torch.autograd.grad(sum(o.sum() for o in out), (x, w, r) if fused else (x, w), allow_unused=True)
+    assert [g.shape for g in grads] == [(3, 0), (0,), (3, 0)][: len(grads)]
+
+
+def test_eps_is_any_finite_real_number(device):
+    """eps: numpy scalars are numbers too (a config read with numpy); NaN/inf are refused by name."""
+    x, w = torch.randn(3, 64, device=device), _weight(64, torch.float32, device)
+    eps = np.float32(1e-3)
+    torch.testing.assert_close(lk.rms_norm(x, w, eps), reference.rms_norm(x, w, float(eps)))
+    torch.testing.assert_close(lk.rms_norm(x, w, np.float64(0.0)), reference.rms_norm(x, w, 0.0))
+    torch.testing.assert_close(lk.rms_norm(x, w, 0), reference.rms_norm(x, w, 0.0))
+    for bad in (float("nan"), float("inf"), np.float32("nan")):
+        with pytest.raises(ValueError, match="eps must be a finite number"):
+            lk.rms_norm(x, w, bad)
+    for bad in (True, "1e-6", torch.tensor(1e-6), None):
+        with pytest.raises(TypeError, match="eps must be a float"):
+            lk.rms_norm(x, w, bad)
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float32, torch.float16), (torch.float16, torch.bfloat16),
+])
+def test_residual_of_another_dtype_promotes(x_dtype, r_dtype, device):
+    """Autocast feeds a half-precision block output and a float32 residual stream: h and y come out
+    in the promoted dtype, as eager ``x + residual`` gives, and each gradient in its input's dtype."""
+    x = torch.randn(5, 576, device=device).to(x_dtype) * 3
+    r = torch.randn(5, 576, device=device).to(r_dtype)
+    w = _weight(576, torch.float32, device)
+    y, h = check_against_oracle(
+        "rms_norm mixed residual",
+        lambda x, w, r: lk.rms_norm(x, w, 1e-5, residual=r),
+        lambda x, w, r: reference.rms_norm(x, w, 1e-5, residual=r),
+        [x, w, r],
+    )
+    assert y.dtype == h.dtype == torch.promote_types(x_dtype, r_dtype)

@@ -7,11 +7,15 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import llama_kernels as lk
 from llama_kernels import reference
-from helpers import DTYPES, assert_like_eager, check_against_oracle
+from llama_kernels.ops.common import LAUNCHES
+from llama_kernels.ops.decode import flash_decode
+from helpers import DTYPES, assert_like_eager, check_against_oracle, grads, leaf
 
 settings.register_profile(
     "llama_kernels", max_examples=8, deadline=None, database=None,
@@ -195,3 +199,111 @@ def test_fuzz_attention(b, hk, group, tq, extra, d, dtype, causal, device):
     k, v = torch.randn(2, b, tk, hk, d, device=device, dtype=dtype).transpose(2, 3).unbind(0)
     check_against_oracle("flash_attention", lambda q, k, v: lk.flash_attention(q, k, v, causal=causal),
                          lambda q, k, v: reference.attention(q, k, v, causal=causal), [q, k, v])
+
+
+# --- autocast and mixed dtypes -----------------------------------------------------------------
+
+
+def _heads(qk):
+    """(B, T, 64) -> q (B, 2, T, 16), k (B, 2, T, 16): transposed head views of one projection."""
+    return qk.view(*qk.shape[:2], 4, 16).transpose(1, 2).chunk(2, 1)
+
+
+def _autocast_cases(device):
+    """name -> (kernel fn, eager fn, inputs, differentiable): each op as a model calls it under
+    autocast, where linear outputs are half precision while the residual stream, the RoPE tables
+    and what came through them stay float32."""
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, device=device).to(dtype)
+
+    x, proj, weight, stream = randn(2, 5, 64), randn(64, 64) / 8, 1 + 0.1 * randn(64), randn(2, 5, 64)
+    cos, sin = reference.rotary_cos_sin(torch.arange(7, device=device), torch.rand(8, device=device), torch.float32)
+    qk = randn(2, 6, 7, 32) * 3  # q (4 heads) and k (2 heads), float32 after float32 RoPE
+    k_cache, v_cache = randn(2, 2, 40, 32), randn(2, 2, 40, 32, dtype=torch.bfloat16)
+    lengths = torch.tensor([3, 40], dtype=torch.int32, device=device)
+
+    def split(op):
+        return lambda qk, v: op(qk[:, :4], qk[:, 4:], v)
+
+    return {
+        # half block output + float32 residual stream: h and y promote to float32
+        "rms_norm_residual": (
+            lambda x, p, w, r: lk.rms_norm(F.linear(x, p), w, 1e-5, residual=r),
+            lambda x, p, w, r: reference.rms_norm(F.linear(x, p), w, 1e-5, residual=r),
+            [x, proj, weight, stream], True),
+        # half gate from a projection, float32 up: promotes
+        "swiglu": (lambda x, p, u: lk.swiglu(F.linear(x, p), u),
+                   lambda x, p, u: reference.swiglu(F.linear(x, p), u), [x, proj, stream], True),
+        # half q, k from one projection, float32 tables (here trainable too): float32 outputs
+        "apply_rotary": (lambda x, p, c, s: lk.apply_rotary(*_heads(F.linear(x, p)), c, s),
+                         lambda x, p, c, s: reference.apply_rotary(*_heads(F.linear(x, p)), c, s),
+                         [randn(2, 7, 64), proj, cos, sin], True),
+        # float32 q, k with a half v: all cast to the autocast dtype, as SDPA / matmul cast them
+        "flash_attention": (split(lk.flash_attention), split(reference.attention),
+                            [qk, randn(2, 2, 7, 32, dtype=torch.bfloat16)], True),
+        "flash_attention_decode_path": (lk.flash_attention, reference.attention,
+                                        [randn(2, 4, 1, 32), k_cache, v_cache], False),
+        "flash_decode": (lambda q, k, v: flash_decode(q, k, v, lengths),
+                         lambda q, k, v: reference.attention_with_cache_lengths(q, k, v, lengths),
+                         [randn(2, 4, 1, 32), k_cache, v_cache], False),
+    }
+
+
+AUTOCAST_OPS = list(_autocast_cases("cpu"))
+
+
+def _tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _autocast_dtypes(device):
+    return [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.bfloat16]
+
+
+@pytest.mark.parametrize("op", AUTOCAST_OPS)
+def test_under_autocast_like_eager(op, device):
+    """Under torch.autocast each op takes what its eager twin takes (mixed dtypes included) and
+    gives what the twin gives under the same autocast: the same output dtype, errors against the
+    float64 oracle (run without autocast) by the 2x rule, gradients in each input's own dtype."""
+    kernel_fn, eager_fn, inputs, differentiable = _autocast_cases(device)[op]
+    for dtype in _autocast_dtypes(device):
+        k_in, e_in = ([leaf(t) if differentiable else t for t in inputs] for _ in range(2))
+        o_in = [leaf(t, torch.float64) if differentiable else t.double() for t in inputs]
+        LAUNCHES.clear()
+        with torch.autocast(device.type, dtype=dtype), torch.set_grad_enabled(differentiable):
+            k_out, e_out = _tuple(kernel_fn(*k_in)), _tuple(eager_fn(*e_in))
+        assert LAUNCHES, f"{op}: no kernel ran"
+        o_out = _tuple(eager_fn(*o_in))
+        for i, (k, e, o) in enumerate(zip(k_out, e_out, o_out)):
+            assert_like_eager(f"{op} {dtype} output {i}", k, o, e)
+        if differentiable:
+            cots = [torch.randn(o.shape, device=device).to(e.dtype) for o, e in zip(o_out, e_out)]
+            k_g, e_g, o_g = grads(k_out, k_in, cots), grads(e_out, e_in, cots), grads(o_out, o_in, cots)
+            for i, (k, e, o) in enumerate(zip(k_g, e_g, o_g)):
+                assert k.dtype == inputs[i].dtype, f"{op} grad of input {i}: {k.dtype}"
+                assert_like_eager(f"{op} {dtype} grad of input {i}", k, o, e)
+
+
+@pytest.mark.parametrize("op", AUTOCAST_OPS)
+def test_under_autocast_compiles_to_one_graph(op, device):
+    """The same calls under torch.compile(fullgraph=True) inside autocast: one graph, the kernels
+    launched, and bit for bit what the uncompiled ops give (outputs and gradients)."""
+    kernel_fn, _, inputs, differentiable = _autocast_cases(device)[op]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(kernel_fn, backend=counter, fullgraph=True)
+    c_in, k_in = ([leaf(t) if differentiable else t for t in inputs] for _ in range(2))
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.set_grad_enabled(differentiable):
+        LAUNCHES.clear()
+        c_out = _tuple(compiled(*c_in))
+        assert LAUNCHES, f"{op}: no kernel ran"
+        k_out = _tuple(kernel_fn(*k_in))
+    assert counter.frame_count == 1 and not torch._dynamo.utils.counters["graph_break"]
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(c_out, k_out))
+    if differentiable:
+        cots = [torch.randn_like(o) for o in k_out]
+        c_g = torch.autograd.grad(c_out, c_in, cots)
+        k_g = torch.autograd.grad(k_out, k_in, cots)
+        assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(c_g, k_g))
+    torch._dynamo.reset()

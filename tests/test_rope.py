@@ -171,7 +171,7 @@ def test_bad_arguments(device):
         (ValueError, "cos must have shape", (q, k, cos[:2], sin)),
         (ValueError, "sin must have shape", (q, k, cos, sin[None, None])),
         (ValueError, "cos must have shape", (q, k, cos[None].expand(3, 3, 64), sin)),
-        (TypeError, "cos must have the same dtype as q", (q, k, cos.half(), sin)),
+        (TypeError, "cos must have dtype.*int64", (q, k, cos.long(), sin)),
         (TypeError, "k must have the same dtype as q", (q, k.half(), cos, sin)),
         (ValueError, "sin must have the same device as q", (q, k, cos, torch.empty(3, 64, device="meta"))),
         (ValueError, "k must have the same device as q", (q, torch.empty(2, 2, 3, 64, device="meta"), cos, sin)),
@@ -190,8 +190,8 @@ def test_custom_op_and_torch_compile(device):
     """The launcher is an opaque custom op: fake shapes/strides agree, and a compiled graph has no break."""
     q, k = projections(2, 3, 4, 2, 32, torch.float16, device)
     cos, sin = cos_sin(torch.arange(3, device=device), 32, torch.float16)
-    for interleaved, backward in [(False, False), (True, True)]:
-        torch.library.opcheck(rope.op, (q, k, cos, sin, interleaved, backward))
+    for interleaved, backward, out_dtype in [(False, False, torch.float16), (True, True, torch.float32)]:
+        torch.library.opcheck(rope.op, (q, k, cos, sin, interleaved, backward, out_dtype))
 
     def attention_inputs(q, k):
         q_rot, k_rot = apply_rotary(q, k, cos, sin)
@@ -208,3 +208,58 @@ def test_custom_op_and_torch_compile(device):
     expected = attention_inputs(q, k)
     torch.testing.assert_close((q_rot, k_rot), expected, rtol=0, atol=0)
     torch.testing.assert_close(dq, torch.autograd.grad(expected[0].sum(), q)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("table_shape", ["BTD", "TD", "1TD"])
+def test_cos_sin_gradients(dtype, interleaved, table_shape, device):
+    """cos/sin that require grad get gradients (trainable or rescaled tables), by the 2x rule: summed
+    over heads, and over the batch for a (T, D) or (1, T, D) table shared by every batch."""
+    batch, seq, dim = 2, 5, 64
+    q, k = projections(batch, seq, 4, 2, dim, dtype, device)
+    positions = torch.arange(seq, device=device)
+    if table_shape == "BTD":
+        positions = positions + torch.tensor([[0], [7]], device=device)
+    cos, sin = cos_sin(positions, dim, dtype, interleaved)
+    if table_shape == "1TD":
+        cos, sin = cos[None], sin[None]
+    LAUNCHES.clear()
+    check_against_oracle(
+        f"rope cos/sin grads {table_shape} interleaved={interleaved}",
+        lambda q, k, c, s: apply_rotary(q, k, c, s, interleaved),
+        lambda q, k, c, s: reference.apply_rotary(q, k, c, s, interleaved),
+        [q, k, cos, sin],
+    )
+    assert dict(LAUNCHES) == {"rope_kernel": 2}
+
+
+def test_cos_sin_gradients_only(device):
+    """Only the tables require grad: they get theirs, no backward kernel runs for q and k."""
+    q, k = projections(1, 4, 2, 1, 32, torch.float32, device)
+    cos, sin = (t.requires_grad_() for t in cos_sin(torch.arange(4, device=device), 32, torch.float32))
+    LAUNCHES.clear()
+    q_rot, k_rot = apply_rotary(q, k, cos, sin)
+    dcos, dsin = torch.autograd.grad(q_rot.sum() + k_rot.sum(), (cos, sin))
+    assert dict(LAUNCHES) == {"rope_kernel": 1}
+    e_cos, e_sin = (t.detach().requires_grad_() for t in (cos, sin))
+    eq, ek = reference.apply_rotary(q, k, e_cos, e_sin)
+    torch.testing.assert_close((dcos, dsin), torch.autograd.grad(eq.sum() + ek.sum(), (e_cos, e_sin)))
+
+
+@pytest.mark.parametrize("q_dtype,table_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_tables_of_another_dtype_promote(q_dtype, table_dtype, interleaved, device):
+    """float32 cos/sin with half-precision q and k (transformers under autocast): outputs in the
+    promoted dtype, as eager gives, gradients of q and k in their own dtype (and of the tables)."""
+    q, k = projections(2, 5, 4, 2, 64, q_dtype, device)
+    cos, sin = cos_sin(torch.arange(3, 8, device=device), 64, table_dtype, interleaved)
+    q_rot, k_rot = check_against_oracle(
+        f"rope {q_dtype} with {table_dtype} tables",
+        lambda q, k, c, s: apply_rotary(q, k, c, s, interleaved),
+        lambda q, k, c, s: reference.apply_rotary(q, k, c, s, interleaved),
+        [q, k, cos, sin],
+    )
+    assert q_rot.dtype == k_rot.dtype == torch.promote_types(q_dtype, table_dtype)

@@ -45,7 +45,10 @@ accuracy reference rather than the fast path, pays for it.
 group and their query tiles, so the group sum happens inside the program: no atomics, and the
 result is bitwise reproducible.  ``attention_bwd_dq_kernel`` runs one program per query tile and
 walks the key tiles like the forward.  Both only visit tiles that the causal mask leaves visible,
-and only tiles that straddle the diagonal (or a ragged edge) pay for masking.
+and only tiles that straddle the diagonal (or a ragged edge) pay for masking.  Padding rows of a
+ragged tile are masked in the exponent, never left to produce inf/NaN that is merely not stored:
+a padding key's zero score can exceed the max of a row whose scores are all negative, and
+``2^(0 - m)`` would overflow (non-causal; causal masking hides those keys anyway).
 
 Precision: scores, softmax statistics and all accumulators are float32.  With float32 inputs the
 dots run in IEEE float32 (the GPU's default TF32 would lose accuracy); with float16/bfloat16 the
@@ -71,6 +74,7 @@ import triton.language as tl
 from .. import reference
 from .common import (
     INTERPRET,
+    autocast_inputs,
     cast_rne,
     check_float_arg,
     check_same,
@@ -378,10 +382,16 @@ def _dkdv_query_range(dk, dv, k, v, q_base, do_base, stats_base, delta_base, q_o
             delta = tl.load(delta_base + queries)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         x_t = softmax_log_prob(s_t, m[None, :], log2_l[None, :], qk_scale, RAW_MAX)
+        # Mask the exponent, not P: a hidden score may exceed m and overflow 2^x.  Causal, the
+        # diagonal also hides the padding keys of a ragged key tile (j >= Tk > i + Tk - Tq);
+        # non-causal, those padding keys (zero scores, above the max of a row whose scores are all
+        # negative) are the only thing to hide.  Padding queries have m = +inf, hence P = 0.
         if MASK:
-            if CAUSAL:  # mask the exponent, not P: a hidden score may exceed m and overflow 2^x
+            if CAUSAL:
                 x_t = tl.where(keys[:, None] <= queries[None, :] + (seq_k - seq_q), x_t,
                                float("-inf"))
+            else:
+                x_t = tl.where(keys[:, None] < seq_k, x_t, float("-inf"))
         p_t = tl.exp2(x_t)
         dv = tl.dot(_dot_operand(p_t, DTYPE, DOT_IN_FP32), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -428,10 +438,11 @@ def attention_bwd_dkdv_kernel(
     DTYPE: tl.constexpr = Q.dtype.element_ty
 
     # Query tiles, by what they need:
-    #   [lo, mid)       straddle the causal diagonal: masked
-    #   [mid, whole)    every row sees every key of this tile and lies inside Tq: no mask
-    #   [tail, seq_q)   the ragged last query tile: masked
+    #   [lo, mid)           straddle the causal diagonal: masked
+    #   [full_lo, full_hi)  every row sees every key of this tile and lies inside Tq: no mask
+    #   [tail, seq_q)       the ragged last query tile: masked
     whole = (seq_q // BLOCK_M) * BLOCK_M
+    full_hi = whole
     if CAUSAL:
         offset = seq_k - seq_q
         # Query i sees key j iff i >= j - offset: rows below start_n - offset see none of the tile,
@@ -444,7 +455,11 @@ def attention_bwd_dkdv_kernel(
         lo = 0
         mid = 0
         full_lo = 0
-        tail = whole
+        # The ragged last key tile: its padding keys must be masked against every query (see
+        # _dkdv_query_range), so all its query tiles take the masked loop.
+        whole_key_tile = start_n + BLOCK_N <= seq_k
+        full_hi = tl.where(whole_key_tile, whole, 0)
+        tail = tl.where(whole_key_tile, whole, 0)
     q_offs = offs_m[:, None] * q_st + offs_d[None, :] * q_sd
     do_offs = offs_m[:, None] * do_st + offs_d[None, :] * do_sd
 
@@ -464,7 +479,7 @@ def attention_bwd_dkdv_kernel(
         )
         dk, dv = _dkdv_query_range(
             dk, dv, k, v, q_base, do_base, stats_base, delta_base, q_offs, do_offs, q_st, do_st,
-            full_lo, whole, offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
+            full_lo, full_hi, offs_m, keys, offs_d, seq_q, seq_k, qk_scale, stats_plane,
             False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_M,
         )
         dk, dv = _dkdv_query_range(
@@ -853,7 +868,13 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     When no gradient is needed and the queries of one KV group are few
     (``Tq * Hq / Hk <= decode.DECODE_MAX_ROWS``, i.e. generation), the split-KV decode kernels of
     ``decode.py`` run instead of the training kernels.
+
+    Under ``torch.autocast`` (float16/bfloat16, for the inputs' device type) q, k and v are first
+    cast to the autocast dtype, as eager SDPA and matmul cast them, so that mixed inputs (float32
+    q, k after RoPE with float32 tables, a half-precision v) work and the output has the dtype
+    eager attention gives; outside autocast they must share one dtype (TypeError otherwise).
     """
+    q, k, v = autocast_inputs(q, k, v)
     sm_scale = _validate(q, k, v, causal, sm_scale)
     if not use_triton("flash_attention", q.device):
         return reference.attention(q, k, v, causal, sm_scale)

@@ -1,7 +1,8 @@
 """Helpers shared by every kernel file: when to launch Triton, argument checks, row layouts.
 
 Nothing here launches a kernel.  Every public op follows the same steps, in this order:
-validate its arguments (``check_*``: a ``TypeError``/``ValueError`` that names the argument),
+validate its arguments (``check_*``: a ``TypeError``/``ValueError`` that names the argument;
+attention first casts its inputs as autocast would, ``autocast_inputs``),
 decide whether a Triton kernel can run (``use_triton``: CUDA, or CPU under ``TRITON_INTERPRET=1``;
 otherwise the eager reference runs, with a :class:`KernelFallbackWarning`), then launch and record
 the launch in :data:`LAUNCHES` so that tests can prove a kernel really ran.
@@ -9,6 +10,8 @@ the launch in :data:`LAUNCHES` so that tests can prove a kernel really ran.
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 import os
 import warnings
 
@@ -37,9 +40,14 @@ def count_launch(kernel) -> None:
     LAUNCHES[getattr(kernel, "__name__", None) or kernel.fn.__name__] += 1
 
 
+def triton_runs_on(device) -> bool:
+    """Whether Triton kernels run on ``device``: CUDA, or the CPU under the interpreter."""
+    return device is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRET))
+
+
 def use_triton(op: str, device: torch.device) -> bool:
     """True when Triton kernels can run on ``device``; otherwise warn that ``op`` falls back."""
-    if device.type == "cuda" or (device.type == "cpu" and INTERPRET):
+    if triton_runs_on(device):
         return True
     if torch.compiler.is_compiling():
         return False  # Dynamo cannot trace warnings.warn; eager calls and apply_kernels warn
@@ -106,14 +114,47 @@ def check_same(attr: str, **tensors) -> None:
             )
 
 
-def check_float_arg(name: str, value, *, positive: bool = False) -> float:
-    """Return ``value`` as a Python float; TypeError unless it is a real number (bools refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+def check_float_arg(name: str, value, *, positive: bool = False, finite: bool = True) -> float:
+    """Return ``value`` as a Python float, or raise an error that names ``name``.
+
+    Any real number is accepted (``int``, ``float``, numpy scalars such as ``np.float32``: whatever
+    registers as ``numbers.Real``); ``bool`` is refused (a flag passed by mistake), as is anything
+    else (TypeError).  NaN and +-inf are refused (ValueError) unless ``finite=False``: no kernel
+    argument means anything at either, and a NaN ``eps`` would only turn every output into NaN.
+    ``positive`` also requires ``value > 0``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float (any real number), got {type(value).__name__}")
     value = float(value)
+    if finite and not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     return value
+
+
+def autocast_inputs(*tensors):
+    """``tensors`` cast as autocast casts the inputs of a matmul or of SDPA, when it is on.
+
+    Under ``torch.autocast`` for the tensors' device type (CPU or CUDA) with a float16/bfloat16
+    dtype, every floating tensor but float64 is cast to that dtype (differentiably: its gradient
+    comes back in its own dtype); otherwise, or if any argument is not a tensor (validation will
+    name it), everything is returned unchanged.  Attention calls this first, so that it takes what
+    eager attention takes under autocast (e.g. float32 q, k after RoPE with float32 tables, and a
+    bfloat16 v) and returns what it returns.  ``torch.is_autocast_enabled(device_type)`` traces
+    under ``torch.compile`` (torch >= 2.4).
+    """
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        return tensors
+    device_type = tensors[0].device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in (torch.float16, torch.bfloat16):
+        return tensors
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors
+    )
 
 
 def row_layout(x: torch.Tensor):

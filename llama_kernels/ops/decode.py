@@ -50,6 +50,7 @@ from .. import reference
 from .attention import _validate, dot_mode, softmax_exponent, softmax_rescale, softmax_row_max
 from .common import (
     INTERPRET,
+    autocast_inputs,
     cast_rne,
     check_same,
     check_tensor,
@@ -303,8 +304,11 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
     Shapes, head dims and grouped-query heads as in ``flash_attention``, with ``Tq * Hq / Hk <=
     DECODE_MAX_ROWS`` (64).  The launch depends on the shapes only, so one decode step can be
     captured in a CUDA graph and replayed with new lengths.  Forward only: the inputs must not
-    need gradients.  Returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.
+    need gradients.  Returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.  Under ``torch.autocast`` q and
+    the caches are first cast to the autocast dtype, as eager attention casts them (a float32 cache
+    is then copied each call: keep the cache in the autocast dtype).
     """
+    q, k_cache, v_cache = autocast_inputs(q, k_cache, v_cache)
     sm_scale = _validate(q, k_cache, v_cache, True, sm_scale, names=("q", "k_cache", "v_cache"))
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
     if cache_seqlens.shape[0] != q.shape[0]:

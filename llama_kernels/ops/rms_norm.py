@@ -2,16 +2,21 @@
 
 Forward, for each row ``x`` of length ``N`` (statistics in float32)::
 
-    h    = x + residual                    (fused variant only; rounded to x.dtype, as eager does)
+    h    = x + residual                    (fused variant only; rounded to h's dtype, as eager does)
     rstd = 1 / sqrt(mean(h**2) + eps)
-    y    = w * cast(h * rstd)              (cast to x.dtype first: transformers' cast order)
+    y    = w * cast(h * rstd)              (cast to h's dtype first: transformers' cast order)
+
+``h`` and ``y`` are in ``x.dtype``, or with a residual of another float dtype (autocast: bfloat16
+``x``, float32 residual stream) in ``promote_types(x.dtype, residual.dtype)``, as eager's
+``x + residual`` promotes.
 
 Backward, with ``n = h * rstd`` and ``g = dy * w``::
 
     dh = rstd * (g - n * mean(g * n)) (+ the gradient flowing into the returned ``h``)
     dw = sum over rows of dy * n
 
-``dx`` and ``dresidual`` both equal ``dh``.  ``dw`` is reduced without atomics: each program of the
+``dx`` and ``dresidual`` both equal ``dh`` (computed in h's dtype, then each cast to its input's dtype,
+as eager autograd does after a promoting add).  ``dw`` is reduced without atomics: each program of the
 backward keeps a float32 partial sum over the rows it visits, and one ``sum`` over the few
 partials finishes it (deterministic run to run).
 
@@ -67,7 +72,10 @@ def rms_norm_fwd_kernel(
         tl.store(H + out_offsets, h, mask=mask)
         x = h.to(tl.float32)
     mean_square = tl.sum(x * x, axis=1) / N
-    rstd = 1.0 / tl.sqrt(mean_square + tl.cast(eps, tl.float32))
+    # Padding rows (past M) would compute 1 / sqrt(0) = inf with eps = 0, then 0 * inf = NaN: never
+    # stored, but noise (interpreter warnings) that would hide a real NaN.  Give them 1.
+    mean_square = tl.where(rows < M, mean_square + tl.cast(eps, tl.float32), 1.0)
+    rstd = 1.0 / tl.sqrt(mean_square)
     normed = cast_rne(x * rstd[:, None], Y.dtype.element_ty).to(tl.float32)
     w = tl.load(W + cols * w_sn, mask=cols < N, other=0.0).to(tl.float32)
     tl.store(Y + out_offsets, cast_rne(normed * w[None, :], Y.dtype.element_ty), mask=mask)
@@ -123,8 +131,14 @@ def _launch_config(n: int):
     return block_m, block_n, num_warps
 
 
+def _out_dtype(x, residual):
+    # h = x + residual promotes as eager does (a bfloat16 autocast output plus a float32 stream is
+    # float32); y is in h's dtype.
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
 def _fwd_fake(x, weight, residual, eps):
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
     h = torch.empty_like(out) if residual is not None else out.new_empty(0)
     return out, h, x.new_empty(x.shape[:-1], dtype=torch.float32)
 
@@ -133,13 +147,14 @@ def _fwd_fake(x, weight, residual, eps):
 def rms_norm_fwd(
     x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward: returns ``(y, h, rstd)`` (``h`` empty without ``residual``)."""
+    """Launch the forward: returns ``(y, h, rstd)`` (``h`` empty without ``residual``); ``y`` and
+    ``h`` are in ``x.dtype`` promoted with ``residual.dtype``."""
     n = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
     h = torch.empty_like(y) if residual is not None else y.new_empty(0)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     m = rstd.numel()
-    if m == 0:
+    if m == 0 or n == 0:  # nothing to normalise (rstd of an empty row is never read)
         return y, h, rstd
     block_m, block_n, num_warps = _launch_config(n)
     has_residual = residual is not None
@@ -166,7 +181,7 @@ def rms_norm_bwd(
     n = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     m = rstd.numel()
-    if m == 0:
+    if m == 0 or n == 0:
         return dx, torch.zeros_like(weight)
     block_m, block_n, num_warps = _launch_config(n)
     programs = min(triton.cdiv(m, block_m), 2 * num_sms(x.device))
@@ -192,6 +207,8 @@ class RMSNormFunction(torch.autograd.Function):
         y, h, rstd = rms_norm_fwd(x, weight, residual, eps)
         has_residual = residual is not None
         ctx.has_residual = has_residual
+        ctx.x_dtype = x.dtype
+        ctx.residual_dtype = residual.dtype if has_residual else None
         ctx.save_for_backward(h if has_residual else x, weight, rstd)
         ctx.set_materialize_grads(False)
         if has_residual:
@@ -204,8 +221,11 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         if dy is None:  # only h was used downstream
             dy = torch.zeros_like(x)
-        dx, dw = rms_norm_bwd(dy, x, weight, rstd, dh_out)
-        return dx, dw, (dx if ctx.has_residual else None), None
+        dh, dw = rms_norm_bwd(dy, x, weight, rstd, dh_out)  # in h's (the promoted) dtype
+        if not ctx.has_residual:
+            return dh, dw, None, None
+        # Each input gets its gradient in its own dtype, as eager autograd casts it after the add.
+        return dh.to(ctx.x_dtype), dw, dh.to(ctx.residual_dtype), None
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None):
@@ -213,8 +233,12 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
 
     Returns ``weight * cast(x * rsqrt(mean(x**2, -1) + eps))`` in ``x.dtype`` (the math and cast order
     of transformers' ``LlamaRMSNorm``; a float32 weight with half-precision ``x`` is allowed).  With
-    ``residual`` (same shape and dtype as ``x``) returns ``(rms_norm(x + residual), x + residual)``
-    from one pass over memory.  Differentiable in ``x``, ``weight`` and ``residual``.
+    ``residual`` (same shape as ``x``) returns ``(rms_norm(x + residual), x + residual)`` from one
+    pass over memory.  ``residual`` may have another float dtype than ``x`` (under autocast ``x`` is
+    a bfloat16 linear output and the residual stream float32): the sum promotes as eager ``x +
+    residual`` does, and both outputs are in ``torch.promote_types(x.dtype, residual.dtype)``.
+    Differentiable in ``x``, ``weight`` and ``residual`` (each gradient in its input's dtype).
+    ``eps`` is any finite real number >= 0 (numpy scalars included).
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=1)
@@ -235,7 +259,6 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
             raise ValueError(
                 f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}"
             )
-        check_same("dtype", x=x, residual=residual)
         check_same("device", x=x, residual=residual)
     if not use_triton("rms_norm", x.device):
         return reference.rms_norm(x, weight, eps, residual)

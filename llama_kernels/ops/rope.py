@@ -3,7 +3,7 @@
 Each head vector ``x`` of length ``D`` is split into ``D / 2`` pairs ``(x1, x2)``: ``(x[i], x[i + D/2])``
 in transformers' rotate-half layout, ``(x[2i], x[2i + 1])`` in Meta's interleaved layout.  With
 ``(c1, s1)`` and ``(c2, s2)`` the cos/sin entries at the positions of ``x1`` and ``x2``, the forward
-``x * cos + rotate(x) * sin`` is, per pair (math in float32, one rounding to the input dtype)::
+``x * cos + rotate(x) * sin`` is, per pair (math in float32, one rounding to the output dtype)::
 
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2
@@ -14,10 +14,22 @@ the rotation by ``-theta``::
     dx1 = dy1 * c1 + dy2 * s2
     dx2 = dy2 * c2 - dy1 * s1
 
-cos/sin get no gradient.  One program takes ``BLOCK_T`` tokens ``(b, t)``, loads their cos/sin
-once and rotates all ``Hq`` query heads and ``Hk`` key heads of those tokens, ``BLOCK_H`` heads at
-a time; every tensor is addressed through its own strides, so the usual transposed views of
-``(B, T, H, D)`` projections are read in place.  Rotate-half rows are read as two contiguous
+Outputs are in ``promote_types(q.dtype, cos.dtype, sin.dtype)`` (eager's promotion: under autocast
+transformers passes float32 tables with half-precision q and gets float32); the gradients of q and k
+in their own dtype.
+
+cos/sin get gradients only when they require grad (trainable or rescaled tables, rare): then the
+backward also saves q and k and computes, in eager PyTorch (float32, one rounding to each table's
+dtype), summing over the heads of q and k (and over the batch for a table the batch shares)::
+
+    dcos = sum dy * x,    dsin = sum dy * rotate(x)     (rotate: rotate_half or rotate_pairs)
+
+Otherwise nothing but cos/sin is saved and no such work is done.
+
+One program takes ``BLOCK_T`` tokens ``(b, t)``, loads their cos/sin once and rotates all ``Hq``
+query heads and ``Hk`` key heads of those tokens, ``BLOCK_H`` heads at a time; every tensor is
+addressed through its own strides, so the usual transposed views of ``(B, T, H, D)`` projections
+are read in place.  Rotate-half rows are read as two contiguous
 halves; interleaved rows as one contiguous row whose pairs are split in registers, so both layouts
 load wide vectors.
 """
@@ -145,16 +157,20 @@ def _cos_sin_strides(x: torch.Tensor):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _fake(q, k, cos, sin, interleaved, backward):
-    return torch.empty_like(q), torch.empty_like(k)
+def _fake(q, k, cos, sin, interleaved, backward, out_dtype):
+    return torch.empty_like(q, dtype=out_dtype), torch.empty_like(k, dtype=out_dtype)
 
 
 @compilable("rope", _fake)
 def rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, backward: bool
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool,
+    backward: bool, out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the rotation (``backward=True``: its transpose) of ``q`` and ``k``: one kernel for both."""
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    """Launch the rotation (``backward=True``: its transpose) of ``q`` and ``k``: one kernel for both.
+
+    The outputs are new tensors laid out like ``q`` and ``k``, in ``out_dtype`` (the math is float32
+    whatever the input dtypes, with one rounding to it)."""
+    q_out, k_out = _fake(q, k, cos, sin, interleaved, backward, out_dtype)
     batch, hq, seq, dim = q.shape
     hk = k.shape[1]
     n_tokens = batch * seq
@@ -174,20 +190,55 @@ def rope(
     return q_out, k_out
 
 
+def _table_grads(dq, dk, q, k, cos, sin, interleaved):
+    """Gradients of ``cos`` and ``sin``, in eager PyTorch (float32, one rounding to each table's dtype).
+
+    ``dcos = sum over heads of dy * x`` and ``dsin = sum over heads of dy * rotate(x)``, over q and k,
+    then over the batch where the table is shared by it ((T, D) or (1, T, D)).  Only trainable
+    tables (learned or scaled RoPE) need this, so it is not worth a kernel.
+    """
+    rotate = reference.rotate_pairs if interleaved else reference.rotate_half
+    dq, dk, q, k = dq.float(), dk.float(), q.float(), k.float()
+    grads = []
+    for table, contributions in ((cos, (dq * q, dk * k)), (sin, (dq * rotate(q), dk * rotate(k)))):
+        g = contributions[0].sum(1) + contributions[1].sum(1)  # (B, T, D)
+        if table.dim() == 2:
+            g = g.sum(0)
+        elif table.shape[0] != g.shape[0]:  # a batch of one, broadcast
+            g = g.sum(0, keepdim=True)
+        grads.append(g.to(table.dtype))
+    return grads
+
+
 class RotaryFunction(torch.autograd.Function):
-    """Autograd of ``apply_rotary``: saves cos/sin only; the backward is the transposed rotation."""
+    """Autograd of ``apply_rotary``: the backward of q and k is the transposed rotation, for which
+    cos/sin suffice; q and k are saved too only when cos or sin needs a gradient."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, interleaved):
-        ctx.save_for_backward(cos, sin)
-        ctx.interleaved = interleaved
-        return rope(q, k, cos, sin, interleaved, False)
+        table_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(cos, sin, q if table_grad else None, k if table_grad else None)
+        ctx.interleaved, ctx.in_dtype = interleaved, q.dtype
+        return rope(q, k, cos, sin, interleaved, False, _out_dtype(q, cos, sin))
 
     @staticmethod
     def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        dq, dk = rope(dq, dk, cos, sin, ctx.interleaved, True)
-        return dq, dk, None, None, None
+        cos, sin, q, k = ctx.saved_tensors
+        dcos = dsin = dq_in = dk_in = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            dcos, dsin = _table_grads(dq, dk, q, k, cos, sin, ctx.interleaved)
+            dcos = dcos if ctx.needs_input_grad[2] else None
+            dsin = dsin if ctx.needs_input_grad[3] else None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            # q and k get their gradients in their own dtype (eager casts them back the same way).
+            dq_in, dk_in = rope(dq, dk, cos, sin, ctx.interleaved, True, ctx.in_dtype)
+        return dq_in, dk_in, dcos, dsin, None
+
+
+def _out_dtype(q, cos, sin):
+    # x * cos + rotate(x) * sin promotes as eager does: float32 tables (transformers computes them
+    # in float32 under autocast) with half-precision q give float32 outputs.
+    return torch.promote_types(q.dtype, torch.promote_types(cos.dtype, sin.dtype))
 
 
 def _check_cos_sin(name, t, q):
@@ -199,7 +250,6 @@ def _check_cos_sin(name, t, q):
             f"{name} must have shape (B, T, D) = {(batch, seq, dim)} or (T, D) = {(seq, dim)} to "
             f"match q {tuple(q.shape)} (B = 1 broadcasts over the batch); got {tuple(t.shape)}"
         )
-    check_same("dtype", q=q, **{name: t})
     check_same("device", q=q, **{name: t})
 
 
@@ -211,9 +261,12 @@ def apply_rotary(q, k, cos, sin, interleaved=False):
     and ``k`` may have any strides (typically transposed views of ``(B, T, H, D)`` projections) and
     different head counts (grouped-query attention); ``D`` is even and at most 256.  ``cos, sin``
     are ``(B, T, D)`` or ``(T, D)`` (a batch of one broadcasts), already sliced for the positions
-    of these tokens, in ``q``'s dtype.  The math is float32 with one rounding; both outputs come
-    from one kernel launch and are new tensors laid out like ``q`` and ``k``.  Differentiable in
-    ``q`` and ``k`` (cos/sin get no gradient).
+    of these tokens, of any float dtype: the outputs are in ``torch.promote_types(q.dtype,
+    cos.dtype, sin.dtype)``, as eager ``q * cos + rotate_half(q) * sin`` promotes (float32 tables
+    with half-precision q, as transformers gives under autocast, give float32 outputs).  The math
+    is float32 with one rounding; both outputs come from one kernel launch and are new tensors laid
+    out like ``q`` and ``k``.  Differentiable in ``q`` and ``k`` (gradients in their own dtype) and
+    in ``cos`` and ``sin`` when they require grad (computed in eager PyTorch: a rare, slow path).
     """
     check_tensor("q", q, ndim=4)
     check_tensor("k", k, ndim=4)

@@ -2,14 +2,15 @@
 
 Forward, elementwise with ``s = sigmoid(g)`` (math in float32)::
 
-    y = cast(cast(g / (1 + exp(-g))) * u)    (silu rounded to the input dtype first, as eager does)
+    y = cast(cast(g / (1 + exp(-g))) * u)    (silu rounded to gate's dtype first, as eager does)
 
 Backward, recomputing ``s`` from the saved inputs (only ``gate`` and ``up`` are saved)::
 
     d_gate = dy * u * s * (1 + g * (1 - s))
     d_up   = dy * g * s                     (g * s computed as g / (1 + exp(-g)))
 
-each rounded once to the input dtype.
+each rounded once to its input's dtype.  ``gate`` and ``up`` may differ in dtype: ``y`` is then in
+``promote_types(gate.dtype, up.dtype)``, as eager ``silu(gate) * up`` promotes.
 
 ``gate`` and ``up`` are usually the two halves of one fused projection (``gu.chunk(2, -1)``), so
 rows are read through two strided levels (:func:`~.common.row_layout`) and nothing is copied.  One
@@ -54,8 +55,8 @@ def swiglu_fwd_kernel(
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
     # g / (1 + exp(-g)) rounds twice where g * sigmoid(g) rounds three times (and is what eager
     # computes); exp(-g) = inf for g < -88 gives silu = -0, as it should.  Eager stores silu(g) in
-    # the input dtype before multiplying: round it the same way.
-    silu = cast_rne(tl.div_rn(g, 1.0 + tl.exp(-g)), Y.dtype.element_ty).to(tl.float32)
+    # gate's dtype before multiplying (in the promoted dtype): round it the same way.
+    silu = cast_rne(tl.div_rn(g, 1.0 + tl.exp(-g)), G.dtype.element_ty).to(tl.float32)
     y_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # Y is contiguous
     tl.store(Y + y_offsets, cast_rne(silu * u, Y.dtype.element_ty), mask=mask)
 
@@ -107,13 +108,14 @@ def _launch_config(m: int, n: int):
 
 
 def _fwd_fake(gate, up):
-    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dtype = torch.promote_types(gate.dtype, up.dtype)  # eager's silu(gate) * up promotes
+    return torch.empty(gate.shape, dtype=dtype, device=gate.device)
 
 
 @compilable("swiglu_fwd", _fwd_fake)
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Launch the forward: returns ``silu(gate) * up``, a new contiguous tensor."""
-    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    """Launch the forward: returns ``silu(gate) * up``, a new contiguous tensor in the promoted dtype."""
+    y = _fwd_fake(gate, up)
     if y.numel() == 0:
         return y
     n = gate.shape[-1]
@@ -171,18 +173,20 @@ class SwiGLUFunction(torch.autograd.Function):
 
 
 def swiglu(gate, up):
-    """``silu(gate) * up`` for ``gate, up (..., N)`` of the same shape and dtype.
+    """``silu(gate) * up`` for ``gate, up (..., N)`` of the same shape.
 
     ``gate`` and ``up`` may be any strided views, in particular the two halves of one fused
     projection (``gate, up = gu.chunk(2, -1)``): they are read in place, not copied.  Returns a
     new contiguous tensor of ``gate``'s shape and dtype, rounded as eager PyTorch rounds
-    (``silu(gate)`` to the input dtype, then the product).  Differentiable in ``gate`` and ``up``.
+    (``silu(gate)`` to the input dtype, then the product).  ``gate`` and ``up`` may also differ in
+    dtype: the output is then in ``torch.promote_types(gate.dtype, up.dtype)`` (eager's promotion,
+    ``silu(gate)`` still rounded to gate's dtype first).  Differentiable in ``gate`` and ``up``
+    (each gradient in its input's dtype).
     """
     check_tensor("gate", gate, min_ndim=1)
     check_tensor("up", up, min_ndim=1)
     if up.shape != gate.shape:
         raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
-    check_same("dtype", gate=gate, up=up)
     check_same("device", gate=gate, up=up)
     if not use_triton("swiglu", gate.device):
         return reference.swiglu(gate, up)
