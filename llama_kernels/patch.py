@@ -36,10 +36,11 @@ import torch
 
 from . import model as reference_model
 from .ops.common import KernelFallbackWarning, triton_runs_on
-from .ops.attention import MAX_HEAD_DIM as ATTENTION_MAX_HEAD_DIM, flash_attention
+from .ops import attention as attention_kernels, rope as rope_kernel
+from .ops.attention import flash_attention
 from .ops.decode import flash_decode
 from .ops.rms_norm import MAX_HIDDEN as RMS_NORM_MAX_HIDDEN, rms_norm
-from .ops.rope import MAX_HEAD_DIM as ROPE_MAX_HEAD_DIM, apply_rotary
+from .ops.rope import apply_rotary
 from .ops.swiglu import swiglu
 
 FLAGS = ("rms_norm", "swiglu", "rope", "attention")
@@ -62,16 +63,16 @@ class Replacement:
 
 def _attention_head_dim_unsupported(module) -> Optional[str]:
     d = module.head_dim
-    if d % 16 or not 16 <= d <= ATTENTION_MAX_HEAD_DIM:
-        return f"head_dim {d} (the attention kernel takes multiples of 16 up to {ATTENTION_MAX_HEAD_DIM})"
-    return None
+    if attention_kernels.supports_head_dim(d):
+        return None
+    return f"head_dim {d} (the attention kernel takes multiples of 16 up to {attention_kernels.MAX_HEAD_DIM})"
 
 
 def _rope_head_dim_unsupported(module) -> Optional[str]:
     d = module.head_dim
-    if d % 2 or d > ROPE_MAX_HEAD_DIM:
-        return f"head_dim {d} (the RoPE kernel takes even head dims up to {ROPE_MAX_HEAD_DIM})"
-    return None
+    if rope_kernel.supports_head_dim(d):
+        return None
+    return f"head_dim {d} (the RoPE kernel takes even head dims up to {rope_kernel.MAX_HEAD_DIM})"
 
 
 def _rms_norm_size_unsupported(module) -> Optional[str]:

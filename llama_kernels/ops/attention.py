@@ -87,6 +87,12 @@ from .common import (
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernels have tiles for ``head_dim``: a multiple of 16 from 16 to ``MAX_HEAD_DIM``."""
+    return head_dim % 16 == 0 and 16 <= head_dim <= MAX_HEAD_DIM
+
+
 # Under the interpreter every kernel runs with one fixed, small tiling: (BLOCK_M, BLOCK_N).
 # The forward/dQ and dK/dV orientations differ on purpose so that tests cover both BLOCK_M > BLOCK_N
 # and BLOCK_M < BLOCK_N around the causal diagonal.  Tests may patch these.
@@ -842,7 +848,7 @@ def _validate(q, k, v, causal, sm_scale, names=("q", "k", "v")):
             f"{kn}'s number of heads must divide {qn}'s ({heads}) for grouped-query attention; "
             f"got {k.shape[1]}"
         )
-    if head_dim % 16 != 0 or not 16 <= head_dim <= MAX_HEAD_DIM:
+    if not supports_head_dim(head_dim):
         raise ValueError(
             f"{qn}'s head dim must be a multiple of 16 between 16 and {MAX_HEAD_DIM}, got {head_dim}"
         )

@@ -45,6 +45,11 @@ from .common import INTERPRET, cast_rne, check_same, check_tensor, compilable, c
 MAX_HEAD_DIM = 256
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernel rotates ``head_dim``: even (pairs), from 2 to ``MAX_HEAD_DIM``."""
+    return head_dim % 2 == 0 and 0 < head_dim <= MAX_HEAD_DIM
+
+
 @triton.jit
 def _load_pairs(ptrs, stride_d, mask, half, INTERLEAVED: tl.constexpr, BLOCK_HALF: tl.constexpr):
     # The two members of every pair of the rows at ``ptrs`` (any leading shape), as float32.
