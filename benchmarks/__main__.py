@@ -8,6 +8,11 @@ Without CUDA the run is always a smoke run, on the CPU under Triton's interprete
 when every figure was measured or reported missing/skipped/oom/unreliable with a reason; 1 when any
 provider failed, or one of ours (or eager) disagrees with the reference; 2 for bad arguments; 130
 when interrupted before anything was measured.
+
+The JSON and markdown are rewritten after the ceilings and after every op and every model provider,
+marked ``"complete": false`` with ``"interrupted": "partial: written after <op>; ..."``, so a run
+killed outright (SIGKILL) keeps what it measured; the final write adds the plots and sets
+``"complete": true`` (a SIGTERM or Ctrl-C still gets a final write, marked incomplete).
 """
 from __future__ import annotations
 
@@ -158,6 +163,36 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
 
     records: list = []
     limits, interrupted = None, None
+    stem = common.file_stem(settings, date)
+
+    def report(interrupted: str | None, complete: bool) -> dict:
+        common.add_speedups(records)
+        return {
+            "title": "llama_kernels benchmarks",
+            "meaningful": settings.meaningful,
+            "warning": settings.warning,
+            "complete": complete,
+            "interrupted": interrupted,
+            "mode": mode,
+            "date": date,
+            "environment": env,
+            "limits": limits,
+            "settings": {"warmup_ms": settings.warmup_ms, "rep_ms": settings.rep_ms, "host_reps": settings.host_reps,
+                         "rotate_bytes": settings.rotate_bytes, "compile": settings.compile,
+                         "timer": "triton.testing.do_bench median" if on_gpu else "host clock median (CPU)"},
+            "providers": {**bench_ops.provider_notes(), **bench_model.provider_notes()},
+            "ops": {s.name: s.note for s in bench_ops.OPS},
+            "wall_s": common.elapsed_s(),
+        }
+
+    def progress(label: str) -> None:
+        # Rewritten after every op and every model provider: a run killed outright (a lease's
+        # `timeout` ends in SIGKILL, which no handler sees) still leaves what it measured, marked
+        # incomplete.  No plots here: they are slow and drawn once at the end.
+        note = f"partial: written after {label}; the run had not finished"
+        common.write_outputs(report(note, complete=False), records, out_dir, stem, plots=False)
+        say(f"partial results ({len(records)} figures, after {label}) in {out_dir / stem}.json")
+
     # A run cut short (Ctrl-C, or `timeout` sending SIGTERM at a lease's end) still writes what it
     # measured.  The exception is a BaseException, so the per-provider `except Exception` blocks
     # let it through.
@@ -165,37 +200,25 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         limits = common.measure_limits(settings)
+        progress("the ceilings")
         if args.only in (None, "ops"):
-            bench_ops.run(settings, limits, records)
+            bench_ops.run(settings, limits, records, progress)
         if args.only in (None, "model"):
-            bench_model.run(settings, limits, records)
+            bench_model.run(settings, limits, records, progress)
     except (KeyboardInterrupt, Terminated) as exc:
         interrupted = f"stopped early ({type(exc).__name__}): only the figures measured before are reported"
         say(interrupted)
         if limits is None:
             return 130
+        # An op's record is listed before it is timed: the one being timed when the signal came
+        # has no time, and is not a figure.
+        records[:] = [r for r in records if not (r.status == "ok" and r.ms is None)]
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    common.add_speedups(records)
 
-    report = {
-        "title": "llama_kernels benchmarks",
-        "meaningful": settings.meaningful,
-        "warning": settings.warning,
-        "interrupted": interrupted,
-        "mode": mode,
-        "date": date,
-        "environment": env,
-        "limits": limits,
-        "settings": {"warmup_ms": settings.warmup_ms, "rep_ms": settings.rep_ms, "host_reps": settings.host_reps,
-                     "rotate_bytes": settings.rotate_bytes, "compile": settings.compile,
-                     "timer": "triton.testing.do_bench median" if on_gpu else "host clock median (CPU)"},
-        "providers": {**bench_ops.provider_notes(), **bench_model.provider_notes()},
-        "ops": {s.name: s.note for s in bench_ops.OPS},
-        "wall_s": common.elapsed_s(),
-    }
-    common.write_outputs(report, records, out_dir, common.file_stem(settings, date))
+    for path in common.write_outputs(report(interrupted, complete=interrupted is None), records, out_dir, stem):
+        say(f"wrote {path}")
 
     # Exit status: the run completed (0), unless a provider failed or a kernel disagrees (1).
     bad = problems(records)

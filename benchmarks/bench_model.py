@@ -13,11 +13,24 @@ embedding excluded: a lookup), ``L`` layers, ``Hq`` query heads of dim ``D``:
   model FLOP utilisation = (6 P T + 3.5 L * 2 Hq T^2 D) / time / measured matmul peak (matmuls
   forward 2 P T, backward twice that; causal attention forward 4 Hq T^2 D / 2, backward 2.5x).
 * prefill (forward of T tokens, no grad): tokens/s; FLOP = 2 P T + L * 2 Hq T^2 D.
-* decode (batch 1, greedy, the model's own ``generate`` and KV cache): a generation of N tokens
-  and one of 1 token are timed; their difference is N - 1 decode steps.  tokens/s = (N - 1) /
-  difference.  Bytes a step must move: every weight read once (the embedding: one row) plus the
-  K and V cache of every layer up to the current position (2 L Hk pos D s), plus the new K/V row;
-  their sum over the N - 1 steps / difference is compared with the measured copy bandwidth.
+* decode (batch 1, greedy, the model's own ``generate`` and KV cache), two figures side by side:
+
+  - ``decode``: our decode figure.  For the reference model (``eager``, ``ours``) the CUDA-graph
+    step, ``generate(..., cuda_graphs=True)`` (:class:`llama_kernels.model.StaticDecodeStep`: one
+    graph replay per token, no per-kernel launch cost).  ``generate(2)`` (prompt, capture, one
+    replay) and ``generate(N)`` are timed: their difference is N - 2 replays, the capture
+    excluded.  Without CUDA it is ``skipped`` (graphs need a GPU), never faked.  transformers'
+    models (``hf``, ``hf+ours``, ``hf+liger``) and ``torch.compile`` run their plain ``generate``
+    here (not graph-captured; their record's note says so): ``generate(1)`` and ``generate(N)``,
+    N - 1 steps.
+  - ``decode-no-graph`` (``eager``, ``ours`` only): the same model's ``generate(...,
+    cuda_graphs=False)``, one launch per kernel per step, timed like the plain ``generate`` above:
+    the launch-bound figure, to show what the graph saves.
+
+  tokens/s = steps / difference.  Bytes a step must move: every weight read once (the embedding:
+  one row) plus the K and V cache of every layer up to the current position (2 L Hk pos D s), plus
+  the new K/V row; their sum over the timed steps / difference is compared with the measured copy
+  bandwidth (the roofline fraction of decode: the target is >= 0.75 of the copy bandwidth).
 """
 from __future__ import annotations
 
@@ -42,6 +55,12 @@ SWEEPS = {
     "smoke": dict(layers=2, train=(16,), prefill=(16,), decode=((8, 4),), warmup=0, reps=2),
 }
 LOSS_TOLERANCE = 1e-2  # relative difference of the first loss from the family's unpatched model
+# Providers whose ``decode`` figure is the CUDA-graph step, and who get the ``decode-no-graph`` one
+# too: the reference model, eager and patched.  transformers' generate has no such step here, and
+# a compiled model keeps its plain generate (its decode runs in full mode only).
+GRAPH_DECODE = ("eager", "ours")
+DECODE_NOTES = {True: "decode: generate(cuda_graphs=True), one CUDA-graph replay per step",
+                False: "decode: plain generate, not graph-captured (one launch per kernel per step)"}
 
 
 def _config(settings: Settings) -> dict:
@@ -78,8 +97,8 @@ class LlamaRunner:
         logits = self.model(ids)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
-    def generate(self, ids, n):
-        return self.model.generate(ids, max_new_tokens=n)
+    def generate(self, ids, n, cuda_graphs=False):
+        return self.model.generate(ids, max_new_tokens=n, cuda_graphs=cuda_graphs)
 
 
 class HFRunner:
@@ -97,7 +116,9 @@ class HFRunner:
     def loss(self, ids):  # transformers shifts the labels itself (Liger: fused linear cross-entropy)
         return self.model(input_ids=ids, labels=ids, use_cache=False).loss
 
-    def generate(self, ids, n):
+    def generate(self, ids, n, cuda_graphs=False):
+        if cuda_graphs:  # never asked (GRAPH_DECODE): a graph figure must not silently time without one
+            raise ValueError("transformers' generate is not graph-captured by this benchmark")
         return self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                    min_new_tokens=n, do_sample=False)
 
@@ -154,10 +175,18 @@ def _compiled(model, settings):
 
 
 def provider_notes() -> dict:
+    """What each provider of the model benchmark is, for the report's provider list."""
     return {
         "model eager / ours / torch.compile": "llama_kernels.model.Llama: eager, apply_kernels, model.compile()",
         "model hf / hf+ours / hf+liger": "transformers LlamaForCausalLM (sdpa): plain, apply_kernels, "
                                          "apply_liger_kernel_to_llama (defaults, incl. fused linear cross-entropy)",
+        "model decode": "eager and ours: the CUDA-graph decode step, generate(cuda_graphs=True), timed as "
+                        "generate(N) - generate(2) (capture excluded); skipped without CUDA. hf, hf+ours, "
+                        "hf+liger and torch.compile: their plain generate, not graph-captured, "
+                        "generate(N) - generate(1). Bytes per step / time over the copy bandwidth is the "
+                        "roofline fraction (target >= 0.75)",
+        "model decode-no-graph": "eager and ours: generate(cuda_graphs=False), one kernel launch per op "
+                                 "per step (launch-bound at batch 1), generate(N) - generate(1)",
     }
 
 
@@ -201,12 +230,14 @@ def _weight_bytes_per_token(model, cfg) -> int:
     return total
 
 
-def _decode_bytes(cfg, weight_bytes: int, prompt: int, new: int, elem: int) -> int:
-    """Bytes the N - 1 decode steps of a generation must move (see the module docstring)."""
+def _decode_bytes(cfg, weight_bytes: int, prompt: int, first: int, last: int, elem: int) -> int:
+    """Bytes decode steps ``first..last`` (1-based, inclusive) of a generation after a ``prompt``-token
+    prefill must move (see the module docstring): step j writes the K/V row of position
+    prompt + j - 1 and reads the prompt + j rows up to it."""
     d = cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_row = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * d * elem  # K and V, all layers
-    steps = new - 1
-    positions_read = steps * prompt + steps * (steps + 1) // 2  # step j reads prompt + j + 1 rows
+    steps = last - first + 1
+    positions_read = sum(prompt + j for j in range(first, last + 1))
     return steps * (weight_bytes + kv_row) + kv_row * positions_read
 
 
@@ -218,7 +249,8 @@ def _ids(cfg, t: int, device, seed: int):
     return torch.randint(0, cfg["vocab_size"], (1, t), generator=gen, device=device)
 
 
-_OPS = (("prefill", "forward"), ("decode", "generate"), ("train", "forward+backward+AdamW"))
+_OPS = (("prefill", "forward"), ("decode", "generate"), ("decode-no-graph", "generate"),
+        ("train", "forward+backward+AdamW"))
 
 
 def _record(name, op, tokens, cfg, settings, **kw) -> Record:
@@ -228,10 +260,16 @@ def _record(name, op, tokens, cfg, settings, **kw) -> Record:
                   {**dims, "batch": 1}, tokens, "bf16", **kw)
 
 
-def _plan(settings: Settings):
-    """(op, tokens) of every figure of one provider; decode's tokens are the prompt length."""
+def _decode_ops(name: str) -> tuple:
+    """The decode figures of provider ``name``: see :data:`GRAPH_DECODE`."""
+    return ("decode", "decode-no-graph") if name in GRAPH_DECODE else ("decode",)
+
+
+def _plan(settings: Settings, name: str):
+    """(op, tokens) of every figure of provider ``name``; decode's tokens are the prompt length."""
     sweep = SWEEPS[settings.mode]
-    return ([("prefill", t) for t in sweep["prefill"]] + [("decode", p) for p, _ in sweep["decode"]]
+    return ([("prefill", t) for t in sweep["prefill"]]
+            + [(op, p) for p, _ in sweep["decode"] for op in _decode_ops(name)]
             + [("train", t) for t in sweep["train"]])
 
 
@@ -249,7 +287,7 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
             loss = runner.loss(_ids(cfg, sweep["train"][0], dev, 0)).item()
     except Exception as exc:
         status, reason = classify(exc)
-        for op, tokens in _plan(settings):
+        for op, tokens in _plan(settings, name):
             records.append(_record(name, op, tokens, cfg, settings, status=status, reason=reason, note=runner.note))
             say(records[-1].describe())
         return
@@ -257,8 +295,8 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
     mismatch = not abs(loss - ref) <= LOSS_TOLERANCE * abs(ref)
     say(f"model {name}: first loss {loss:.4f} ({runner.family} reference {ref:.4f})")
 
-    def attempt(op, tokens, body, **kw):
-        r = _record(name, op, tokens, cfg, settings, note=runner.note, **kw)
+    def attempt(op, tokens, body, note=runner.note, **kw):
+        r = _record(name, op, tokens, cfg, settings, note=note, **kw)
         if mismatch:
             r.status, r.reason = "mismatch", f"first loss {loss:.4f} vs {runner.family}'s {ref:.4f}"
         else:
@@ -282,23 +320,38 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
         r.tokens_per_s = t / r.ms * 1e3
         r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(call, dev)
 
-    def decode(r, prompt, new):
+    def decode(r, prompt, new, graphs):
         if name == "torch.compile" and settings.mode != "full":
             raise Skipped("compiled decode recompiles for new cache lengths: full mode only")
+        if graphs and dev.type != "cuda":
+            raise Skipped("the CUDA-graph decode step (generate(cuda_graphs=True)) needs a CUDA device; "
+                          "decode-no-graph is this model's figure without graphs")
+        # A graph generation captures its step at the first decode token: generate(2) holds the
+        # prompt, the capture and one replay, so the difference from generate(N) is replays only.
+        base = 2 if graphs else 1
+        if new <= base:
+            raise ValueError(f"decode needs more than {base} new tokens to time a step, got {new}")
         ids = _ids(cfg, prompt, dev, 2)
-        one = time_calls(lambda: runner.generate(ids, 1), dev, sweep["warmup"], sweep["reps"])
-        many = time_calls(lambda: runner.generate(ids, new), dev, sweep["warmup"], sweep["reps"])
-        step_ms = (many.ms - one.ms) / (new - 1)
+
+        def gen(n):
+            return runner.generate(ids, n, cuda_graphs=graphs)
+
+        short = time_calls(lambda: gen(base), dev, sweep["warmup"], sweep["reps"])
+        long = time_calls(lambda: gen(new), dev, sweep["warmup"], sweep["reps"])
+        steps = new - base
+        step_ms = (long.ms - short.ms) / steps
         if step_ms <= 0:
-            raise Unreliable(f"generate({new}) took no longer than generate(1): {many.ms:.3f} ms")
+            raise Unreliable(f"generate({new}) took no longer than generate({base}): {long.ms:.3f} ms")
         elem = next(runner.model.parameters()).element_size()
-        r.work = _decode_bytes(cfg, _weight_bytes_per_token(runner.model, cfg), prompt, new, elem) / (new - 1)
+        weights = _weight_bytes_per_token(runner.model, cfg)
+        r.work = _decode_bytes(cfg, weights, prompt, base, new - 1, elem) / steps
         r.work_unit = "B"  # per decode step, on average
         r.set_timing(Timing(step_ms, step_ms, step_ms), limits)
         r.ms_p20 = r.ms_p80 = None  # a difference of two medians: no spread to report
         r.tokens_per_s = 1e3 / step_ms
-        r.extra.update(new_tokens=new, generate_1_ms=one.ms, generate_n_ms=many.ms)
-        r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(lambda: runner.generate(ids, new), dev)
+        r.extra.update(new_tokens=new, base_tokens=base, timed_steps=steps, cuda_graphs=graphs,
+                       generate_base_ms=short.ms, generate_n_ms=long.ms)
+        r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(lambda: gen(new), dev)
 
     def train(r, t):
         ids = _ids(cfg, t, dev, 3)
@@ -319,14 +372,22 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
         attempt("prefill", t, lambda r: prefill(r, t),
                 work=2 * _linear_params(cfg) * t + _attention_fwd_flop(cfg, t), work_unit="FLOP")
     for prompt, new in sweep["decode"]:
-        attempt("decode", prompt, lambda r: decode(r, prompt, new))
+        for op in _decode_ops(name):
+            graphs = op == "decode" and name in GRAPH_DECODE
+            note = "; ".join(filter(None, (runner.note, DECODE_NOTES[graphs])))
+            attempt(op, prompt, lambda r: decode(r, prompt, new, graphs), note=note)
     runner.model.train()
     for t in sweep["train"]:
         attempt("train", t, lambda r: train(r, t),
                 work=6 * _linear_params(cfg) * t + 3.5 * _attention_fwd_flop(cfg, t), work_unit="FLOP")
 
 
-def run(settings: Settings, limits: dict, records: list) -> None:
+def run(settings: Settings, limits: dict, records: list, progress=None) -> None:
+    """Measure every provider of :func:`providers` into ``records``, one model at a time.
+
+    ``progress(label)``, when given, is called after each provider's figures are in ``records``
+    (``__main__`` rewrites the report then, so a run killed later keeps them).
+    """
     cfg = _config(settings)
     say(f"model: {cfg['num_hidden_layers']} layers of LLaMA-3-8B shape" if settings.mode != "smoke"
         else "model: tiny smoke config")
@@ -338,14 +399,16 @@ def run(settings: Settings, limits: dict, records: list) -> None:
                 runner = build(stack)
             except Exception as exc:
                 status, reason = classify(exc)
-                for op, tokens in _plan(settings):
+                for op, tokens in _plan(settings, name):
                     records.append(_record(name, op, tokens, cfg, settings, status=status, reason=reason))
                     say(records[-1].describe())
-                continue
-            try:
-                _measure(name, runner, cfg, settings, limits, records, ref_losses)
-            finally:
-                del runner
-                if name == "torch.compile":
-                    torch._dynamo.reset()
-                free_memory()
+            else:
+                try:
+                    _measure(name, runner, cfg, settings, limits, records, ref_losses)
+                finally:
+                    del runner
+                    if name == "torch.compile":
+                        torch._dynamo.reset()
+                    free_memory()
+        if progress is not None:
+            progress(f"model {name}")

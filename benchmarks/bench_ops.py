@@ -515,7 +515,12 @@ def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records
     free_memory()
 
 
-def run(settings: Settings, limits: dict, records: list) -> None:
+def run(settings: Settings, limits: dict, records: list, progress=None) -> None:
+    """Measure every op of :data:`OPS` (or ``settings.ops``) at every case into ``records``.
+
+    ``progress(label)``, when given, is called after each op's figures are in ``records``
+    (``__main__`` rewrites the report then, so a run killed later keeps them).
+    """
     import torch._functorch.config as functorch_config
 
     # AOTAutograd lets a compiled backward reuse ("donate") its saved tensors by default, which
@@ -530,3 +535,5 @@ def run(settings: Settings, limits: dict, records: list) -> None:
                 continue
             for case in cases(spec, settings):
                 run_case(spec, case, settings, limits, records)
+            if progress is not None:
+                progress(f"ops {spec.name}")

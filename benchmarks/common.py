@@ -13,6 +13,7 @@ import importlib.metadata
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -372,6 +373,14 @@ def _json_safe(value):
     return value
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so that a run killed while
+    writing (a lease's ``timeout``, SIGKILL included) leaves the previous complete file, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(report: dict, records: list[Record], path: Path) -> None:
     doc = dict(report)
     doc["records"] = [dataclasses.asdict(r) for r in records]
@@ -380,7 +389,7 @@ def write_json(report: dict, records: list[Record], path: Path) -> None:
          "dtype": r.dtype, "ours": r.speedup_base, "vs": r.provider, "speedup_of_ours": r.speedup_of_ours}
         for r in records if r.speedup_of_ours is not None
     ]
-    path.write_text(json.dumps(_json_safe(doc), indent=1) + "\n")
+    _write_text(path, json.dumps(_json_safe(doc), indent=1) + "\n")
 
 
 def _num(x: float) -> str:
@@ -443,7 +452,8 @@ def write_markdown(report: dict, records: list[Record], path: Path) -> None:
         compared = {r.provider: r.speedup_base for r in rs if r.speedup_of_ours}
         compared = {p: compared[p] for p in providers if p in compared}
         rows = list(dict.fromkeys((r.shape, r.tokens, r.dtype) for r in rs))
-        header = ["shape", {"decode": "KV length" if suite == "ops" else "prompt"}.get(op, "tokens"), "dtype",
+        axis = ("KV length" if suite == "ops" else "prompt") if op.startswith("decode") else "tokens"
+        header = ["shape", axis, "dtype",
                   *providers, *(f"{base} vs {p}" for p, base in compared.items())]
         lines += ["", f"## {suite}: {op}, {mode}", ""]
         if report.get("ops", {}).get(op) and suite == "ops":
@@ -459,17 +469,22 @@ def write_markdown(report: dict, records: list[Record], path: Path) -> None:
         notes = sorted({f"{r.provider}: {r.note}" for r in rs if r.note})
         lines += [""] + [f"[{n}] {status}: {reason}  " for (status, reason), n in footnotes.items()]
         lines += [f"- {n}" for n in notes]
-    path.write_text("\n".join(lines) + "\n")
+    _write_text(path, "\n".join(lines) + "\n")
 
 
-def write_outputs(report: dict, records: list[Record], out_dir: Path, stem: str) -> list[Path]:
-    from . import plots
+def write_outputs(report: dict, records: list[Record], out_dir: Path, stem: str, plots: bool = True) -> list[Path]:
+    """Write ``<stem>.json`` and ``<stem>.md`` in ``out_dir``, and with ``plots`` the PNGs; returns the paths.
+
+    The JSON comes first: it is what a run cut short must leave.  The partial writes during a run
+    pass ``plots=False`` (matplotlib takes seconds per figure, and they are redrawn at the end).
+    """
+    from . import plots as plotting
 
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     write_json(report, records, json_path)
     write_markdown(report, records, md_path)
-    written = [json_path, md_path, *plots.write_plots(report, records, out_dir, stem)]
-    for p in written:
-        say(f"wrote {p}")
+    written = [json_path, md_path]
+    if plots:
+        written += plotting.write_plots(report, records, out_dir, stem)
     return written

@@ -161,10 +161,31 @@ def generate(args) -> int:
 # plus a floor of 1e-6 of the output's scale for where eager is exact to the last bit.
 CHECK_OPS = ("rms_norm", "swiglu", "apply_rotary", "flash_attention")
 CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The shapes ``check --shape`` takes: model widths, the (batch, tokens) of the norm and MLP inputs,
+# the tokens of attention's one sequence (the interpreter's time grows with the programs launched,
+# and attention's backward is most of check's time), and the rope base.  smollm2, the default, is
+# small enough for the CPU interpreter; llama3-8b is the shape the GPU session checks at.
+CHECK_SHAPES = {
+    "smollm2": dict(hidden=576, intermediate=1536, hq=9, hk=3, d=64, rows=(4, 7), attn_tokens=37,
+                    rope_theta=10000.0),
+    "llama3-8b": dict(hidden=4096, intermediate=14336, hq=32, hk=8, d=128, rows=(1, 4096), attn_tokens=4096,
+                      rope_theta=500000.0),
+}
 
 
-def _check_cases(device: torch.device, dtype: torch.dtype) -> dict:
-    """op name -> (kernel, eager reference, inputs, input names), on small SmolLM2-sized shapes.
+def check_shape(name: str = "smollm2", tokens: int | None = None) -> dict:
+    """The dimensions of :data:`CHECK_SHAPES` ``[name]``; ``tokens`` replaces its token counts (one
+    sequence of ``tokens`` for every op)."""
+    shape = dict(CHECK_SHAPES[name])
+    if tokens is not None:
+        shape.update(rows=(1, tokens), attn_tokens=tokens)
+    return shape
+
+
+def _check_cases(device: torch.device, dtype: torch.dtype, shape: dict | None = None) -> dict:
+    """op name -> (kernel, eager reference, inputs, input names), at ``shape`` (:func:`check_shape`,
+    default the small SmolLM2-sized one).
 
     Every input is differentiated; rope's cos/sin tables are constants (they get no gradient), held
     by the two functions, at the precision of q (float64 for the oracle).
@@ -172,16 +193,16 @@ def _check_cases(device: torch.device, dtype: torch.dtype) -> dict:
     import llama_kernels as lk
     from . import reference
 
-    x = torch.randn(4, 7, 576, device=device, dtype=dtype)
-    w = torch.randn(576, device=device, dtype=dtype)
-    gate, up = torch.randn(2, 4, 7, 1536, device=device, dtype=dtype).unbind(0)
-    # q, k, v as the model makes them: (B, T, H, D) projections seen as (B, H, T, D) views; one
-    # sequence, since the interpreter's time grows with the programs launched (attention's backward
-    # is most of check's time).
-    q = torch.randn(1, 37, 9, 64, device=device, dtype=dtype).transpose(1, 2)
-    k, v = torch.randn(2, 1, 37, 3, 64, device=device, dtype=dtype).transpose(2, 3).unbind(0)
-    cos, sin = reference.rotary_cos_sin(torch.arange(37, device=device),
-                                        1.0 / 10000 ** (torch.arange(0, 64, 2, device=device) / 64), dtype)
+    s = shape or check_shape()
+    b, t, tq, d = *s["rows"], s["attn_tokens"], s["d"]
+    x = torch.randn(b, t, s["hidden"], device=device, dtype=dtype)
+    w = torch.randn(s["hidden"], device=device, dtype=dtype)
+    gate, up = torch.randn(2, b, t, s["intermediate"], device=device, dtype=dtype).unbind(0)
+    # q, k, v as the model makes them: (B, T, H, D) projections seen as (B, H, T, D) views.
+    q = torch.randn(1, tq, s["hq"], d, device=device, dtype=dtype).transpose(1, 2)
+    k, v = torch.randn(2, 1, tq, s["hk"], d, device=device, dtype=dtype).transpose(2, 3).unbind(0)
+    inv_freq = 1.0 / s["rope_theta"] ** (torch.arange(0, d, 2, device=device) / d)
+    cos, sin = reference.rotary_cos_sin(torch.arange(tq, device=device), inv_freq, dtype)
 
     def rope_kernel(q, k):
         return lk.apply_rotary(q, k, cos, sin)
@@ -242,10 +263,10 @@ def _check_backward(kernel, ref, inputs, names, generator) -> tuple[bool, str]:
     return _compare([f"grad of {n}" for n in names], k_g, o_g, e_g)
 
 
-def check_ops(device: torch.device, ops=None, dtypes=None, seed: int = 0) -> tuple[int, int]:
+def check_ops(device: torch.device, ops=None, dtypes=None, seed: int = 0, shape: dict | None = None) -> tuple[int, int]:
     """Check ``ops`` (default :data:`CHECK_OPS`) in ``dtypes`` (default :data:`CHECK_DTYPES`) on
-    ``device``, forward and backward; print one line for each op/dtype/direction and return
-    ``(passed, failed)``.
+    ``device`` at ``shape`` (:func:`check_shape`; default the small one), forward and backward;
+    print one line for each op/dtype/direction and return ``(passed, failed)``.
 
     Forward runs without autograd; backward runs the training forward and differentiates every
     input against a random (seeded) cotangent.  An op that raises fails with its exception's first
@@ -255,7 +276,7 @@ def check_ops(device: torch.device, ops=None, dtypes=None, seed: int = 0) -> tup
     generator = torch.Generator(device=device).manual_seed(seed + 1)  # the cotangents
     passed = failed = 0
     for dtype in dtypes or CHECK_DTYPES:
-        cases = _check_cases(device, dtype)
+        cases = _check_cases(device, dtype, shape)
         for name in ops or CHECK_OPS:
             kernel, ref, inputs, names = cases[name]
             for direction in ("forward", "backward"):
@@ -268,6 +289,7 @@ def check_ops(device: torch.device, ops=None, dtypes=None, seed: int = 0) -> tup
                     ok, detail = False, _one_line(exc)[:200]
                 passed, failed = passed + ok, failed + (not ok)
                 say(f"{name:16s} {str(dtype)[6:]:9s} {direction:9s} {detail}  {'ok' if ok else 'FAIL'}")
+        del cases  # the large shape's inputs: freed before the next dtype's
     return passed, failed
 
 
@@ -281,7 +303,11 @@ def device_label(device: torch.device) -> str:
 def check(args) -> int:
     """Run every op forward and backward against its float64 reference on this device; 1 if any fails."""
     device = select_device()
-    passed, failed = check_ops(device)
+    shape = check_shape(args.shape, args.tokens)
+    dims = ", ".join(f"{k} {v}" for k, v in shape.items() if k not in ("rows", "attn_tokens", "rope_theta"))
+    say(f"check: shape {args.shape} ({dims}; norm/MLP inputs {shape['rows'][0]} x {shape['rows'][1]} tokens, "
+        f"attention {shape['attn_tokens']} tokens)")
+    passed, failed = check_ops(device, dtypes=args.dtypes, shape=shape)
     say(f"check: {passed} passed, {failed} failed on {device_label(device)}")
     return 1 if failed else 0
 
@@ -316,6 +342,16 @@ def non_negative_float(text: str) -> float:
     if value is None or not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value
+
+
+def dtype_list(text: str) -> tuple:
+    """Comma-separated dtype names, each one of :data:`DTYPE_NAMES` (e.g. ``fp16,bf16``)."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in DTYPE_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated dtypes from {', '.join(DTYPE_NAMES)}, got {text!r}")
+    return tuple(DTYPE_NAMES[name] for name in names)
 
 
 def non_empty_text(text: str) -> str:
@@ -361,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every op forward and backward on this device and compare it with "
                                    "its float64 reference: the error must be at most twice that of the "
                                    "PyTorch reference at the same precision. Exits with 1 if any fails.")
+    p.add_argument("--shape", choices=tuple(CHECK_SHAPES), default="smollm2",
+                   help="op shapes: smollm2 (small, the default: fine on the CPU interpreter) or llama3-8b "
+                        "(hidden 4096, MLP 14336, 32/8 heads of 128, 4096 tokens: for a GPU)")
+    p.add_argument("--tokens", type=positive_int, metavar="N",
+                   help="one sequence of N tokens for every op instead of the shape's token counts")
+    p.add_argument("--dtypes", type=dtype_list, metavar="NAMES",
+                   help="comma-separated dtypes to check, from fp32, fp16, bf16 (default: all three)")
     p.set_defaults(func=check)
     # add_help=False: `llama-kernels bench --help` is the benchmarks' own help.
     p = sub.add_parser("bench", add_help=False,

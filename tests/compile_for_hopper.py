@@ -6,7 +6,12 @@ driver reports an sm_90 target and ``JITFunction.run`` compiles without launchin
 warm-up path), so calling the public ops on CPU tensors drives every launcher through Triton's
 real compiler and ptxas, with the launchers' own block sizes and constexpr flags.  Outputs are
 never computed.  Run as a script (``tests/test_hopper_compile.py`` does, in a subprocess); it
-prints one line per compiled kernel: name, shared memory, registers, spilled bytes.
+prints one line per compiled kernel: name, dtype, launch constants, shared memory, registers, spilled
+bytes, and the widths of its global loads (``ld 16B x4`` = four 16-byte vector loads in the PTX;
+``cp.async`` = asynchronous copies to shared memory, i.e. a pipelined loop).  It exits 1 when a
+kernel needs more shared memory than an H100 has, or when a memory-bound kernel (RMSNorm, SwiGLU,
+RoPE) spills registers in half precision: those must run at copy bandwidth, and a spill is local
+memory traffic on top of it.
 """
 import os
 import re
@@ -23,6 +28,8 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 H100_SHARED_MEMORY = 232448
+# Kernels that must not spill in half precision (memory-bound: judged by bytes moved).
+NO_SPILL = ("rms_norm_", "swiglu_", "rope_")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -45,13 +52,15 @@ class Sm90Driver:
         return ty
 
 
-compiled = []
+compiled = []  # (kernel name, dtype, case, launch constants, compiled kernel)
+current_dtype = current_case = "?"  # what main() is compiling for: dtype, shape
 _run = JITFunction.run
 
 
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
-    compiled.append((self.fn.__name__, kernel))
+    constants = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+    compiled.append((self.fn.__name__, current_dtype, current_case, constants, kernel))
     return kernel
 
 
@@ -63,6 +72,21 @@ def resource_usage(kernel):
                              text=True, check=True).stdout
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
     return kernel.metadata.shared, int(regs), int(stack)
+
+
+def global_loads(ptx: str) -> str:
+    """Widths of the global loads in ``ptx``, e.g. ``ld 16B x4, 4B x1; cp.async 16B x2``."""
+    widths: dict = {}
+    for vec, bits in re.findall(r"\bld\.global(?:\.[a-z_]+\d*)*?(?:\.v(\d))?\.[bufs](\d+)\b", ptx):
+        key = ("ld", int(vec or 1) * int(bits) // 8)
+        widths[key] = widths.get(key, 0) + 1
+    for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9_]+)*\s+\[[^]]+\],\s*\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+        key = ("cp.async", int(size, 0))
+        widths[key] = widths.get(key, 0) + 1
+    parts = {}
+    for (kind, nbytes), count in sorted(widths.items(), key=lambda item: (item[0][0], -item[0][1])):
+        parts.setdefault(kind, []).append(f"{nbytes}B x{count}")
+    return "; ".join(f"{kind} {', '.join(items)}" for kind, items in parts.items()) or "no global loads"
 
 
 def main():
@@ -78,23 +102,35 @@ def main():
     def grad(*tensors):
         return [t.requires_grad_() for t in tensors]
 
+    def backward(outputs, inputs):
+        # Random cotangents, laid out like the outputs: what a training step feeds the backward
+        # (the gradient of a plain sum is a stride-0 expand, which no real backward sees).
+        outputs = [o for o in outputs if o is not None]
+        torch.autograd.grad(outputs, inputs, [torch.randn_like(o) for o in outputs])
+
+    global current_dtype, current_case
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for hidden in (576, 4096, 5120):
-            x, r = grad(torch.randn(8, hidden, dtype=dtype), torch.randn(8, hidden, dtype=dtype))
+        current_dtype = str(dtype).replace("torch.", "")
+        # Row counts are multiples of 16, as real token counts are (Triton specialises on it).
+        for hidden in (576, 4096, 5120):  # SmolLM2, LLaMA-3-8B, LLaMA-2-13B
+            current_case = f"hidden {hidden}"
+            x, r = grad(torch.randn(16, hidden, dtype=dtype), torch.randn(16, hidden, dtype=dtype))
             w = torch.ones(hidden, dtype=dtype, requires_grad=True)
-            y, h = lk.rms_norm(x, w, residual=r)
-            torch.autograd.grad((y.float().sum() + h.float().sum()), (x, w, r))
-        gate, up = grad(*torch.randn(2, 8, 11008, dtype=dtype).unbind(0))
-        torch.autograd.grad(lk.swiglu(gate, up).float().sum(), (gate, up))
+            backward([lk.rms_norm(x, w)], (x, w))
+            backward(lk.rms_norm(x, w, residual=r), (x, w, r))
+        for width in (11008, 14336):  # LLaMA-2-7B, LLaMA-3-8B
+            current_case = f"width {width}"
+            gate, up = grad(*torch.randn(2, 16, width, dtype=dtype).unbind(0))
+            backward([lk.swiglu(gate, up)], (gate, up))
         for d, interleaved in ((128, False), (64, True), (80, False)):
+            current_case = f"D {d}{' interleaved' if interleaved else ''}, 32/8 heads"
             q, k = grad(torch.randn(2, 16, 32, d, dtype=dtype), torch.randn(2, 16, 8, d, dtype=dtype))
             cos, sin = rotary_cos_sin(torch.arange(16), torch.rand(d // 2), dtype)
-            q_rot, k_rot = lk.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, interleaved)
-            torch.autograd.grad(q_rot.float().sum() + k_rot.float().sum(), (q, k))
+            backward(lk.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, interleaved), (q, k))
         for d in (64, 128, 96):
+            current_case = f"D {d}, 8/2 heads"
             q, k, v = grad(*(torch.randn(1, 128, h, d, dtype=dtype) for h in (8, 2, 2)))
-            o = lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            torch.autograd.grad(o.float().sum(), (q, k, v))
+            backward([lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))], (q, k, v))
             with torch.no_grad():  # the split-KV decode path: one split, several, device lengths
                 cache = torch.randn(2, 2, 4096, d, dtype=dtype)
                 for seq_k in (64, 4096):
@@ -103,12 +139,22 @@ def main():
                 lk.flash_decode(torch.randn(2, 8, 1, d, dtype=dtype), cache, cache, lengths)
 
     failures = 0
-    for name, kernel in compiled:
+    seen = set()
+    for name, dtype, case, constants, kernel in compiled:
+        config = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constants.items())
+        if id(kernel) in seen:  # the same specialisation launched twice
+            continue
+        seen.add(id(kernel))
         shared, regs, spilled = resource_usage(kernel)
-        over = shared > H100_SHARED_MEMORY
-        failures += over
-        print(f"{name:36s} shared {shared:6d}  regs {regs:3d}  spilled {spilled:4d}{'  TOO MUCH SHARED MEMORY' if over else ''}")
-    print(f"{len(compiled)} kernels compiled for sm_90")
+        problems = []
+        if shared > H100_SHARED_MEMORY:
+            problems.append("TOO MUCH SHARED MEMORY")
+        if spilled and dtype != "float32" and name.startswith(NO_SPILL):
+            problems.append("SPILLS IN HALF PRECISION")
+        failures += bool(problems)
+        print(f"{name:32s} {dtype:8s} {case:26s} shared {shared:6d}  regs {regs:3d}  spilled {spilled:4d}  "
+              f"{global_loads(kernel.asm['ptx'])}  [{config}]{'  ' + ', '.join(problems) if problems else ''}")
+    print(f"{len(seen)} kernel specialisations compiled for sm_90, {failures} with problems")
     return 1 if failures else 0
 
 

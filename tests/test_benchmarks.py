@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from benchmarks.__main__ import main
+from benchmarks import bench_model, bench_ops
+from benchmarks.__main__ import Terminated, main
 from benchmarks.bench_ops import OPS
 
 pytestmark = pytest.mark.timeout(300)
@@ -35,7 +36,7 @@ def test_smoke_run_writes_json_markdown_and_plots(smoke_run):
 
     report = json.loads(json_path.read_text())
     assert report["meaningful"] is False
-    assert report["interrupted"] is None
+    assert report["interrupted"] is None and report["complete"] is True
     assert "MEAN NOTHING" in report["warning"]
     assert "MEAN NOTHING" in md_path.read_text()
     for key in ("copy_gbps", "matmul_tflops"):
@@ -68,7 +69,24 @@ def test_smoke_run_covers_every_op_and_provider(smoke_run):
     for op in ("prefill", "decode", "train"):
         for provider in ("eager", "ours", "torch.compile", "hf", "hf+ours", "hf+liger"):
             assert (op, provider) in model
+    assert {p for op, p in model if op == "decode-no-graph"} == {"eager", "ours"}
     assert any(r["suite"] == "model" and r["provider"] == "eager" and r["status"] == "ok" for r in records)
+
+
+def test_smoke_decode_without_cuda_skips_the_graph_figure(smoke_run):
+    """No CUDA: the CUDA-graph decode figure is skipped with its reason (never timed without a graph),
+    the no-graph one is measured; transformers' decode says it is not graph-captured."""
+    _, out = smoke_run
+    (json_path,) = out.glob("*.json")
+    model = {(r["op"], r["provider"]): r for r in json.loads(json_path.read_text())["records"]
+             if r["suite"] == "model"}
+    for provider in ("eager", "ours"):
+        graph = model["decode", provider]
+        assert graph["status"] == "skipped" and "CUDA device" in graph["reason"], graph
+        assert "cuda_graphs=True" in graph["note"]
+    eager = model["decode-no-graph", "eager"]
+    assert eager["status"] == "ok" and eager["extra"]["cuda_graphs"] is False and eager["work"] > 0
+    assert "not graph-captured" in model["decode", "hf"]["note"]
 
 
 def test_speedups_are_same_run_ratios(smoke_run):
@@ -136,3 +154,81 @@ def test_which_records_fail_a_run():
     fine = [record("ours", s) for s in ("ok", "missing", "skipped", "oom", "unreliable")]
     fine.append(record("liger", "mismatch"))  # a third party disagreeing with ours: reported, not a failure
     assert problems(bad + fine) == bad
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs (main handles only Ctrl-C and SIGTERM)."""
+
+
+@pytest.mark.parametrize("stop", [Killed, Terminated], ids=["sigkill", "sigterm"])
+def test_a_run_stopped_after_the_first_op_keeps_its_figures(stop, monkeypatch, tmp_path):
+    """The report is rewritten after every op: killed outright, the partial JSON/markdown remain,
+    marked incomplete; stopped by SIGTERM, the final write (with plots) says so too.  Either way
+    the stop comes while the second op is being timed, as a lease's end would."""
+    real_run_case, real_bench = bench_ops.run_case, bench_ops.bench
+    second_op: list = []
+
+    def run_case(spec, *args, **kwargs):
+        if spec.name != "rms_norm":
+            second_op.append(spec.name)
+        return real_run_case(spec, *args, **kwargs)
+
+    def bench(call, settings):
+        if second_op:  # its first timing: after its check, with its record already listed
+            raise stop()
+        return real_bench(call, settings)
+
+    monkeypatch.setattr(bench_ops, "run_case", run_case)
+    monkeypatch.setattr(bench_ops, "bench", bench)
+    argv = ["--smoke", "--only", "ops", "--ops", "rms_norm,swiglu", "--tokens", "16", "--out", str(tmp_path)]
+    if stop is Killed:
+        with pytest.raises(Killed):
+            main(argv)
+    else:
+        assert main(argv) == 130
+    (json_path,) = tmp_path.glob("*.json")
+    report = json.loads(json_path.read_text())
+    assert report["complete"] is False
+    expected = "partial: written after ops rms_norm" if stop is Killed else "stopped early (Terminated)"
+    assert report["interrupted"].startswith(expected)
+    assert report["limits"]["copy_gbps"] > 0
+    assert {r["op"] for r in report["records"]} == {"rms_norm"}
+    assert f"Incomplete: {expected}" in json_path.with_suffix(".md").read_text()
+    # Plots only in a final write; no temporary file left beside the results.
+    assert bool(list(tmp_path.glob("*.png"))) is (stop is Terminated)
+    assert sorted(p.suffix for p in tmp_path.iterdir() if p.suffix != ".png") == [".json", ".md"]
+
+
+def test_a_killed_model_run_keeps_the_providers_measured_before(monkeypatch, tmp_path):
+    real = bench_model.providers
+
+    def providers(cfg, settings):
+        def killed(stack):
+            raise Killed()
+
+        return {"eager": real(cfg, settings)["eager"], "ours": killed}
+
+    monkeypatch.setattr(bench_model, "providers", providers)
+    with pytest.raises(Killed):
+        main(["--smoke", "--only", "model", "--out", str(tmp_path)])
+    (json_path,) = tmp_path.glob("*.json")
+    report = json.loads(json_path.read_text())
+    assert report["complete"] is False and report["interrupted"].startswith("partial: written after model eager")
+    assert {(r["op"], r["provider"]) for r in report["records"]} == {
+        ("prefill", "eager"), ("decode", "eager"), ("decode-no-graph", "eager"), ("train", "eager")}
+
+
+def test_decode_bytes_split_at_the_graph_baseline():
+    """The graph figure times steps 2..N-1 (generate(N) - generate(2)); the plain one steps 1..N-1:
+    both count the weights once a step and the cache rows each step reads."""
+    from benchmarks.bench_model import SMOKE, _decode_bytes
+
+    cfg = dict(SMOKE, num_hidden_layers=2)
+    kv_row = 2 * 2 * SMOKE["num_key_value_heads"] * (SMOKE["hidden_size"] // SMOKE["num_attention_heads"]) * 2
+    weights, prompt = 1000, 8
+    # step j writes one K/V row and reads the prompt + j rows up to it
+    assert _decode_bytes(cfg, weights, prompt, 1, 1, 2) == weights + kv_row + kv_row * (prompt + 1)
+    assert _decode_bytes(cfg, weights, prompt, 1, 5, 2) == (
+        _decode_bytes(cfg, weights, prompt, 1, 1, 2) + _decode_bytes(cfg, weights, prompt, 2, 5, 2))
+    assert _decode_bytes(cfg, weights, prompt, 2, 5, 2) == 4 * (weights + kv_row) + kv_row * sum(
+        prompt + j for j in range(2, 6))

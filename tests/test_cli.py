@@ -18,6 +18,18 @@ def test_check_passes_on_this_device(capsys):
     assert lines[-1].startswith("check: 24 passed, 0 failed on ")
 
 
+def test_check_at_the_llama3_8b_shape(capsys):
+    """The GPU session's check (benchmarks/gpu_session.sh: --shape llama3-8b --dtypes fp16,bf16) with
+    its widths and heads, here on 3 tokens so that the interpreter is quick."""
+    assert cli.main(["check", "--shape", "llama3-8b", "--tokens", "3", "--dtypes", "bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("check: shape llama3-8b (hidden 4096, intermediate 14336, hq 32, hk 8, d 128;")
+    assert "1 x 3 tokens, attention 3 tokens" in lines[0]
+    assert sum(line.split()[1:2] == ["bfloat16"] for line in lines) == 8
+    assert lines[-1].startswith("check: 8 passed, 0 failed on ")
+    assert cli.check_shape("llama3-8b")["attn_tokens"] == 4096  # a few thousand tokens by default
+
+
 def _wrong_gradient_swiglu(monkeypatch):
     """llama_kernels.swiglu with an exact forward and a gradient of `gate` off by 1e-2 x cotangent."""
     right = llama_kernels.swiglu
@@ -100,6 +112,10 @@ def _no_model_loading(monkeypatch):
     (["demo", "--prompt", ""], "llama-kernels demo: error: argument --prompt: must not be empty"),
     (["--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),
     (["check", "--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),
+    (["check", "--dtypes", "fp16,fp64"], "llama-kernels check: error: argument --dtypes: expected comma-separated "
+                                         "dtypes from fp32, fp16, bf16, got 'fp16,fp64'"),
+    (["check", "--shape", "llama3-70b"], "llama-kernels check: error: argument --shape: invalid choice"),
+    (["check", "--tokens", "0"], "llama-kernels check: error: argument --tokens: expected a whole number >= 1"),
     (["generate", "--prompt", "hi", "--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),
     ([], "llama-kernels: error: a command is required: demo, generate, check or bench"),
 ])

@@ -19,10 +19,12 @@ SCRIPT = Path(__file__).with_name("compile_for_hopper.py")
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    print(result.stdout)
+    problems = [line for line in result.stdout.splitlines() if line.rstrip().endswith(("MEMORY", "PRECISION"))]
+    assert result.returncode == 0, "\n".join(problems) or (result.stdout + result.stderr)[-4000:]
     compiled = {line.split()[0] for line in result.stdout.splitlines() if "_kernel" in line}
     assert compiled == {
-        "rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel",
+        "rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "rms_norm_dw_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel",
         "rope_kernel", "attention_fwd_kernel", "attention_bwd_preprocess_kernel",
         "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel", "attention_decode_split_kernel",
         "attention_decode_combine_kernel",

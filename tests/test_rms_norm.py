@@ -6,7 +6,7 @@ import torch
 import llama_kernels as lk
 from llama_kernels import reference
 from llama_kernels.ops.common import LAUNCHES
-from helpers import DTYPES, check_against_oracle
+from helpers import DTYPES, assert_like_eager, check_against_oracle
 
 HIDDEN = [576, 1000, 4096, 5120, 16384]
 
@@ -82,8 +82,23 @@ def test_same_cast_order_as_transformers(device):
 def test_kernels_launch(device):
     LAUNCHES.clear()
     x = torch.randn(4, 64, device=device, requires_grad=True)
-    lk.rms_norm(x, torch.ones(64, device=device)).sum().backward()
-    assert LAUNCHES["rms_norm_fwd_kernel"] == 1 and LAUNCHES["rms_norm_bwd_kernel"] == 1
+    w = torch.ones(64, device=device, requires_grad=True)
+    lk.rms_norm(x, w).sum().backward()
+    # The weight gradient's partials are reduced and cast by one kernel (no PyTorch sum + cast).
+    assert dict(LAUNCHES) == {"rms_norm_fwd_kernel": 1, "rms_norm_bwd_kernel": 1, "rms_norm_dw_kernel": 1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_weight_gradient_reduction(dtype, device):
+    """The partial reduction (more partials than one step of its loop, ragged columns) equals the
+    float64 sum by the 2x rule against the float32 sum + cast it replaced."""
+    from llama_kernels.ops.rms_norm import _reduce_dw
+
+    partial = torch.randn(70, 4100, device=device) * 10
+    dw = _reduce_dw(partial, dtype)
+    expected = partial.double().sum(0)
+    assert dw.dtype == dtype and dw.shape == (4100,)
+    assert_like_eager("dw", dw, expected, partial.sum(0).to(dtype))  # eager: what the kernel replaced
 
 
 def test_only_residual_output_used(device):

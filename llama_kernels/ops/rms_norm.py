@@ -17,8 +17,10 @@ Backward, with ``n = h * rstd`` and ``g = dy * w``::
 
 ``dx`` and ``dresidual`` both equal ``dh`` (computed in h's dtype, then each cast to its input's dtype,
 as eager autograd does after a promoting add).  ``dw`` is reduced without atomics: each program of the
-backward keeps a float32 partial sum over the rows it visits, and one ``sum`` over the few
-partials finishes it (deterministic run to run).
+backward keeps a float32 partial sum over the rows it visits (a persistent loop whose next rows are
+fetched while the current ones are reduced: ``tl.range(..., num_stages=3)``, cp.async on Hopper), and
+one small kernel sums the few partials per column and rounds once to the weight's dtype
+(deterministic run to run).
 
 One program normalises ``BLOCK_M`` whole rows held in registers (``BLOCK_N`` = the hidden size
 rounded up to a power of two), so each element is read once and written once; small hidden sizes
@@ -90,7 +92,7 @@ def rms_norm_bwd_kernel(
     x_inner, x_so, x_si, x_sn,
     dh_inner, dh_so, dh_si, dh_sn,
     w_sn,
-    HAS_DH_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DH_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -98,8 +100,10 @@ def rms_norm_bwd_kernel(
     w = tl.load(W + cols * w_sn, mask=col_mask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # Persistent loop: each program walks every num_programs-th block of rows, so the weight
-    # gradient needs one partial per program rather than one per row block.
-    for start in range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M):
+    # gradient needs one partial per program rather than one per row block.  With NUM_STAGES = 3
+    # the next two row blocks' loads are in flight (cp.async into two shared-memory buffers) while
+    # this one is reduced; with 2 Triton keeps one buffer and waits for each load before using it.
+    for start in tl.range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
         dy_ptrs = row_tile_ptrs(DY, rows, cols, dy_inner, dy_so, dy_si, dy_sn)
@@ -119,16 +123,36 @@ def rms_norm_bwd_kernel(
     tl.store(DW_PARTIAL + pid * N + cols, dw, mask=col_mask)
 
 
-def _launch_config(n: int):
+@triton.jit
+def rms_norm_dw_kernel(DW_PARTIAL, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    # dw[cols] = sum of the P float32 partials (P x N, contiguous), rounded once to DW's dtype.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        parts = start + tl.arange(0, BLOCK_P)
+        mask = (parts < P)[:, None] & col_mask[None, :]
+        total += tl.sum(tl.load(DW_PARTIAL + parts[:, None] * N + cols[None, :], mask=mask, other=0.0), axis=0)
+    tl.store(DW + cols, cast_rne(total, DW.dtype.element_ty), mask=col_mask)
+
+
+def _launch_config(n: int, element_size: int):
     """(BLOCK_M, BLOCK_N, num_warps): whole rows per program, at least 4k elements per program."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, 4096 // block_n))
     if INTERPRET:  # the interpreter's cost is per program: give each one more rows
         block_m = max(1, min(64, 16384 // block_n))
-    # About 16 elements per thread: the backward holds ~7 float32 values per element in registers
-    # (x, dy, w, normed, g, dx, the dw partial), which more elements per thread would spill.
-    num_warps = min(32, max(4, triton.next_power_of_2(block_m * block_n // 512)))
+    # The backward holds ~7 float32 values per element in registers (x, dy, w, normed, g, dx, the
+    # dw partial): 16 elements per thread fit without spilling (sm_90 compile: <= 210 registers),
+    # except for float32 rows of 8k, whose 16 warps cap registers at 128: those get 32 warps.
+    per_thread = 8 if element_size == 4 and block_m * block_n >= 8192 else 16
+    num_warps = min(32, max(4, triton.next_power_of_2(block_m * block_n // (32 * per_thread))))
     return block_m, block_n, num_warps
+
+
+# Shared memory the backward's pipelined loads may take: 2 buffers x (dy, x, dh) rows; more than
+# this (float32 rows of 8k) would leave one program per SM, better served by a plain loop.
+PIPELINE_BYTES = 100 * 1024
 
 
 def _out_dtype(x, residual):
@@ -156,7 +180,7 @@ def rms_norm_fwd(
     m = rstd.numel()
     if m == 0 or n == 0:  # nothing to normalise (rstd of an empty row is never read)
         return y, h, rstd
-    block_m, block_n, num_warps = _launch_config(n)
+    block_m, block_n, num_warps = _launch_config(n, y.element_size())
     has_residual = residual is not None
     x, *x_strides = row_layout(x)
     residual, *r_strides = row_layout(residual) if has_residual else (x, *x_strides)
@@ -183,20 +207,36 @@ def rms_norm_bwd(
     m = rstd.numel()
     if m == 0 or n == 0:
         return dx, torch.zeros_like(weight)
-    block_m, block_n, num_warps = _launch_config(n)
+    block_m, block_n, num_warps = _launch_config(n, x.element_size())
     programs = min(triton.cdiv(m, block_m), 2 * num_sms(x.device))
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     has_dh_out = dh_out is not None
+    buffered = 2 * (2 + has_dh_out) * block_m * block_n * x.element_size()
+    num_stages = 3 if buffered <= PIPELINE_BYTES else 1
     dy, *dy_strides = row_layout(dy)
     x, *x_strides = row_layout(x)
     dh_out, *dh_strides = row_layout(dh_out) if has_dh_out else (dy, *dy_strides)
     rms_norm_bwd_kernel[(programs,)](
         dy, x, weight, rstd, dh_out, dx, dw_partial, m, n,
         *dy_strides, *x_strides, *dh_strides, weight.stride(0),
-        HAS_DH_OUT=has_dh_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_DH_OUT=has_dh_out, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages, num_warps=num_warps,
     )
     count_launch(rms_norm_bwd_kernel)
-    return dx, dw_partial.sum(0).to(weight.dtype)
+    return dx, _reduce_dw(dw_partial, weight.dtype)
+
+
+def _reduce_dw(dw_partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the ``(programs, N)`` float32 partials over programs, in ``dtype``: one launch."""
+    programs, n = dw_partial.shape
+    # 64 columns (256 contiguous bytes per partial row) per program: N / 64 programs for a
+    # reduction of ~1 MB; the interpreter takes whole rows at once.
+    block_n = min(triton.next_power_of_2(n), 4096 if INTERPRET else 64)
+    block_p = min(triton.next_power_of_2(programs), 32)
+    dw = torch.empty(n, dtype=dtype, device=dw_partial.device)
+    rms_norm_dw_kernel[(triton.cdiv(n, block_n),)](dw_partial, dw, programs, n, BLOCK_P=block_p, BLOCK_N=block_n,
+                                                   num_warps=4)
+    count_launch(rms_norm_dw_kernel)
+    return dw
 
 
 class RMSNormFunction(torch.autograd.Function):

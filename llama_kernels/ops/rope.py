@@ -108,7 +108,7 @@ def _rotate_heads(
 @triton.jit
 def rope_kernel(
     Q, K, COS, SIN, QO, KO,
-    n_tokens, T, Hq, Hk, half,
+    n_tokens, T, Hq, Hk,
     sq_b, sq_h, sq_t, sq_d,
     sk_b, sk_h, sk_t, sk_d,
     sqo_b, sqo_h, sqo_t, sqo_d,
@@ -116,8 +116,11 @@ def rope_kernel(
     sc_b, sc_t, sc_d,
     ss_b, ss_t, ss_d,
     INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    # HALF = D / 2 is a constant so that masks and second-half offsets keep 16-byte alignment when
+    # D / 2 is not a multiple of 16 (e.g. D = 80): as a runtime value it made every load scalar.
+    half = HALF
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < n_tokens
     b, t = tokens // T, tokens % T
@@ -129,30 +132,33 @@ def rope_kernel(
     c1, c2, s1, s2 = c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :]
     _rotate_heads(
         Q, QO, Hq, half, b, t, token_mask, c1, c2, s1, s2,
-        sq_b, sq_h, sq_t, sq_d, sqo_b, sqo_h, sqo_t, sqo_d, INTERLEAVED, BACKWARD, BLOCK_HALF, BLOCK_HQ,
+        sq_b, sq_h, sq_t, sq_d, sqo_b, sqo_h, sqo_t, sqo_d, INTERLEAVED, BACKWARD, BLOCK_HALF, BLOCK_H,
     )
     _rotate_heads(
         K, KO, Hk, half, b, t, token_mask, c1, c2, s1, s2,
-        sk_b, sk_h, sk_t, sk_d, sko_b, sko_h, sko_t, sko_d, INTERLEAVED, BACKWARD, BLOCK_HALF, BLOCK_HK,
+        sk_b, sk_h, sk_t, sk_d, sko_b, sko_h, sko_t, sko_d, INTERLEAVED, BACKWARD, BLOCK_HALF, BLOCK_H,
     )
 
 
 def _launch_config(n_tokens: int, hq: int, hk: int, half: int):
-    """(BLOCK_T, BLOCK_HALF, BLOCK_HQ, BLOCK_HK, num_warps).
+    """(BLOCK_T, BLOCK_HALF, BLOCK_H, num_warps): tiles of ``[BLOCK_T tokens, BLOCK_H heads, pairs]``.
 
-    On the GPU a tile holds up to 32 heads of one token (2k pairs at D = 128): a token's cos/sin
-    are loaded once for all its heads and a 7B/8B training step gets one program per token, plenty
-    to fill the machine.  Small head counts (decode, tests) pack more tokens per program.  Under
-    the interpreter, whose cost is per program and per loop step, tiles grow to about 8k pairs.
+    A load is a 16-byte vector only if each thread holds 8 contiguous half-precision elements of
+    its tile, so q and k use tiles of one size, about 2k pairs for 8 warps: ``BLOCK_H`` covers the
+    smaller head count (k's 8 heads at LLaMA-3-8B), q's heads take several steps, and a program
+    takes as many tokens as fill the tile (4 at D = 128), loading their cos/sin once for all heads.
+    Sizing each tile to its own head count instead gave q 32 heads x 64 pairs and k a quarter of
+    that, i.e. 4-byte loads of k.  Warps follow the tile (8 elements per thread), so a decode step's
+    small tiles still load wide.  Under the interpreter, whose cost is per program and per loop
+    step, tiles grow to about 8k pairs.
     """
     block_half = triton.next_power_of_2(half)
     target = 8192 if INTERPRET else 2048
-    block_hq = min(triton.next_power_of_2(max(hq, 1)), max(1, target // block_half))
-    block_hk = min(triton.next_power_of_2(max(hk, 1)), max(1, target // block_half))
-    block_t = max(1, min(64, target // (block_half * max(block_hq, block_hk))))
-    block_t = min(block_t, triton.next_power_of_2(n_tokens))
-    num_warps = 4 if block_t * max(block_hq, block_hk) * block_half <= 1024 else 8
-    return block_t, block_half, block_hq, block_hk, num_warps
+    heads_per_tile = max(1, target // block_half)
+    block_h = min(triton.next_power_of_2(max(min(hq, hk), 1)), heads_per_tile)
+    block_t = max(1, min(64, heads_per_tile // block_h, triton.next_power_of_2(n_tokens)))
+    num_warps = min(8, max(1, block_t * block_h * block_half // (8 * 32)))
+    return block_t, block_half, block_h, num_warps
 
 
 def _cos_sin_strides(x: torch.Tensor):
@@ -181,14 +187,14 @@ def rope(
     n_tokens = batch * seq
     if n_tokens == 0 or hq + hk == 0:
         return q_out, k_out
-    block_t, block_half, block_hq, block_hk, num_warps = _launch_config(n_tokens, hq, hk, dim // 2)
+    block_t, block_half, block_h, num_warps = _launch_config(n_tokens, hq, hk, dim // 2)
     rope_kernel[(triton.cdiv(n_tokens, block_t),)](
         q, k, cos, sin, q_out, k_out,
-        n_tokens, seq, hq, hk, dim // 2,
+        n_tokens, seq, hq, hk,
         *q.stride(), *k.stride(), *q_out.stride(), *k_out.stride(),
         *_cos_sin_strides(cos), *_cos_sin_strides(sin),
-        INTERLEAVED=interleaved, BACKWARD=backward,
-        BLOCK_T=block_t, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
+        INTERLEAVED=interleaved, BACKWARD=backward, HALF=dim // 2,
+        BLOCK_T=block_t, BLOCK_HALF=block_half, BLOCK_H=block_h,
         num_warps=num_warps,
     )
     count_launch(rope_kernel)

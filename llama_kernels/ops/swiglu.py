@@ -12,6 +12,12 @@ Backward, recomputing ``s`` from the saved inputs (only ``gate`` and ``up`` are 
 each rounded once to its input's dtype.  ``gate`` and ``up`` may differ in dtype: ``y`` is then in
 ``promote_types(gate.dtype, up.dtype)``, as eager ``silu(gate) * up`` promotes.
 
+Division: an IEEE-rounded float32 division (``div_rn``) costs about 15 instructions on the GPU, the
+approximate one (``/``: ``div.full.f32``, at most 2 ulp off) a few.  When every result is rounded
+to float16/bfloat16 (10 or 7 mantissa bits) a 2-ulp float32 error (23 bits) can change a rounded
+result only on a near-tie, far inside the 2x accuracy rule, so half-precision kernels divide
+approximately and float32 ones exactly (``EXACT_DIV``).
+
 ``gate`` and ``up`` are usually the two halves of one fused projection (``gu.chunk(2, -1)``), so
 rows are read through two strided levels (:func:`~.common.row_layout`) and nothing is copied.  One
 program covers a ``[BLOCK_M rows, BLOCK_N columns]`` tile of a 2-D grid: each element is read once
@@ -39,12 +45,25 @@ from .common import (
 
 
 @triton.jit
+def _divide(a, b, EXACT: tl.constexpr):
+    # a / b: IEEE-rounded when EXACT (float32 results), else the approximate division (see above).
+    if EXACT:
+        return tl.div_rn(a, b)
+    return a / b
+
+
+def _exact_div(*tensors) -> bool:
+    """Whether a kernel producing ``tensors`` must divide exactly: any result in float32."""
+    return any(t.dtype == torch.float32 for t in tensors)
+
+
+@triton.jit
 def swiglu_fwd_kernel(
     G, U, Y,
     M, N,
     g_inner, g_so, g_si, g_sn,
     u_inner, u_so, u_si, u_sn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXACT_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,7 +75,7 @@ def swiglu_fwd_kernel(
     # g / (1 + exp(-g)) rounds twice where g * sigmoid(g) rounds three times (and is what eager
     # computes); exp(-g) = inf for g < -88 gives silu = -0, as it should.  Eager stores silu(g) in
     # gate's dtype before multiplying (in the promoted dtype): round it the same way.
-    silu = cast_rne(tl.div_rn(g, 1.0 + tl.exp(-g)), G.dtype.element_ty).to(tl.float32)
+    silu = cast_rne(_divide(g, 1.0 + tl.exp(-g), EXACT_DIV), G.dtype.element_ty).to(tl.float32)
     y_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # Y is contiguous
     tl.store(Y + y_offsets, cast_rne(silu * u, Y.dtype.element_ty), mask=mask)
 
@@ -68,7 +87,7 @@ def swiglu_bwd_kernel(
     dy_inner, dy_so, dy_si, dy_sn,
     g_inner, g_so, g_si, g_sn,
     u_inner, u_so, u_si, u_sn,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXACT_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -80,9 +99,9 @@ def swiglu_bwd_kernel(
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
     denom = 1.0 + tl.exp(-g)
-    s = tl.div_rn(1.0, denom)
+    s = _divide(1.0, denom, EXACT_DIV)
     d_gate = dy * u * s * (1.0 + g * (1.0 - s))
-    d_up = dy * tl.div_rn(g, denom)
+    d_up = dy * _divide(g, denom, EXACT_DIV)
     out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # DG and DU are contiguous
     tl.store(DG + out_offsets, cast_rne(d_gate, DG.dtype.element_ty), mask=mask)
     tl.store(DU + out_offsets, cast_rne(d_up, DU.dtype.element_ty), mask=mask)
@@ -125,7 +144,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     up, *u_strides = row_layout(up)
     swiglu_fwd_kernel[grid](
         gate, up, y, m, n, *g_strides, *u_strides,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        EXACT_DIV=_exact_div(y), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     count_launch(swiglu_fwd_kernel)
     return y
@@ -152,7 +171,7 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     up, *u_strides = row_layout(up)
     swiglu_bwd_kernel[grid](
         dy, gate, up, d_gate, d_up, m, n, *dy_strides, *g_strides, *u_strides,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        EXACT_DIV=_exact_div(d_gate, d_up), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     count_launch(swiglu_bwd_kernel)
     return d_gate, d_up
