@@ -309,6 +309,14 @@ def ours_for(r: Record) -> str:
     return "hf+ours" if r.suite == "model" and r.provider.startswith("hf") else "ours"
 
 
+def axis_name(suite: str, op: str) -> str:
+    """What a record's ``tokens`` counts, for table headers and plot axes: the KV length of an op's
+    decode, the prompt of the model's decode figures, else tokens."""
+    if op.startswith("decode"):
+        return "KV length" if suite == "ops" else "prompt tokens"
+    return "tokens"
+
+
 def add_speedups(records: list[Record]) -> None:
     """Fill ``speedup_of_ours`` of every record timed beside its ours (:func:`ours_for`) in this run."""
     key = lambda r, provider: (r.suite, r.op, r.mode, r.shape, r.tokens, r.dtype, provider)  # noqa: E731
@@ -452,8 +460,7 @@ def write_markdown(report: dict, records: list[Record], path: Path) -> None:
         compared = {r.provider: r.speedup_base for r in rs if r.speedup_of_ours}
         compared = {p: compared[p] for p in providers if p in compared}
         rows = list(dict.fromkeys((r.shape, r.tokens, r.dtype) for r in rs))
-        axis = ("KV length" if suite == "ops" else "prompt") if op.startswith("decode") else "tokens"
-        header = ["shape", axis, "dtype",
+        header = ["shape", axis_name(suite, op), "dtype",
                   *providers, *(f"{base} vs {p}" for p, base in compared.items())]
         lines += ["", f"## {suite}: {op}, {mode}", ""]
         if report.get("ops", {}).get(op) and suite == "ops":

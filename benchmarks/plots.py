@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import Record, say
+from .common import Record, axis_name, say
 
 
 def write_plots(report: dict, records: list[Record], out_dir: Path, stem: str) -> list[Path]:
@@ -72,7 +72,7 @@ def _panel(ax, rs: list[Record], report: dict) -> None:
         ax.annotate("measured " + ("copy" if unit == "GB/s" else "bf16 matmul"), (0.02, 0.97),
                     xycoords="axes fraction", fontsize=7, color="grey", va="top")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(("prompt tokens" if model_level else "KV length") if rs[0].op.startswith("decode") else "tokens")
+    ax.set_xlabel(axis_name(rs[0].suite, rs[0].op))
     ax.set_ylabel(unit)
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)

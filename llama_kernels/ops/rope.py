@@ -120,22 +120,21 @@ def rope_kernel(
 ):
     # HALF = D / 2 is a constant so that masks and second-half offsets keep 16-byte alignment when
     # D / 2 is not a multiple of 16 (e.g. D = 80): as a runtime value it made every load scalar.
-    half = HALF
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < n_tokens
     b, t = tokens // T, tokens % T
     # This token block's cos/sin, loaded once for all q and k heads: [tokens, 1, pairs].
     cos_ptrs = (COS + b * sc_b + t * sc_t)[:, None]
     sin_ptrs = (SIN + b * ss_b + t * ss_t)[:, None]
-    c1, c2 = _load_pairs(cos_ptrs, sc_d, token_mask[:, None], half, INTERLEAVED, BLOCK_HALF)
-    s1, s2 = _load_pairs(sin_ptrs, ss_d, token_mask[:, None], half, INTERLEAVED, BLOCK_HALF)
+    c1, c2 = _load_pairs(cos_ptrs, sc_d, token_mask[:, None], HALF, INTERLEAVED, BLOCK_HALF)
+    s1, s2 = _load_pairs(sin_ptrs, ss_d, token_mask[:, None], HALF, INTERLEAVED, BLOCK_HALF)
     c1, c2, s1, s2 = c1[:, None, :], c2[:, None, :], s1[:, None, :], s2[:, None, :]
     _rotate_heads(
-        Q, QO, Hq, half, b, t, token_mask, c1, c2, s1, s2,
+        Q, QO, Hq, HALF, b, t, token_mask, c1, c2, s1, s2,
         sq_b, sq_h, sq_t, sq_d, sqo_b, sqo_h, sqo_t, sqo_d, INTERLEAVED, BACKWARD, BLOCK_HALF, BLOCK_H,
     )
     _rotate_heads(
-        K, KO, Hk, half, b, t, token_mask, c1, c2, s1, s2,
+        K, KO, Hk, HALF, b, t, token_mask, c1, c2, s1, s2,
         sk_b, sk_h, sk_t, sk_d, sko_b, sko_h, sko_t, sko_d, INTERLEAVED, BACKWARD, BLOCK_HALF, BLOCK_H,
     )
 
