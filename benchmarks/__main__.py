@@ -66,6 +66,19 @@ def op_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def shape_list(text: str) -> tuple[str, ...]:
+    """``--shapes`` value: comma-separated model shape names, each a key of
+    :data:`benchmarks.bench_ops.MODELS` (imported on first use, as in :func:`op_names`)."""
+    from .bench_ops import MODELS
+
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in MODELS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown shape name(s) {', '.join(repr(n) for n in unknown)}; known: {', '.join(MODELS)}")
+    return names
+
+
 def token_list(text: str) -> tuple[int, ...]:
     """``--tokens`` value: comma-separated whole numbers >= 1 (a 0-token shape has nothing to time)."""
     items = [item.strip() for item in text.split(",")]
@@ -93,6 +106,9 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
                    help="comma-separated op names to run (default: all), e.g. rms_norm,swiglu")
     p.add_argument("--tokens", type=token_list, metavar="COUNTS",
                    help="comma-separated token counts >= 1 replacing the mode's sweep (ops only), e.g. 2048,8192")
+    p.add_argument("--shapes", type=shape_list, metavar="NAMES",
+                   help="comma-separated model shapes replacing the mode's (ops only; every op runs at each), "
+                        "e.g. llama3-8b,smollm2-135m")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the torch.compile providers (default: yes, except in smoke mode)")
     return p
@@ -109,13 +125,14 @@ def problems(records: list) -> list:
     Every ``failed`` record, whichever the provider: a provider that cannot run here is reported
     ``missing`` or ``skipped`` (and a full card ``oom``) with its reason, so ``failed`` is an
     unexpected exception, e.g. eager itself breaking on a shape, which a run must not hide.  A
-    ``mismatch`` counts for ours and eager only: the reference is ours when it ran, so a
-    third-party provider that disagrees alone is a finding about that provider, reported in the
-    tables, not a failure of our kernels.
+    ``mismatch`` counts for ours (and its variants ``ours-*``, e.g. the portable attention forward)
+    and eager only: the reference is ours when it ran, so a third-party provider that disagrees
+    alone is a finding about that provider, reported in the tables, not a failure of our kernels.
     """
     judged = ("ours", "hf+ours", "eager")
     return [r for r in records
-            if r.status == "failed" or (r.status == "mismatch" and r.provider in judged)]
+            if r.status == "failed"
+            or (r.status == "mismatch" and (r.provider in judged or r.provider.startswith("ours-")))]
 
 
 def main(argv=None, prog: str = "python -m benchmarks") -> int:
@@ -140,7 +157,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     settings = common.make_settings(
         mode, device, args.compile,
-        ops=args.ops, tokens=args.tokens,  # validated by the parser
+        ops=args.ops, tokens=args.tokens, shapes=args.shapes,  # validated by the parser
     )
     if args.out is not None:
         out_dir = args.out

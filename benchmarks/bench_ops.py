@@ -5,6 +5,9 @@ how many bytes (or FLOP) one call must move (or do), and which providers exist b
 every op has (``ours``, ``eager``, ``torch.compile``).  One loop (:func:`run_case`) does the same
 for every op and shape: check each provider's outputs and gradients against the reference (ours,
 or eager where ours cannot run), then time each mode with rotated inputs and record the peak memory.
+A provider function may carry a ``context`` attribute (a context-manager factory): every step of it
+that the loop checks or times (forward, backward, both) runs inside that context (see
+:func:`_steps_in`), e.g. ``ours-deterministic``'s deterministic algorithms, which its backward reads.
 
 Work per call (each op's ``note`` below, the README and the ``_work_*`` functions say the same):
 the bytes that must move, each input read once and each output written once, the least any
@@ -257,6 +260,73 @@ def _flash_attn(causal: bool):
     return factory
 
 
+def _ours_attention_fwd_module():
+    """``(llama_kernels, llama_kernels.ops.attention_fwd)``; Missing when either, or its
+    ``USE_TMA`` switch, is not there."""
+    try:
+        import llama_kernels as lk
+        from llama_kernels.ops import attention_fwd
+
+        attention_fwd.USE_TMA  # noqa: B018  (the switch ours-portable-fwd flips)
+    except Exception as exc:
+        raise Missing(f"llama_kernels.ops.attention_fwd.USE_TMA not importable: "
+                      f"{type(exc).__name__}: {exc}") from None
+    return lk, attention_fwd
+
+
+def _ours_portable_fwd():
+    """Ours with ``attention_fwd.USE_TMA = False`` during each call (restored after it): the
+    portable forward kernel where ours would take the Hopper TMA one.  The backward does not read
+    the switch, so it is ours'."""
+    lk, attention_fwd = _ours_attention_fwd_module()
+    call = _attention_call(lk.flash_attention)
+
+    def run(q, k, v):
+        previous = attention_fwd.USE_TMA
+        attention_fwd.USE_TMA = False
+        try:
+            return call(q, k, v)
+        finally:
+            attention_fwd.USE_TMA = previous
+
+    run.note = "attention_fwd.USE_TMA = False: the portable forward kernel; backward as ours"
+    return run
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` inside, the previous setting (and its
+    ``warn_only``) restored after.  ``torch.utils.deterministic.fill_uninitialized_memory`` is off
+    inside (restored too), so that the timings hold the deterministic kernels and not the NaN
+    filling of every ``torch.empty`` that deterministic mode adds by default."""
+    import torch.utils.deterministic as det
+
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = getattr(det, "fill_uninitialized_memory", None)
+    torch.use_deterministic_algorithms(True)
+    if fill is not None:
+        det.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        if fill is not None:
+            det.fill_uninitialized_memory = fill
+
+
+def _ours_deterministic():
+    """Ours with deterministic algorithms on for each checked or timed step, its backward included
+    (the ``context`` attribute, honoured by :func:`_steps_in`): the two-kernel backward schedule
+    instead of the fused one with float32 atomic dQ."""
+    lk, _ = _ours_attention_fwd_module()
+    run = _attention_call(lk.flash_attention)
+    run.context = deterministic_algorithms
+    run.note = ("torch.use_deterministic_algorithms(True) around each step, backward included: "
+                "the deterministic backward (separate dQ and dK/dV kernels)")
+    return run
+
+
 def _attention_extras(causal: bool) -> dict:
     # Decode (one query over the whole cache) is non-causal for SDPA, whose causal mask is aligned
     # top-left; ours and eager align bottom-right, which for Tq = 1 is the same thing.
@@ -329,7 +399,9 @@ OPS = [
            note="q (1, Hq, N, D), k (1, Hk, N, D) as transposed views of (1, N, H, D), cos/sin (N, D): each "
                 "direction (2N(Hq + Hk)D + 2ND)s: read q, k (or their gradients), cos, sin; write two outputs."),
     OpSpec("flash_attention", "flash_attention", "attention", _attention_call, _build_attention, _work_attention,
-           _HEADS, ("llama3-8b", "smollm2-135m"), _attention_extras(causal=True),
+           _HEADS, ("llama3-8b", "smollm2-135m"),
+           {"ours-portable-fwd": _ours_portable_fwd, "ours-deterministic": _ours_deterministic,
+            **_attention_extras(causal=True)},
            note="causal prefill, Tq = Tk = N, GQA: forward 4 Hq N^2 D / 2 FLOP (two matrix products, causal "
                 "half); backward 2.5x that (FlashAttention's count); compared with the bf16 matmul rate."),
     OpSpec("decode", "flash_attention", "attention", _decode_call, _build_decode, _work_decode, _HEADS,
@@ -343,6 +415,15 @@ def provider_notes() -> dict:
     """What each provider is, for the report's provider list."""
     return {
         "ours": "llama_kernels (Triton)",
+        "ours-portable-fwd": "flash_attention only: ours with llama_kernels.ops.attention_fwd.USE_TMA = False "
+                             "during each call (restored after), i.e. the portable forward kernel instead of "
+                             "the Hopper TMA / warp-specialised one that ours takes on sm_90 in fp16/bf16; "
+                             "the backward is ours'",
+        "ours-deterministic": "flash_attention only: ours with torch.use_deterministic_algorithms(True) around "
+                              "each checked or timed step, its backward included (the previous setting and "
+                              "warn_only restored after; torch.utils.deterministic.fill_uninitialized_memory "
+                              "off inside): the deterministic two-kernel backward instead of the fused one "
+                              "with float32 atomic dQ; the forward is ours'",
         "eager": "llama_kernels.reference: the eager PyTorch twin of each op",
         "torch.compile": "torch.compile (default mode) of the eager op; compile time is not timed; op runs "
                          "compile backwards with torch._functorch.config.donated_buffer=False so that a "
@@ -387,7 +468,12 @@ def providers(spec: OpSpec, settings: Settings) -> dict:
 
 def cases(spec: OpSpec, settings: Settings):
     sweep = SWEEPS[settings.mode]
-    shapes = ("smoke",) if settings.mode == "smoke" else spec.shapes[:1] if settings.mode == "quick" else spec.shapes
+    if settings.shapes:  # --shapes: the same for every op
+        shapes = settings.shapes
+    elif settings.mode == "smoke":
+        shapes = ("smoke",)
+    else:
+        shapes = spec.shapes[:1] if settings.mode == "quick" else spec.shapes
     tokens = settings.tokens or (sweep["decode"] if spec.name == "decode" else sweep["tokens"])
     for i, shape in enumerate(shapes):
         for n in tokens:
@@ -410,12 +496,20 @@ def _cotangents(outs, seed: int):
     return cots
 
 
+def _steps_in(fn):
+    """The context every checked or timed step of provider ``fn`` runs in: its ``context``
+    attribute (a context-manager factory), else none.  A backward step enters it too, so that a
+    setting the backward reads (deterministic algorithms) holds when autograd runs it."""
+    return getattr(fn, "context", None) or contextlib.nullcontext
+
+
 def _check_run(fn, build, trains: bool):
     """Outputs and (for training ops) input gradients of one call on input set 0."""
     inputs = build(0, trains)
-    with torch.set_grad_enabled(trains):
-        outs = _as_tuple(fn(*inputs.args))
-    grads = list(torch.autograd.grad(outs, inputs.leaves, _cotangents(outs, 7))) if trains else []
+    with _steps_in(fn)():
+        with torch.set_grad_enabled(trains):
+            outs = _as_tuple(fn(*inputs.args))
+        grads = list(torch.autograd.grad(outs, inputs.leaves, _cotangents(outs, 7))) if trains else []
     return [o.detach() for o in outs] + grads
 
 
@@ -434,7 +528,9 @@ def _max_rel_err(got: list, want: list) -> float:
 
 def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
     """(call, sets): a no-argument function doing one ``mode`` step on the next of several input
-    sets, rotated so that the sets together exceed the L2."""
+    sets, rotated so that the sets together exceed the L2.  Each step (and the forward that records
+    a backward's graph) runs in the provider's context (:func:`_steps_in`)."""
+    steps_in = _steps_in(fn)
     probe = build(0, trains)
     set_bytes = nbytes(*probe.args) * (2 if mode != "forward" else 1)  # + cotangents, about as large
     del probe
@@ -442,21 +538,28 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
         grad_mode = torch.enable_grad if trains else torch.no_grad  # a training forward records the graph
 
         def call(inp):
-            with grad_mode():
+            with grad_mode(), steps_in():
                 return fn(*inp.args)
 
         return cycling(rotation(lambda i: build(i, trains), set_bytes, settings), call), None
 
     def make(i):
         inp = build(i, True)
-        outs = _as_tuple(fn(*inp.args))  # the graph is recorded once per set, kept for `backward`
+        with steps_in():
+            outs = _as_tuple(fn(*inp.args))  # the graph is recorded once per set, kept for `backward`
         cots = _cotangents(outs, 100 + i)  # laid out like this provider's outputs
         return inp, (outs if mode == "backward" else None), cots
 
+    def backward(s):
+        with steps_in():
+            return torch.autograd.grad(s[1], s[0].leaves, s[2], retain_graph=True)
+
+    def forward_backward(s):
+        with steps_in():
+            return torch.autograd.grad(_as_tuple(fn(*s[0].args)), s[0].leaves, s[2])
+
     sets = rotation(make, set_bytes, settings)
-    if mode == "backward":
-        return cycling(sets, lambda s: torch.autograd.grad(s[1], s[0].leaves, s[2], retain_graph=True)), sets
-    return cycling(sets, lambda s: torch.autograd.grad(_as_tuple(fn(*s[0].args)), s[0].leaves, s[2])), sets
+    return cycling(sets, backward if mode == "backward" else forward_backward), sets
 
 
 def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records: list) -> None:

@@ -66,6 +66,7 @@ class Settings:
     compile: bool  # run the torch.compile providers
     ops: tuple[str, ...] | None = None  # only these ops (None: all)
     tokens: tuple[int, ...] | None = None  # override the token counts of the mode
+    shapes: tuple[str, ...] | None = None  # override the model shapes of the mode (ops only)
 
     @property
     def meaningful(self) -> bool:
@@ -79,7 +80,8 @@ class Settings:
         return SMOKE_WARNING.format(where=where)
 
 
-def make_settings(mode: str, device: torch.device, compile: bool | None, ops=None, tokens=None) -> Settings:
+def make_settings(mode: str, device: torch.device, compile: bool | None, ops=None, tokens=None,
+                  shapes=None) -> Settings:
     if device.type == "cuda":
         # Rotating inputs whose total is twice the L2 means no timed call finds its inputs cached
         # (do_bench also flushes L2 before each call; the rotation makes that not the only guard).
@@ -91,7 +93,7 @@ def make_settings(mode: str, device: torch.device, compile: bool | None, ops=Non
     warmup, rep, host_reps = budgets[mode]
     if compile is None:  # inductor's CPU compile takes ~20 s per graph: off in smoke unless asked
         compile = mode != "smoke"
-    return Settings(mode, device, warmup, rep, host_reps, rotate, compile, ops, tokens)
+    return Settings(mode, device, warmup, rep, host_reps, rotate, compile, ops, tokens, shapes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,23 +5,36 @@
 #                 shape in fp16 and bf16 by the 2x rule (llama-kernels check), the CUDA-graph decode
 #                 step and the patched models' logits (a few tests)   CHECK_TIMEOUT
 #   b. bench.txt  the --quick benchmark, its JSON/markdown rewritten after every op and model, then
-#                 copied as plain files (<stem>.json, <stem>.md, two plots) + bench.tgz (all plots)
-#                                                                      BENCH_TIMEOUT
+#                 copied as plain files (<stem>.json, <stem>.md) + bench.tgz (those and all plots)
+#                                                                      BENCH_TIMEOUT (300 s)
+#   d. bench.txt  (appended) the attention sweep, ATTN_ARGS (default: --quick --only ops --ops
+#                 flash_attention --shapes llama3-8b,smollm2-135m --tokens 2048,4096,8192,16384
+#                 --no-compile: fwd, bwd, fwd+bwd at head dim 128 and 64, ours, ours-portable-fwd,
+#                 ours-deterministic, eager, sdpa-flash, sdpa-cudnn, flash-attn if importable), out
+#                 to ATTN_DIR; its files renamed <stem>-attention*, copied as <stem>-attention.json,
+#                 <stem>-attention.md, and packed into bench.tgz too     ATTN_TIMEOUT (150 s)
 #   c. tests.txt  the rest of the CUDA test suite in the time left (pytest-xdist / pytest-timeout
 #                 when importable)                                     the rest of SESSION_BUDGET
-# SESSION_BUDGET (default 540 s) bounds all phases together: the device tool allows 600 s a call.
-# PHASES (default abc) runs only some, e.g. PHASES=b to rerun the benchmark on a warm machine;
-# BENCH_ARGS (default --quick) are the benchmark's arguments, e.g. "--quick --no-compile".
+# The phases run in the order a, b, d, c.  SESSION_BUDGET (default 540 s) bounds all of them
+# together (the device tool allows 600 s a call): each phase's limit is cut to what is left.
+# PHASES (default abdc) runs only some, e.g. PHASES=b to rerun the benchmark on a warm machine, or
+# PHASES=d for the attention sweep alone; BENCH_ARGS (default --quick) are the benchmark's
+# arguments, e.g. "--quick --no-compile"; ATTN_ARGS those of the attention sweep (--out is added).
 # From the repository root on the GPU box, carrying the wheels in .whl (see benchmarks/README.md):
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# The tool returns at most 8 files from $OUT: the 8 named above (with bench.tgz) are all there is.
+# and the attention sweep alone (its log in bench.txt):
+#   run(command="PHASES=d bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=300)
+# The tool returns at most 8 files from $OUT, and these are the 8: check.txt, bench.txt,
+# <stem>.json, <stem>.md, <stem>-attention.json, <stem>-attention.md, bench.tgz, tests.txt.
 set -uo pipefail
 OUT=${OUT:-/tmp/llama-kernels-out}
 PY=${PYTHON:-python3}
 BUDGET=${SESSION_BUDGET:-540}
 BENCH_DIR=${BENCH_DIR:-/tmp/bench}
-PHASES=${PHASES:-abc}
+ATTN_DIR=${ATTN_DIR:-/tmp/bench-attention}
+PHASES=${PHASES:-abdc}
 read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---quick}"
+read -r -a ATTN_ARGS <<< "${ATTN_ARGS:---quick --only ops --ops flash_attention --shapes llama3-8b,smollm2-135m --tokens 2048,4096,8192,16384 --no-compile}"
 START=$SECONDS
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -57,7 +70,19 @@ limited() {
 }
 has() { "$PY" -c "import $1" 2>/dev/null; }
 wanted() { [[ $PHASES == *$1* ]]; }
-CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- TESTS_RC=-
+# `pack`: every file of phases b and d (both folders at the root: their names differ) in bench.tgz.
+pack() {
+  local args=() d
+  for d in "$BENCH_DIR" "$ATTN_DIR"; do
+    compgen -G "$d/*" > /dev/null && args+=(-C "$d" .)
+  done
+  if ((${#args[@]})); then
+    tar -czf "$OUT/bench.tgz" "${args[@]}" && echo "copied to $OUT: $(ls "$OUT" | tr '\n' ' ')"
+  else
+    echo "the benchmarks wrote nothing to $BENCH_DIR or $ATTN_DIR"
+  fi
+}
+CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- ATTN_RC=- TESTS_RC=-
 
 phase "setup" | tee "$OUT/check.txt"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -121,17 +146,32 @@ if wanted b; then
   limited "$(limit "${BENCH_TIMEOUT:-300}")" "$PY" -m benchmarks "${BENCH_ARGS[@]}" --out "$BENCH_DIR" \
     2>&1 | tee -a "$OUT/bench.txt"
   BENCH_RC=$?
-  # Plain files, to commit as they are; the tool returns 8 files at most, so two plots travel plain
-  # (decode against the copy bandwidth, and the first op) and all of them in bench.tgz.
-  for f in "$BENCH_DIR"/*.json "$BENCH_DIR"/*.md "$BENCH_DIR"/*-model-decode.png "$BENCH_DIR"/*-ops-rms_norm.png; do
+  # Plain files, to commit as they are; the tool returns 8 files at most, so the plots travel in
+  # bench.tgz only.
+  for f in "$BENCH_DIR"/*.json "$BENCH_DIR"/*.md; do
     [ -f "$f" ] && cp "$f" "$OUT/"
   done
-  if compgen -G "$BENCH_DIR/*" > /dev/null; then
-    tar -czf "$OUT/bench.tgz" -C "$BENCH_DIR" . \
-      && echo "copied to $OUT: $(ls "$OUT" | tr '\n' ' ')" | tee -a "$OUT/bench.txt"
-  else
-    echo "the benchmark wrote nothing to $BENCH_DIR" | tee -a "$OUT/bench.txt"
-  fi
+  pack | tee -a "$OUT/bench.txt"
+fi
+
+# --- d. the attention sweep ---------------------------------------------------------------------------
+if wanted d; then
+  phase "d. python -m benchmarks ${ATTN_ARGS[*]} --out $ATTN_DIR" | tee -a "$OUT/bench.txt"
+  rm -rf "${ATTN_DIR:?}" # a fresh folder: its files are renamed below
+  limited "$(limit "${ATTN_TIMEOUT:-150}")" "$PY" -m benchmarks "${ATTN_ARGS[@]}" --out "$ATTN_DIR" \
+    2>&1 | tee -a "$OUT/bench.txt"
+  ATTN_RC=$?
+  # <stem>.json, <stem>.md, <stem>-ops-flash_attention.png -> <stem>-attention.json, ...: apart
+  # from phase b's files of the same stem, in $OUT and in bench.tgz.
+  for j in "$ATTN_DIR"/*.json; do
+    [ -f "$j" ] || continue
+    stem=$(basename "$j" .json)
+    for f in "$ATTN_DIR/$stem"*; do
+      mv "$f" "$ATTN_DIR/$stem-attention${f#"$ATTN_DIR/$stem"}"
+    done
+    cp "$ATTN_DIR/$stem-attention.json" "$ATTN_DIR/$stem-attention.md" "$OUT/" 2>/dev/null
+  done
+  pack | tee -a "$OUT/bench.txt"
 fi
 
 # --- c. the rest of the CUDA test suite ---------------------------------------------------------------
@@ -149,6 +189,7 @@ if wanted c; then
   fi
 fi
 
-phase "done: check rc $CHECK_RC, quick tests rc $CHECK_TESTS_RC, benchmark rc $BENCH_RC, tests rc $TESTS_RC" \
+phase "done: check rc $CHECK_RC, quick tests rc $CHECK_TESTS_RC, benchmark rc $BENCH_RC, attention rc $ATTN_RC," \
+  "tests rc $TESTS_RC" \
   | tee -a "$OUT/check.txt"
 exit 0

@@ -7,11 +7,17 @@ warm-up path), so calling the public ops on CPU tensors drives every launcher th
 real compiler and ptxas, with the launchers' own block sizes and constexpr flags.  Outputs are
 never computed.  Run as a script (``tests/test_hopper_compile.py`` does, in a subprocess); it
 prints one line per compiled kernel: name, dtype, launch constants, shared memory, registers, spilled
-bytes, and the widths of its global loads (``ld 16B x4`` = four 16-byte vector loads in the PTX;
-``cp.async`` = asynchronous copies to shared memory, i.e. a pipelined loop).  It exits 1 when a
-kernel needs more shared memory than an H100 has, or when a memory-bound kernel (RMSNorm, SwiGLU,
-RoPE) spills registers in half precision: those must run at copy bandwidth, and a spill is local
-memory traffic on top of it.
+bytes, the widths of its global loads (``ld 16B x4`` = four 16-byte vector loads in the PTX;
+``cp.async`` = asynchronous copies to shared memory, i.e. a pipelined loop; ``tma`` = bulk tensor
+copies), the shapes of its wgmma instructions (``wgmma n128 x4``: m64n128k16) and ``ws`` when
+warp specialisation split it into warpgroups with their own register budgets (setmaxnreg).
+Besides the launchers' own choices, every autotuning candidate of the attention kernels
+(``attention_launch.CONFIGS``) is compiled in bfloat16 at head dims 64, 128 and 256, for both
+backward schedules and with the TMA forward.
+
+It exits 1 when a kernel needs more shared memory than an H100 has, or spills registers in half
+precision: the memory-bound kernels (RMSNorm, SwiGLU, RoPE) must run at copy bandwidth, and the
+attention kernels at tensor-core rate, and a spill is local-memory traffic on top of either.
 """
 import os
 import re
@@ -28,8 +34,8 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 H100_SHARED_MEMORY = 232448
-# Kernels that must not spill in half precision (memory-bound: judged by bytes moved).
-NO_SPILL = ("rms_norm_", "swiglu_", "rope_")
+# Kernels that must not spill in half precision.
+NO_SPILL = ("rms_norm_", "swiglu_", "rope_", "attention_")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -83,10 +89,57 @@ def global_loads(ptx: str) -> str:
     for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9_]+)*\s+\[[^]]+\],\s*\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
         key = ("cp.async", int(size, 0))
         widths[key] = widths.get(key, 0) + 1
+    tma = len(re.findall(r"\bcp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx))
+    if tma:
+        widths[("tma", 0)] = tma
     parts = {}
     for (kind, nbytes), count in sorted(widths.items(), key=lambda item: (item[0][0], -item[0][1])):
-        parts.setdefault(kind, []).append(f"{nbytes}B x{count}")
+        parts.setdefault(kind, []).append(f"{nbytes}B x{count}" if nbytes else f"x{count}")
     return "; ".join(f"{kind} {', '.join(items)}" for kind, items in parts.items()) or "no global loads"
+
+
+def matmuls(ptx: str) -> str:
+    """The wgmma shapes in ``ptx`` (``n128 x4`` = four m64n128k16 instructions; ``mma`` for the
+    pre-Hopper tensor-core instructions) and ``ws`` when warpgroups set their own register budgets."""
+    shapes: dict = {}
+    for n in re.findall(r"\bwgmma\.mma_async\.sync\.aligned\.m64n(\d+)k", ptx):
+        shapes[int(n)] = shapes.get(int(n), 0) + 1
+    parts = [f"n{n} x{count}" for n, count in sorted(shapes.items(), reverse=True)]
+    text = ("wgmma " + ", ".join(parts)) if parts else ""
+    mma = len(re.findall(r"\bmma\.sync\.aligned", ptx))
+    if mma:
+        text += f"{'; ' if text else ''}mma x{mma}"
+    if "setmaxnreg" in ptx:
+        text += " ws"
+    return text
+
+
+def compile_attention_candidates(lk):
+    """Every autotuning candidate of every attention kernel, through the public op: the launchers
+    are made to see one candidate at a time (the launch path they take for small problems)."""
+    import torch
+
+    global current_case
+    from llama_kernels.ops import attention_bwd, attention_fwd, attention_launch
+
+    every = attention_launch.candidates
+    attention_fwd.USE_TMA = True
+    try:
+        for index in range(max(len(c) for c in attention_launch.CONFIGS.values())):
+            attention_launch.candidates = lambda kind, block_d, size: [every(kind, block_d, size)[
+                min(index, len(every(kind, block_d, size)) - 1)]]
+            for d in (64, 128, 256):
+                for deterministic in (False, True):
+                    current_case = f"D {d}, 32/8 heads{', det' if deterministic else ''}"
+                    q, k, v = (torch.randn(1, 256, h, d, dtype=torch.bfloat16).requires_grad_()
+                               for h in (32, 8, 8))
+                    torch.use_deterministic_algorithms(deterministic)
+                    o = lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                    torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        attention_launch.candidates = every
+        attention_fwd.USE_TMA = None
 
 
 def main():
@@ -138,6 +191,9 @@ def main():
                 lengths = torch.tensor([100, 4000], dtype=torch.int32)
                 lk.flash_decode(torch.randn(2, 8, 1, d, dtype=dtype), cache, cache, lengths)
 
+    current_dtype = "bfloat16"
+    compile_attention_candidates(lk)
+
     failures = 0
     seen = set()
     for name, dtype, case, constants, kernel in compiled:
@@ -145,6 +201,7 @@ def main():
         if id(kernel) in seen:  # the same specialisation launched twice
             continue
         seen.add(id(kernel))
+        ptx = kernel.asm["ptx"]
         shared, regs, spilled = resource_usage(kernel)
         problems = []
         if shared > H100_SHARED_MEMORY:
@@ -153,7 +210,7 @@ def main():
             problems.append("SPILLS IN HALF PRECISION")
         failures += bool(problems)
         print(f"{name:32s} {dtype:8s} {case:26s} shared {shared:6d}  regs {regs:3d}  spilled {spilled:4d}  "
-              f"{global_loads(kernel.asm['ptx'])}  [{config}]{'  ' + ', '.join(problems) if problems else ''}")
+              f"{global_loads(ptx)}  {matmuls(ptx)}  [{config}]{'  ' + ', '.join(problems) if problems else ''}")
     print(f"{len(seen)} kernel specialisations compiled for sm_90, {failures} with problems")
     return 1 if failures else 0
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama_kernels import reference
-from llama_kernels.ops import attention
+from llama_kernels.ops import attention_bwd, attention_fwd, attention_launch, attention_tiles
 from llama_kernels.ops.attention import flash_attention
 from llama_kernels.ops.common import INTERPRET, LAUNCHES
 from helpers import DTYPES, check_against_oracle, leaf
@@ -18,10 +18,29 @@ def _seed():
     torch.manual_seed(0)
 
 
-TRAINING_KERNELS = (
-    "attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dkdv_kernel",
-    "attention_bwd_dq_kernel",
+FORWARD_KERNELS = ("attention_fwd_kernel", "attention_fwd_tma_kernel")
+BACKWARD_KERNELS = (
+    "attention_bwd_preprocess_kernel", "attention_bwd_fused_kernel", "attention_bwd_dkdv_kernel",
+    "attention_bwd_dq_kernel", "attention_bwd_reduce_kernel",
 )
+
+
+def expected_backward_launches(q, k):
+    """Launches of one backward: preprocess (half precision), then either the fused kernel plus
+    the dQ reduce, or (float32, deterministic mode) the dQ and dK/dV kernels; two more reduces
+    when the KV group's heads are split over programs."""
+    batch, heads, _, _ = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    fused = attention_bwd.fused_backward(q.dtype)
+    splits = attention_bwd.head_splits(batch, kv_heads, seq_k, heads // kv_heads, q.device)
+    launches = {
+        "attention_bwd_preprocess_kernel": int(q.dtype != torch.float32),
+        "attention_bwd_fused_kernel": int(fused),
+        "attention_bwd_dkdv_kernel": int(not fused),
+        "attention_bwd_dq_kernel": int(not fused),
+        "attention_bwd_reduce_kernel": int(fused) + 2 * (splits > 1),
+    }
+    return launches
 
 
 def make_qkv(b, hq, hk, tq, tk, d, dtype, device, layout="bhtd", scale=1.0):
@@ -46,12 +65,10 @@ def check(name, q, k, v, causal=True, sm_scale=None, backward=True):
         backward=backward,
     )
     # check_against_oracle's inputs require grad, so the training kernels (not decode) ran.
-    assert LAUNCHES["attention_fwd_kernel"] == 1
+    assert sum(LAUNCHES[name] for name in FORWARD_KERNELS) == 1, dict(LAUNCHES)
     if backward:
-        # float32 sums Delta inside the dQ kernel: no preprocess launch.
-        expected = dict.fromkeys(TRAINING_KERNELS, 1)
-        expected["attention_bwd_preprocess_kernel"] = int(q.dtype != torch.float32)
-        assert {name: LAUNCHES[name] for name in TRAINING_KERNELS} == expected, dict(LAUNCHES)
+        launched = {name: LAUNCHES[name] for name in BACKWARD_KERNELS}
+        assert launched == expected_backward_launches(q, k), dict(LAUNCHES)
     return out
 
 
@@ -170,16 +187,82 @@ def test_huge_logits_one_hot(device):
         assert err <= bound, f"d{name}: error {err:.3g} > {bound:.3g}"
 
 
-def test_deterministic(device):
+@pytest.fixture
+def deterministic_algorithms():
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic(device, deterministic_algorithms):
+    """With deterministic algorithms on, two backwards give the same bits (no atomics)."""
     q, k, v = make_qkv(2, 8, 2, 45, 45, 64, torch.bfloat16, device)
     results = []
     for _ in range(2):
+        LAUNCHES.clear()
         qg, kg, vg = leaf(q), leaf(k), leaf(v)
         o = flash_attention(qg, kg, vg, causal=True)
         o.backward(torch.ones_like(o))
         results.append((o, qg.grad, kg.grad, vg.grad))
+        assert LAUNCHES["attention_bwd_fused_kernel"] == 0 and LAUNCHES["attention_bwd_dkdv_kernel"] == 1
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4], SHAPES[7]],
+                         ids=["gqa3_ragged", "full_d96", "chunk", "full_tq_gt_tk"])
+def test_deterministic_schedule_matches_oracle(shape, dtype, device, deterministic_algorithms):
+    """Half precision in deterministic mode: separate dQ and dK/dV kernels, by the 2x rule too."""
+    b, hq, hk, tq, tk, d, causal = shape
+    q, k, v = make_qkv(b, hq, hk, tq, tk, d, dtype, device)
+    check(f"attention deterministic {shape} {dtype}", q, k, v, causal)
+
+
+@pytest.mark.parametrize("min_programs", [0, 1000], ids=["one_program_per_kv_head", "heads_split"])
+def test_head_splits(min_programs, monkeypatch, device):
+    """dK/dV with the KV group's query heads in one program, or split over programs (float32
+    partials summed by the reduce kernel): both schedules, both by the 2x rule."""
+    monkeypatch.setattr(attention_bwd, "MIN_PROGRAMS_PER_SM", min_programs)
+    q, k, v = make_qkv(2, 8, 2, 40, 40, 64, torch.float16, device)
+    assert attention_bwd.head_splits(2, 2, 40, 4, q.device) == (1 if min_programs == 0 else 4)
+    check(f"attention head splits {min_programs}", q, k, v, causal=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        check(f"attention head splits {min_programs} deterministic", q, k, v, causal=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter runs TMA descriptors without a Hopper GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4], (1, 4, 2, 40, 20, 64, True), SHAPES[7]],
+                         ids=["gqa3_ragged", "full_d96", "chunk", "tq_gt_tk", "full_tq_gt_tk"])
+def test_tma_forward(shape, dtype, monkeypatch, device):
+    """The Hopper forward (TMA descriptors, warp-specialised loop) on (B, T, H, D) views: ragged
+    T and padded D come from the descriptors' zero fill; by the 2x rule, gradients included."""
+    monkeypatch.setattr(attention_fwd, "USE_TMA", True)
+    b, hq, hk, tq, tk, d, causal = shape
+    q, k, v = make_qkv(b, hq, hk, tq, tk, d, dtype, device, layout="bthd")
+    LAUNCHES.clear()
+    (o, *_) = check(f"attention TMA forward {shape} {dtype}", q, k, v, causal)
+    assert LAUNCHES["attention_fwd_tma_kernel"] == 1 and LAUNCHES["attention_fwd_kernel"] == 0
+    if causal and tq > tk:
+        assert torch.equal(o[:, :, : tq - tk], torch.zeros_like(o[:, :, : tq - tk]))
+
+
+def test_tma_forward_only_where_it_applies(monkeypatch, device):
+    """Layouts a descriptor cannot take (head-dim stride 2, float32) run the portable kernel."""
+    monkeypatch.setattr(attention_fwd, "USE_TMA", True)
+    base = torch.randn(1, 4, 30, 128, device=device, dtype=torch.float16)
+    q, k, v = base[..., ::2], base[:, :2, :, 1::2], base[:, 2:, :, ::2]
+    assert not attention_fwd.uses_tma(q, k, v)
+    assert not attention_fwd.uses_tma(*(t.float() for t in (q, k, v)))
+    dense = base[..., :64].contiguous()
+    assert attention_fwd.uses_tma(dense, dense[:, :2], dense[:, 2:])
+    if INTERPRET:  # by default only an sm_90 GPU takes it
+        monkeypatch.setattr(attention_fwd, "USE_TMA", None)
+        assert not attention_fwd.uses_tma(dense, dense[:, :2], dense[:, 2:])
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreter tilings only")
@@ -188,17 +271,17 @@ def test_other_tilings(shape, monkeypatch, device):
     """Swap the tile orientation around the causal diagonal (and use equal 64-wide tiles)."""
     b, hq, hk, tq, tk = shape
     q, k, v = make_qkv(b, hq, hk, tq, tk, 64, torch.float16, device)
-    for blocks in ({"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)},
-                   {"fwd": (64, 64), "dkdv": (64, 64), "dq": (64, 64)}):
-        monkeypatch.setattr(attention, "INTERPRET_BLOCKS", blocks)
-        check(f"attention tiles {blocks['fwd']} {shape}", q, k, v, causal=True)
+    for fwd, bwd in (((16, 32), (32, 16)), ((64, 64), (64, 64))):
+        blocks = {"fwd": fwd, "fwd_tma": fwd, "dq": fwd, "dkdv": bwd, "bwd_fused": bwd}
+        monkeypatch.setattr(attention_launch, "INTERPRET_BLOCKS", blocks)
+        check(f"attention tiles {fwd} {shape}", q, k, v, causal=True)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="on the GPU this is the default path")
 def test_gpu_operand_path_float16(monkeypatch, device):
     """Run the GPU's dot path (float16 operands straight into tl.dot, P and dS cast to float16)
     under the interpreter, whose float16 dots are sound (its bfloat16 ones are not)."""
-    monkeypatch.setattr(attention, "dot_mode", lambda dtype: (False, "tf32"))
+    monkeypatch.setattr(attention_tiles, "dot_mode", lambda dtype: (False, "tf32"))
     for shape in [(2, 4, 2, 37, 37, 64), (1, 4, 1, 16, 80, 96), (1, 2, 2, 40, 20, 64)]:
         q, k, v = make_qkv(*shape, torch.float16, device)
         check(f"attention half operands {shape}", q, k, v, causal=True)

@@ -61,7 +61,14 @@ def test_smoke_run_covers_every_op_and_provider(smoke_run):
         eager = [r for r in records if (r["op"], r["mode"], r["provider"]) == (op, mode, "eager")]
         assert eager and all(r["status"] == "ok" for r in eager), (op, mode, eager)
     attention_providers = {r["provider"] for r in records if r["op"] == "flash_attention"}
-    assert {"ours", "eager", "torch.compile", "sdpa-flash", "sdpa-cudnn", "flash-attn"} <= attention_providers
+    assert {"ours", "ours-portable-fwd", "ours-deterministic", "eager", "torch.compile", "sdpa-flash",
+            "sdpa-cudnn", "flash-attn"} <= attention_providers
+    # Our two attention variants pass the check wherever ours runs (a mismatch would fail the run).
+    ours = {(r["mode"], r["tokens"], r["dtype"]): r["status"] for r in records
+            if (r["op"], r["provider"]) == ("flash_attention", "ours")}
+    for r in records:
+        if r["op"] == "flash_attention" and r["provider"] in ("ours-portable-fwd", "ours-deterministic"):
+            assert r["status"] == ours[r["mode"], r["tokens"], r["dtype"]], r
     compiled = [r for r in records if r["provider"] == "torch.compile"]
     assert compiled and all(r["status"] == "skipped" for r in compiled)
 
@@ -100,6 +107,105 @@ def test_speedups_are_same_run_ratios(smoke_run):
             assert r["speedup_base"] in ("ours", "hf+ours")
             key = (r["suite"], r["op"], r["mode"], r["shape"], r["tokens"], r["dtype"], r["speedup_base"])
             assert r["speedup_of_ours"] == pytest.approx(r["ms"] / ms[key])
+
+
+def test_shapes_replace_the_modes_shapes(tmp_path, capsys):
+    import torch
+
+    from benchmarks.common import make_settings
+
+    spec = next(s for s in OPS if s.name == "flash_attention")
+    settings = make_settings("quick", torch.device("cpu"), False, tokens=(2048, 4096, 8192, 16384),
+                             shapes=("llama3-8b", "smollm2-135m"))
+    got = [(c.shape, c.dims["d"], c.tokens, c.dtype) for c in bench_ops.cases(spec, settings)]
+    assert got == [(shape, d, n, torch.bfloat16) for shape, d in (("llama3-8b", 128), ("smollm2-135m", 64))
+                   for n in (2048, 4096, 8192, 16384)]
+    assert main(["--smoke", "--shapes", "smoke,nope", "--out", str(tmp_path)]) == 2
+    assert "error: argument --shapes: unknown shape name(s) 'nope'; known: llama3-8b" in capsys.readouterr().err
+
+
+def test_a_providers_context_holds_for_its_backward_too():
+    """``ours-deterministic`` relies on this: every checked or timed step, a backward alone
+    included, runs inside the provider's ``context``, and the setting is restored after each."""
+    import torch
+
+    from benchmarks.bench_ops import Inputs, _check_run, _timed_call, deterministic_algorithms
+    from benchmarks.common import make_settings
+
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", torch.are_deterministic_algorithms_enabled()))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", torch.are_deterministic_algorithms_enabled()))
+            return grad * 2
+
+    def fn(x):
+        return Spy.apply(x)
+
+    fn.context = deterministic_algorithms
+
+    def build(i, grad):
+        x = torch.randn(64, generator=torch.Generator().manual_seed(i)).requires_grad_(grad)
+        return Inputs((x,), (x,))
+
+    settings = make_settings("smoke", torch.device("cpu"), False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    _check_run(fn, build, True)
+    for mode in ("forward", "backward", "forward+backward"):
+        call, _ = _timed_call(fn, build, mode, True, settings)
+        assert not torch.are_deterministic_algorithms_enabled()
+        call()
+    assert {step for step, _ in seen} == {"forward", "backward"}
+    assert all(on for _, on in seen), seen
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("before", [(False, False), (True, True), (True, False)])
+def test_deterministic_algorithms_restores_the_setting_and_warn_only(before):
+    import torch
+    import torch.utils.deterministic as det
+
+    from benchmarks.bench_ops import deterministic_algorithms
+
+    fill = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    try:
+        with deterministic_algorithms():
+            assert torch.are_deterministic_algorithms_enabled()
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+            assert det.fill_uninitialized_memory is False
+        assert (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled()) == before
+        assert det.fill_uninitialized_memory == fill
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_portable_forward_provider_turns_tma_off_for_the_call_only(monkeypatch):
+    import llama_kernels
+    from llama_kernels.ops import attention_fwd
+
+    seen = []
+
+    def spy(q, k, v, causal=True, sm_scale=None):
+        seen.append((attention_fwd.USE_TMA, causal))
+        raise RuntimeError("on purpose")
+
+    monkeypatch.setattr(llama_kernels, "flash_attention", spy)
+    monkeypatch.setattr(attention_fwd, "USE_TMA", True)
+    spec = next(s for s in OPS if s.name == "flash_attention")
+    fn = spec.extra["ours-portable-fwd"]()
+    with pytest.raises(RuntimeError, match="on purpose"):
+        fn(None, None, None)
+    assert seen == [(False, True)] and attention_fwd.USE_TMA is True
+    assert spec.extra["ours-deterministic"]().context is bench_ops.deterministic_algorithms
+    assert {"ours-portable-fwd", "ours-deterministic"} <= set(bench_ops.provider_notes())
 
 
 def test_unknown_op_is_refused(tmp_path):
@@ -150,7 +256,7 @@ def test_which_records_fail_a_run():
         return Record("ops", "rms_norm", "forward", provider, "smoke", {}, 16, "bf16", status=status)
 
     bad = [record(p, "failed") for p in ("ours", "eager", "liger", "torch.compile", "hf+liger")]
-    bad += [record(p, "mismatch") for p in ("ours", "hf+ours", "eager")]
+    bad += [record(p, "mismatch") for p in ("ours", "hf+ours", "eager", "ours-portable-fwd", "ours-deterministic")]
     fine = [record("ours", s) for s in ("ok", "missing", "skipped", "oom", "unreliable")]
     fine.append(record("liger", "mismatch"))  # a third party disagreeing with ours: reported, not a failure
     assert problems(bad + fine) == bad

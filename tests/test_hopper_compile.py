@@ -25,7 +25,8 @@ def test_every_kernel_compiles_for_sm90():
     compiled = {line.split()[0] for line in result.stdout.splitlines() if "_kernel" in line}
     assert compiled == {
         "rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "rms_norm_dw_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel",
-        "rope_kernel", "attention_fwd_kernel", "attention_bwd_preprocess_kernel",
-        "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel", "attention_decode_split_kernel",
+        "rope_kernel", "attention_fwd_kernel", "attention_fwd_tma_kernel", "attention_bwd_preprocess_kernel",
+        "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_fused_kernel",
+        "attention_bwd_reduce_kernel", "attention_decode_split_kernel",
         "attention_decode_combine_kernel",
     }

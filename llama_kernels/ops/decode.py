@@ -18,7 +18,7 @@ Here the cache length is the parallel axis instead:
   which is zero for a row that sees no key at all.  ``m_s`` and ``l_s`` stay apart rather than
   as one log-sum-exp, whose float32 rounding would cost ~``|lse| * 2^-24`` relative in every
   weight when logits are large.  (For float32 inputs the maxima are in raw score units and
-  ``w_s = l_s 2^(c (m_s - M))``: see ``attention.softmax_row_max``.)  With a single split the
+  ``w_s = l_s 2^(c (m_s - M))``: see ``attention_tiles.softmax_row_max``.)  With a single split the
   first kernel writes the output itself and the combine is skipped.
 
 Causal masking is bottom-right as everywhere: token ``i`` of the chunk sees keys
@@ -47,7 +47,13 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .attention import _validate, dot_mode, softmax_exponent, softmax_rescale, softmax_row_max
+from .attention_tiles import (
+    LOG2E,
+    dot_mode,
+    online_softmax_step,
+    softmax_rescale,
+    validate_attention,
+)
 from .common import (
     INTERPRET,
     autocast_inputs,
@@ -59,8 +65,6 @@ from .common import (
     num_sms,
     use_triton,
 )
-
-LOG2E = 1.4426950408889634
 
 # The rule ``flash_attention`` uses (see ``use_decode``): the query tile of one (batch, KV head)
 # holds ``Tq * group`` rows; up to this many it is a decode-shaped problem.
@@ -146,16 +150,8 @@ def attention_decode_split_kernel(
         visible = keys_in[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= last_visible[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = softmax_row_max(m_i, s, qk_scale, RAW_MAX)
-        p = tl.exp2(softmax_exponent(s, m_new[:, None], qk_scale, RAW_MAX))
-        alpha = softmax_rescale(m_i, m_new, qk_scale, RAW_MAX)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = cast_rne(p, Q.dtype.element_ty)  # the precision the GPU multiplies P @ V in
-        if DOT_IN_FP32:
-            p = p.to(tl.float32)
-        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, True,
+                                            Q.dtype.element_ty, DOT_IN_FP32, PRECISION, RAW_MAX)
 
     seen = l_i > 0.0
     o = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]
@@ -309,7 +305,7 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
     is then copied each call: keep the cache in the autocast dtype).
     """
     q, k_cache, v_cache = autocast_inputs(q, k_cache, v_cache)
-    sm_scale = _validate(q, k_cache, v_cache, True, sm_scale, names=("q", "k_cache", "v_cache"))
+    sm_scale = validate_attention(q, k_cache, v_cache, True, sm_scale, names=("q", "k_cache", "v_cache"))
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
     if cache_seqlens.shape[0] != q.shape[0]:
         raise ValueError(

@@ -1,0 +1,454 @@
+"""Flash attention backward: dQ, dK, dV from q, k, v, dO and the forward's row stats.
+
+Math in ``attention.py``'s docstring.  Two schedules:
+
+* **Fused** (half precision, ``torch.are_deterministic_algorithms_enabled()`` False, the default):
+  ``attention_bwd_fused_kernel``, one program per (key tile, batch, KV head[, head split]), walks
+  the query tiles that see its keys and does the 5 matmuls of a tile pair once: ``S = q k^T``,
+  ``dP = dO v^T``, ``dV += P^T dO``, ``dK += dS^T q`` and ``dQ += dS k``; the dQ tile is added
+  into a float32 accumulator with atomics, which the reduce kernel scales and rounds once.
+  Atomics make the float32 sum order, hence dQ's last bits, vary from run to run (as in PyTorch's
+  own flash backward).
+* **Deterministic** (float32 inputs, or deterministic algorithms on): ``attention_bwd_dq_kernel``
+  (one program per query tile, like the forward) and ``attention_bwd_dkdv_kernel``: 7 matmuls
+  per tile pair (dQ recomputes S and dP) but no atomics, bitwise reproducible.
+
+Half precision first runs ``attention_bwd_preprocess_kernel`` (``Delta = rowsum(dO * O)``).
+float32 sums ``Delta = rowsum(P * dP)`` in a first pass of the dQ kernel instead, over the very
+``P`` and ``dP`` tiles the gradients use, so ``dP - Delta`` cancels exactly where a row's softmax
+is one-hot (large logits), as in eager autograd; ``rowsum(dO * O)`` differs from it by roundings
+that large logits magnify.  That pass costs two matmuls per tile: only float32 pays for it.
+
+The dK/dV programs keep their key tile's ``k, v`` and float32 ``dK, dV`` on chip and loop over the
+query heads of the GQA group (the group sum happens in the program: no atomics) and, in one loop,
+over the query tiles that see the key tile; only tiles that straddle the causal diagonal or the
+ragged end of the keys mask their exponents (a runtime branch).  Padding rows are masked in the
+exponent, never left to produce inf/NaN that is merely not stored.  Causal key tile 0 is seen by
+every query: key tiles run in ascending order (the longest programs first), heads fastest.
+
+When there would be fewer than ``MIN_PROGRAMS_PER_SM`` programs per multiprocessor (short
+sequences, few KV heads), the query heads of each group are split over several programs
+(``head_splits``); each writes float32 partial dK/dV for its heads, and the reduce kernel sums the
+splits in a fixed order, scales and rounds them: still deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_launch import autotuned, bucket, launch
+from .attention_tiles import (
+    LOG2E,
+    causal_key_bounds,
+    common_consts,
+    dot_operand,
+    key_tile_scores,
+    load_tile,
+    query_tile_program,
+    softmax_log_prob,
+    store_tile,
+)
+from .common import INTERPRET, compilable, count_launch, num_sms
+
+# Split a KV group's query heads over programs while the dK/dV grid has fewer programs than this
+# many per multiprocessor (tests patch it).  Judged with a nominal key tile of SPLIT_KEY_TILE.
+MIN_PROGRAMS_PER_SM = 2
+SPLIT_KEY_TILE = 128
+
+
+@triton.jit
+def attention_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    o_sb, o_sh, o_st, o_sd,
+    do_sb, do_sh, do_st, do_sd,
+    num_heads, seq_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < seq_q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * o_sb + h * o_sh + offs_m[:, None] * o_st + offs_d[None, :] * o_sd,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * do_sb + h * do_sh + offs_m[:, None] * do_st + offs_d[None, :] * do_sd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * seq_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seq_q)
+
+
+# ------------------------------------------------------------------------------------------------
+# dK/dV (and, fused, dQ): one program per (key tile, batch, KV head, head split)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _key_tile_program(
+    Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC,
+    q_sb, q_sh, q_st, q_sd,
+    k_sb, k_sh, k_st, k_sd,
+    v_sb, v_sh, v_st, v_sd,
+    do_sb, do_sh, do_st, do_sd,
+    dk_sb, dk_sh, dk_st, dk_sd,
+    dv_sb, dv_sh, dv_st, dv_sd,
+    num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Grid (B * Hk * splits, key tiles).  DK/DV have Hk * splits "heads": head kvh * splits + split
+    # (float32 partials when splits > 1, the gradients themselves when splits == 1).
+    pid = tl.program_id(0)
+    split = pid % splits
+    bkv = pid // splits
+    b = (bkv // num_kv_heads).to(tl.int64)
+    kvh = bkv % num_kv_heads
+    start_n = tl.program_id(1) * BLOCK_N
+    num_heads = num_kv_heads * group
+    heads_per_split = group // splits
+
+    keys = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    keys_in = keys < seq_k
+    d_in = offs_d < HEAD_DIM
+    kvh64 = kvh.to(tl.int64)
+    k = load_tile(K + b * k_sb + kvh64 * k_sh + keys[:, None] * k_st + offs_d[None, :] * k_sd,
+                  keys_in, d_in, True, PAD_D, DOT_IN_FP32)
+    v = load_tile(V + b * v_sb + kvh64 * v_sh + keys[:, None] * v_st + offs_d[None, :] * v_sd,
+                  keys_in, d_in, True, PAD_D, DOT_IN_FP32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+
+    # Query tiles from `lo` see some key of this tile; those below `diag_end` straddle the causal
+    # diagonal.  Non-causal, a ragged key tile masks its padding keys against every query.
+    # Padding queries (past Tq) load m = +inf, hence P = 0, without a mask.
+    if CAUSAL:
+        offset = seq_k - seq_q
+        lo = tl.maximum(start_n - offset, 0) // BLOCK_M * BLOCK_M
+        diag_end = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - offset, 0), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        diag_end = tl.where(start_n + BLOCK_N <= seq_k, 0, seq_q)
+    q_offs = offs_m[:, None] * q_st + offs_d[None, :] * q_sd
+    do_offs = offs_m[:, None] * do_st + offs_d[None, :] * do_sd
+
+    for g in range(split * heads_per_split, (split + 1) * heads_per_split):
+        h64 = (kvh * group + g).to(tl.int64)
+        row_base = (b * num_heads + h64) * seq_q
+        q_base = Q + b * q_sb + h64 * q_sh
+        do_base = DO + b * do_sb + h64 * do_sh
+        dq_base = DQ_ACC + row_base * BLOCK_D  # dense (B, Hq, Tq, BLOCK_D) float32
+        for start_m in range(lo, seq_q, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            queries = start_m + offs_m
+            rows_in = queries < seq_q
+            tile = start_m.to(tl.int64)
+            q = load_tile(q_base + tile * q_st + q_offs, rows_in, d_in, True, PAD_D, DOT_IN_FP32)
+            do = load_tile(do_base + tile * do_st + do_offs, rows_in, d_in, True, PAD_D,
+                           DOT_IN_FP32)
+            m = tl.load(STATS + row_base + queries, mask=rows_in, other=float("inf"))
+            log2_l = tl.load(STATS + stats_plane + row_base + queries, mask=rows_in, other=0.0)
+            delta = tl.load(DELTA + row_base + queries, mask=rows_in, other=0.0)
+            # Transposed tiles: rows are keys, columns queries; the row stats broadcast along rows.
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            x_t = softmax_log_prob(s_t, m[None, :], log2_l[None, :], qk_scale, RAW_MAX)
+            if start_m < diag_end:
+                # Mask the exponent, not P: a hidden score may exceed m and overflow 2^x.  Causal,
+                # the diagonal also hides the padding keys of a ragged key tile.
+                if CAUSAL:
+                    visible = keys[:, None] <= queries[None, :] + (seq_k - seq_q)
+                else:
+                    visible = keys_in[:, None]
+                x_t = tl.where(visible, x_t, float("-inf"))
+            p_t = tl.exp2(x_t)
+            dv = tl.dot(dot_operand(p_t, DTYPE, DOT_IN_FP32), do, dv, input_precision=PRECISION)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            ds_t = dot_operand(p_t * (dp_t - delta[None, :]), DTYPE, DOT_IN_FP32)
+            dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+            if FUSED_DQ:
+                dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)
+                dq_ptrs = dq_base + queries[:, None].to(tl.int64) * BLOCK_D + offs_d[None, :]
+                tl.atomic_add(dq_ptrs, dq, mask=rows_in[:, None], sem="relaxed")
+
+    out_h = kvh64 * splits + split
+    dk_ptrs = DK + b * dk_sb + out_h * dk_sh + keys[:, None] * dk_st + offs_d[None, :] * dk_sd
+    dv_ptrs = DV + b * dv_sb + out_h * dv_sh + keys[:, None] * dv_st + offs_d[None, :] * dv_sd
+    store_tile(dk_ptrs, dk * dk_scale, keys_in, d_in, PAD_D)
+    store_tile(dv_ptrs, dv, keys_in, d_in, PAD_D)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, STATS, DELTA, DK, DV,
+    q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
+    do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
+    num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+    TQ_BUCKET, TK_BUCKET,  # autotuning keys only
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    _key_tile_program(
+        Q, K, V, DO, STATS, DELTA, DK, DV, DK,  # no dQ accumulator
+        q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
+        do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
+        num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, False, BLOCK_M, BLOCK_N,
+    )
+
+
+@triton.jit
+def attention_bwd_fused_kernel(
+    Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC,
+    q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
+    do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
+    num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+    TQ_BUCKET, TK_BUCKET,  # autotuning keys only
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    _key_tile_program(
+        Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC,
+        q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
+        do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
+        num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, True, BLOCK_M, BLOCK_N,
+    )
+
+
+@triton.jit
+def attention_bwd_reduce_kernel(
+    PARTS, OUT, num_heads, splits, seq, scale,
+    o_sb, o_sh, o_st, o_sd,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # OUT[b, h, t] = scale * sum over s (in order) of PARTS[b, h * splits + s, t], PARTS a dense
+    # float32 (B, H * splits, T, BLOCK_D) whose columns past HEAD_DIM are never written: one
+    # rounding to OUT's dtype, deterministic.
+    bh = tl.program_id(0)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_in = rows < seq
+    d_in = offs_d < HEAD_DIM
+    part_offs = rows[:, None].to(tl.int64) * BLOCK_D + offs_d[None, :]
+    total = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for s in range(0, splits):
+        base = PARTS + ((b * num_heads + h) * splits + s) * seq * BLOCK_D
+        total += tl.load(base + part_offs, mask=rows_in[:, None] & d_in[None, :], other=0.0)
+    out_ptrs = OUT + b * o_sb + h * o_sh + rows[:, None] * o_st + offs_d[None, :] * o_sd
+    store_tile(out_ptrs, total * scale, rows_in, d_in, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# dQ (deterministic schedule): one program per query tile, like the forward
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dq_key_range(dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, hi,
+                  offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, DELTA_PASS: tl.constexpr,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+                  PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Over the key tiles [lo, hi): accumulate dQ, or (DELTA_PASS) Delta = rowsum(P * dP).
+    d_in = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        k, v, s, visible = key_tile_scores(
+            q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in, seq_q,
+            seq_k, MASK, CAUSAL, PAD_D, DOT_IN_FP32, PRECISION,
+        )
+        x = softmax_log_prob(s, m[:, None], log2_l[:, None], qk_scale, RAW_MAX)
+        if MASK:
+            x = tl.where(visible, x, float("-inf"))
+        p = tl.exp2(x)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if DELTA_PASS:
+            delta += tl.sum(p * dp, 1)
+        else:
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(dot_operand(ds, DTYPE, DOT_IN_FP32), k, dq, input_precision=PRECISION)
+    return dq, delta
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, STATS, DELTA, DQ,
+    q_sb, q_sh, q_st, q_sd,
+    k_sb, k_sh, k_st, k_sd,
+    v_sb, v_sh, v_st, v_sd,
+    do_sb, do_sh, do_st, do_sd,
+    dq_sb, dq_sh, dq_st, dq_sd,
+    num_heads, group, seq_q, seq_k, qk_scale, sm_scale, stats_plane,
+    TQ_BUCKET, TK_BUCKET,  # autotuning keys only
+    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    EXACT_DELTA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m, bh, b, h, kvh = query_tile_program(num_heads, group, BLOCK_M)
+    b, h, kvh = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows_in = offs_m < seq_q
+    d_in = offs_d < HEAD_DIM
+    q = load_tile(Q + b * q_sb + h * q_sh + offs_m[:, None] * q_st + offs_d[None, :] * q_sd,
+                  rows_in, d_in, True, PAD_D, DOT_IN_FP32)
+    do = load_tile(DO + b * do_sb + h * do_sh + offs_m[:, None] * do_st + offs_d[None, :] * do_sd,
+                   rows_in, d_in, True, PAD_D, DOT_IN_FP32)
+    row_base = bh.to(tl.int64) * seq_q
+    m = tl.load(STATS + row_base + offs_m, mask=rows_in, other=float("inf"))
+    log2_l = tl.load(STATS + stats_plane + row_base + offs_m, mask=rows_in, other=0.0)
+    k_base = K + b * k_sb + kvh * k_sh
+    v_base = V + b * v_sb + kvh * v_sh
+    k_offs = offs_n[:, None] * k_st + offs_d[None, :] * k_sd
+    v_offs = offs_n[:, None] * v_st + offs_d[None, :] * v_sd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+
+    full_hi, hi = causal_key_bounds(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
+    if EXACT_DELTA:
+        # Delta = rowsum(P * dP) from the very P and dP the gradients use (module docstring).
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        dq, delta = _dq_key_range(
+            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi,
+            offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, True,
+            False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        )
+        dq, delta = _dq_key_range(
+            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi,
+            offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, True,
+            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        )
+        tl.store(DELTA + row_base + offs_m, delta, mask=rows_in)  # for the dK/dV kernel
+    else:
+        delta = tl.load(DELTA + row_base + offs_m, mask=rows_in, other=0.0)
+    dq, delta = _dq_key_range(
+        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi,
+        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, False,
+        False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+    )
+    dq, delta = _dq_key_range(
+        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi,
+        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, False,
+        True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+    )
+
+    dq_ptrs = DQ + b * dq_sb + h * dq_sh + offs_m[:, None] * dq_st + offs_d[None, :] * dq_sd
+    store_tile(dq_ptrs, dq * sm_scale, rows_in, d_in, PAD_D)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launcher
+# ------------------------------------------------------------------------------------------------
+
+
+_TUNED = {
+    "dkdv": autotuned(attention_bwd_dkdv_kernel, "dkdv", "Q"),
+    "bwd_fused": autotuned(attention_bwd_fused_kernel, "bwd_fused", "Q", reset_to_zero=["DQ_ACC"]),
+    "dq": autotuned(attention_bwd_dq_kernel, "dq", "Q"),
+}
+
+
+def head_splits(batch: int, kv_heads: int, seq_k: int, group: int, device) -> int:
+    """Programs per KV head of the dK/dV grid: the largest divisor of ``group`` that brings the
+    grid to ``MIN_PROGRAMS_PER_SM`` programs per multiprocessor, or 1 when it has that many."""
+    programs = batch * kv_heads * triton.cdiv(seq_k, SPLIT_KEY_TILE)
+    wanted = max(1, triton.cdiv(MIN_PROGRAMS_PER_SM * num_sms(device), programs))
+    return max(d for d in range(1, min(wanted, group) + 1) if group % d == 0)
+
+
+def fused_backward(dtype) -> bool:
+    """Whether the backward takes the fused (atomic dQ) schedule: half precision, and
+    ``torch.are_deterministic_algorithms_enabled()`` False."""
+    return dtype != torch.float32 and not torch.are_deterministic_algorithms_enabled()
+
+
+def _reduce(parts, out, splits, scale, head_dim):
+    # out = scale * (sum of parts over the splits), one rounding; see attention_bwd_reduce_kernel.
+    batch, heads, seq, _ = out.shape
+    block_d = parts.shape[-1]
+    block_t = 16 if INTERPRET else max(8, 8192 // block_d)
+    attention_bwd_reduce_kernel[(batch * heads, triton.cdiv(seq, block_t))](
+        parts, out, heads, splits, seq, scale, *out.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4,
+    )
+    count_launch(attention_bwd_reduce_kernel)
+
+
+def _bwd_fake(do, q, k, v, o, stats, causal, sm_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@compilable("flash_attention_bwd", _bwd_fake)
+def attention_bwd(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+    stats: torch.Tensor, causal: bool, sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward (fused or deterministic schedule, see the module docstring):
+    returns ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``."""
+    batch, heads, seq_q, head_dim = q.shape
+    kv_heads, seq_k = k.shape[1], k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if dq.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    consts = common_consts(q, causal)
+    block_d = consts["BLOCK_D"]
+    group = heads // kv_heads
+    qk_scale = sm_scale * LOG2E
+    exact_delta = q.dtype == torch.float32
+    fused = fused_backward(q.dtype)
+    buckets = (bucket(seq_q), bucket(seq_k))
+
+    delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    if not exact_delta:
+        # Two float32 tiles of block_m x BLOCK_D: about 4k elements each keeps them in registers.
+        block_m = 16 if INTERPRET else max(16, min(64, 4096 // block_d))
+        attention_bwd_preprocess_kernel[(batch * heads, triton.cdiv(seq_q, block_m))](
+            o, do, delta, *o.stride(), *do.stride(), heads, seq_q,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
+        )
+        count_launch(attention_bwd_preprocess_kernel)
+
+    if not fused:
+        dq_args = (
+            q, k, v, do, stats, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            heads, group, seq_q, seq_k, qk_scale, sm_scale, stats[0].numel(), *buckets,
+        )
+        launch(attention_bwd_dq_kernel, _TUNED["dq"], "dq",
+               lambda meta: (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"])), dq_args,
+               {**consts, "EXACT_DELTA": exact_delta}, seq_q, seq_k, q.element_size())
+
+    splits = head_splits(batch, kv_heads, seq_k, group, q.device)
+    if splits == 1:
+        dk_out, dv_out, dk_scale = dk, dv, sm_scale
+    else:  # float32 partials (B, Hk * splits, Tk, BLOCK_D), summed by the reduce kernel
+        dk_out, dv_out = (torch.empty((batch, kv_heads * splits, seq_k, block_d),
+                                      dtype=torch.float32, device=q.device) for _ in range(2))
+        dk_scale = 1.0
+    args = [q, k, v, do, stats, delta, dk_out, dv_out]
+    if fused:
+        dq_acc = torch.zeros((batch, heads, seq_q, block_d), dtype=torch.float32, device=q.device)
+        args.append(dq_acc)
+    args += [*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(),
+             *dv_out.stride(), kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale,
+             stats[0].numel(), *buckets]
+    kind = "bwd_fused" if fused else "dkdv"
+    kernel = attention_bwd_fused_kernel if fused else attention_bwd_dkdv_kernel
+    launch(kernel, _TUNED[kind], kind,
+           lambda meta: (batch * kv_heads * splits, triton.cdiv(seq_k, meta["BLOCK_N"])),
+           tuple(args), consts, seq_q, seq_k, q.element_size())
+    if splits > 1:
+        _reduce(dk_out, dk, splits, sm_scale, head_dim)
+        _reduce(dv_out, dv, splits, 1.0, head_dim)
+    if fused:
+        _reduce(dq_acc, dq, 1, sm_scale, head_dim)
+    return dq, dk, dv

@@ -1,0 +1,245 @@
+"""What the attention kernels share: argument checks, dot precision, tile loads and stores, the
+online-softmax arithmetic, and the causal key range of a query tile.
+
+``attention_fwd.py``, ``attention_bwd.py`` and ``decode.py`` import from here (and from
+``attention_launch.py`` for tile configurations); nothing here imports them, so the imports run one
+way.  The math these helpers implement is written out in ``attention.py``'s docstring.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, cast_rne, check_float_arg, check_same, check_tensor
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernels have tiles for ``head_dim``: a multiple of 16 from 16 to ``MAX_HEAD_DIM``."""
+    return head_dim % 16 == 0 and 16 <= head_dim <= MAX_HEAD_DIM
+
+
+def validate_attention(q, k, v, causal, sm_scale, names=("q", "k", "v")) -> float:
+    """Check the arguments of an attention call (before anything launches) and return ``sm_scale``
+    (``D ** -0.5`` when ``None``).  ``names`` are the argument names the errors quote."""
+    qn, kn, vn = names
+    for name, t in zip(names, (q, k, v)):
+        check_tensor(name, t, ndim=4)
+    check_same("dtype", **{qn: q, kn: k, vn: v})
+    check_same("device", **{qn: q, kn: k, vn: v})
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if k.shape != v.shape:
+        raise ValueError(f"{vn} must have the shape of {kn} {tuple(k.shape)}, got {tuple(v.shape)}")
+    batch, heads, _, head_dim = q.shape
+    if k.shape[0] != batch:
+        raise ValueError(f"{kn} must have {qn}'s batch size {batch}, got shape {tuple(k.shape)}")
+    if k.shape[3] != head_dim:
+        raise ValueError(f"{kn} must have {qn}'s head dim {head_dim}, got shape {tuple(k.shape)}")
+    if k.shape[1] < 1 or heads % k.shape[1] != 0:
+        raise ValueError(
+            f"{kn}'s number of heads must divide {qn}'s ({heads}) for grouped-query attention; "
+            f"got {k.shape[1]}"
+        )
+    if not supports_head_dim(head_dim):
+        raise ValueError(
+            f"{qn}'s head dim must be a multiple of 16 between 16 and {MAX_HEAD_DIM}, got {head_dim}"
+        )
+    if k.shape[2] < 1:
+        raise ValueError(f"{kn} must hold at least one key (Tk >= 1), got shape {tuple(k.shape)}")
+    if sm_scale is None:
+        return head_dim ** -0.5
+    return check_float_arg("sm_scale", sm_scale, positive=True)
+
+
+def dot_mode(dtype):
+    """``(DOT_IN_FP32, PRECISION)`` for the kernels' dots: the GPU multiplies half-precision
+    operands as they are and float32 in IEEE precision (never TF32); the interpreter multiplies
+    everything in float32 (its bfloat16 dots are wrong).  Tests patch this to run the GPU's
+    half-precision operand path under the interpreter (float16 only)."""
+    return INTERPRET, ("ieee" if (dtype == torch.float32 or INTERPRET) else "tf32")
+
+
+def common_consts(q, causal):
+    """The constexpr flags every training kernel takes, from ``q``'s dtype and head dim."""
+    head_dim = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    dot_in_fp32, precision = dot_mode(q.dtype)
+    return dict(
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, PAD_D=block_d != head_dim,
+        DOT_IN_FP32=dot_in_fp32, PRECISION=precision, RAW_MAX=q.dtype == torch.float32,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Tile helpers (inlined into the kernels)
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_tile(ptrs, rows_in, cols_in, MASK_ROWS: tl.constexpr, PAD_D: tl.constexpr,
+               DOT_IN_FP32: tl.constexpr):
+    # A (rows, BLOCK_D) tile.  Masks are compiled in only where a tile can leave the tensor: the
+    # head-dim padding (PAD_D) and ragged sequence edges (MASK_ROWS).
+    if MASK_ROWS:
+        if PAD_D:
+            x = tl.load(ptrs, mask=rows_in[:, None] & cols_in[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_in[:, None], other=0.0)
+    else:
+        if PAD_D:
+            x = tl.load(ptrs, mask=cols_in[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    if DOT_IN_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def dot_operand(x, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    # Round a float32 tile to the input dtype, the precision the tensor cores multiply in.  Under
+    # the interpreter the rounded value is kept in float32 (its bfloat16 dots are wrong).
+    x = cast_rne(x, DTYPE)
+    if DOT_IN_FP32:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def softmax_row_max(m_i, s, qk_scale, RAW_MAX: tl.constexpr):
+    """Running row max of the scores ``s``: raw units (RAW_MAX) or scaled by ``qk_scale``.
+
+    float32 inputs keep the max in raw score units and exponents as ``(s - m) * c``: the max
+    score's exponent is then exactly 0 (``s - m`` is exact for nearby scores), so a one-hot row
+    gets ``P = 1`` exactly and its gradient cancels exactly, as in eager float32.  Half precision
+    uses ``s * c - m``, one fused multiply-add per score, whose rounding of ``m`` (a common
+    offset of the row, up to ``|s| * 2^-24``) is far below the error of half-precision eager.
+    """
+    if RAW_MAX:
+        return tl.maximum(m_i, tl.max(s, 1))
+    # qk_scale > 0, so scaling the row max equals the max of the scaled row.
+    return tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+
+
+@triton.jit
+def softmax_exponent(s, m, qk_scale, RAW_MAX: tl.constexpr):
+    """log2 of the unnormalised probability ``2^(c s - c max)`` (``m`` broadcasts against ``s``)."""
+    if RAW_MAX:
+        return (s - m) * qk_scale
+    return s * qk_scale - m
+
+
+@triton.jit
+def softmax_log_prob(s, m, log2_l, qk_scale, RAW_MAX: tl.constexpr):
+    """log2 of the normalised probability, as the backward recomputes it from the row stats.
+
+    Half precision folds ``m + log2(l)`` first (one fused multiply-add per score; rounding that
+    log-sum-exp costs ~``|lse| * 2^-24`` relative, far below half-precision error); float32
+    keeps them apart so the exponent of a one-hot row's max is exactly 0.
+    """
+    if RAW_MAX:
+        return (s - m) * qk_scale - log2_l
+    return s * qk_scale - (m + log2_l)
+
+
+@triton.jit
+def softmax_rescale(m_old, m_new, qk_scale, RAW_MAX: tl.constexpr):
+    """The factor ``2^(c (max_old - max_new))`` that moves sums kept against ``m_old`` to ``m_new``."""
+    if RAW_MAX:
+        return tl.exp2((m_old - m_new) * qk_scale)
+    return tl.exp2(m_old - m_new)
+
+
+@triton.jit
+def store_tile(ptrs, x, rows_in, cols_in, PAD_D: tl.constexpr):
+    x = cast_rne(x, ptrs.dtype.element_ty)
+    if PAD_D:
+        tl.store(ptrs, x, mask=rows_in[:, None] & cols_in[None, :])
+    else:
+        tl.store(ptrs, x, mask=rows_in[:, None])
+
+
+@triton.jit
+def causal_key_bounds(start_m, seq_q, seq_k, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    """Key range of the query tile at ``start_m``: ``[0, full_hi)`` needs no mask at all,
+    ``[full_hi, hi)`` holds the diagonal and the ragged end of the keys; the rest is invisible."""
+    whole_tiles = (seq_k // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        offset = seq_k - seq_q
+        # Key j is visible to every row of the tile iff j <= start_m + offset.
+        first_row_sees = start_m + offset + 1
+        full_hi = tl.minimum(tl.maximum(first_row_sees, 0) // BLOCK_N * BLOCK_N, whole_tiles)
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + offset, 0), seq_k)
+    else:
+        full_hi = whole_tiles
+        hi = seq_k
+    return full_hi, hi
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, MASK: tl.constexpr,
+                        DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                        RAW_MAX: tl.constexpr):
+    """Fold one key tile (raw scores ``s``, values ``v``) into the running ``acc, l, m``.
+
+    ``visible`` hides keys (causal diagonal, ragged end) where ``MASK``; masked scores are -inf,
+    so their probabilities are exactly 0.  ``P`` is rounded to the input dtype before ``P @ V``,
+    as the tensor cores take it.
+    """
+    if MASK:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = softmax_row_max(m_i, s, qk_scale, RAW_MAX)
+    p = tl.exp2(softmax_exponent(s, m_new[:, None], qk_scale, RAW_MAX))
+    alpha = softmax_rescale(m_i, m_new, qk_scale, RAW_MAX)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(dot_operand(p, DTYPE, DOT_IN_FP32), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def query_tile_program(num_heads, group, BLOCK_M: tl.constexpr):
+    """``(start_m, bh, b, h, kvh)`` of a forward/dQ program on the grid ``(B * Hq, query tiles)``.
+
+    Heads are the fastest launch axis: the programs in flight at one time hold the same query
+    tile of many heads, so the query heads of one KV group (adjacent heads) read the same K/V
+    tiles together (L2 reuse), and under causal masking, where the last query tiles see the most
+    keys, every head's longest tile is dispatched first (longest first balances the tail).
+    """
+    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    bh = tl.program_id(0)
+    b = bh // num_heads
+    h = bh % num_heads
+    kvh = h // group
+    return start_m, bh, b, h, kvh
+
+
+@triton.jit
+def visible_keys(keys, queries, seq_q, seq_k, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a tile are visible: keys inside Tk, and bottom-right causal."""
+    visible = (keys < seq_k)[None, :]
+    if CAUSAL:
+        visible = visible & (keys[None, :] <= queries[:, None] + (seq_k - seq_q))
+    return visible
+
+
+@triton.jit
+def key_tile_scores(q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in,
+                    seq_q, seq_k, MASK: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
+                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    """The key/value tile at ``start_n`` (pointer loads), the raw scores ``q k^T``, and which
+    (query, key) pairs are visible (ragged end of the keys, causal diagonal); callers apply that
+    only where MASK."""
+    start_n = tl.multiple_of(start_n, offs_n.shape[0])
+    tile = start_n.to(tl.int64)
+    keys = start_n + offs_n
+    keys_in = keys < seq_k
+    k = load_tile(k_base + tile * k_st + k_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
+    v = load_tile(v_base + tile * v_st + v_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    return k, v, s, visible_keys(keys, offs_m, seq_q, seq_k, CAUSAL)
