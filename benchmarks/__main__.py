@@ -55,15 +55,19 @@ def op_names() -> tuple[str, ...]:
     return tuple(spec.name for spec in OPS)
 
 
-def op_list(text: str) -> tuple[str, ...]:
-    """``--ops`` value: comma-separated names, each one of :func:`op_names`."""
+def _name_list(text: str, known, what: str) -> tuple[str, ...]:
+    """Comma-separated names from ``text``, each one of ``known``; ``what`` names them in the error."""
     names = tuple(name.strip() for name in text.split(","))
-    known = op_names()
     unknown = [name for name in names if name not in known]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown op name(s) {', '.join(repr(n) for n in unknown)}; known: {', '.join(known)}")
+            f"unknown {what} name(s) {', '.join(repr(n) for n in unknown)}; known: {', '.join(known)}")
     return names
+
+
+def op_list(text: str) -> tuple[str, ...]:
+    """``--ops`` value: comma-separated names, each one of :func:`op_names`."""
+    return _name_list(text, op_names(), "op")
 
 
 def shape_list(text: str) -> tuple[str, ...]:
@@ -71,12 +75,7 @@ def shape_list(text: str) -> tuple[str, ...]:
     :data:`benchmarks.bench_ops.MODELS` (imported on first use, as in :func:`op_names`)."""
     from .bench_ops import MODELS
 
-    names = tuple(name.strip() for name in text.split(","))
-    unknown = [name for name in names if name not in MODELS]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown shape name(s) {', '.join(repr(n) for n in unknown)}; known: {', '.join(MODELS)}")
-    return names
+    return _name_list(text, tuple(MODELS), "shape")
 
 
 def token_list(text: str) -> tuple[int, ...]:

@@ -120,7 +120,7 @@ def compile_attention_candidates(lk):
     import torch
 
     global current_case
-    from llama_kernels.ops import attention_bwd, attention_fwd, attention_launch
+    from llama_kernels.ops import attention_fwd, attention_launch
 
     every = attention_launch.candidates
     attention_fwd.USE_TMA = True

@@ -40,7 +40,7 @@ from .attention_tiles import (
     store_tile,
     visible_keys,
 )
-from .common import INTERPRET, cast_rne, compilable
+from .common import INTERPRET, compilable
 
 USE_TMA: Optional[bool] = None
 
@@ -142,22 +142,6 @@ def _tma_tile(desc, b, h, start, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 
 
 @triton.jit
-def _fwd_key_range_tma(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, lo, hi, offs_m, seq_q, seq_k,
-                       qk_scale, MASK: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                       WARP_SPECIALIZE: tl.constexpr, BLOCK_N: tl.constexpr):
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k = _tma_tile(desc_k, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
-        v = _tma_tile(desc_v, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        visible = visible_keys(start_n + tl.arange(0, BLOCK_N), offs_m, seq_q, seq_k, CAUSAL)
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, MASK, DTYPE,
-                                            DOT_IN_FP32, PRECISION, False)
-    return acc, l_i, m_i
-
-
-@triton.jit
 def attention_fwd_tma_kernel(
     desc_q, desc_k, desc_v, O, STATS,
     o_sb, o_sh, o_st, o_sd,
@@ -180,10 +164,14 @@ def attention_fwd_tma_kernel(
     # loop that holds a branch (an unmasked loop plus a masked one fails to compile), and the
     # mask's compare and select cost little beside the exp2 of every score.
     _, hi = causal_key_bounds(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_range_tma(
-        acc, l_i, m_i, q, desc_k, desc_v, b, kvh, 0, hi, offs_m, seq_q, seq_k, qk_scale,
-        True, CAUSAL, BLOCK_D, DTYPE, DOT_IN_FP32, PRECISION, WARP_SPECIALIZE, BLOCK_N,
-    )
+    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        k = _tma_tile(desc_k, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
+        v = _tma_tile(desc_v, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        visible = visible_keys(start_n + tl.arange(0, BLOCK_N), offs_m, seq_q, seq_k, CAUSAL)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, True, DTYPE,
+                                            DOT_IN_FP32, PRECISION, False)
 
     # o leaves through plain stores: Triton 3.6's warp specialisation fails to compile a
     # descriptor store after the specialised loop (its data partitioning rejects it).
