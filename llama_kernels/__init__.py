@@ -5,8 +5,10 @@ Public API::
     rms_norm(x, weight, eps=1e-6, residual=None)
     swiglu(gate, up)
     apply_rotary(q, k, cos, sin, interleaved=False)
-    flash_attention(q, k, v, causal=True, sm_scale=None)
-    flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None)   (CUDA-graph-safe decode)
+    flash_attention(q, k, v, causal=True, sm_scale=None, *, cu_seqlens_q=None, cu_seqlens_k=None,
+                    max_seqlen_q=None, max_seqlen_k=None)             (packed sequences: varlen)
+    flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_leftpad=None)
+                                                                      (CUDA-graph-safe decode)
     apply_kernels(model, *, rms_norm=True, swiglu=True, rope=True, attention=True)
     model.Llama, model.LlamaConfig       (the eager reference LLaMA)
     reference                            (the eager twin of every op)

@@ -98,19 +98,53 @@ def attention(q, k, v, causal=True, sm_scale=None):
     return _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty=causal and q.shape[2] > k.shape[2])
 
 
-def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
+def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=None, cache_leftpad=None):
     """``attention`` of ``q (B, Hq, Tq, D)`` over the first ``cache_seqlens[b]`` keys of each row of
     a preallocated cache ``k_cache, v_cache (B, Hk, Tmax, D)``: the eager twin of
     ``ops.decode.flash_decode``.
 
     Row ``b`` holds ``L_b`` keys (clamped to ``[0, Tmax]``) and its queries are the last ``Tq`` of
     them: query ``i`` sees key ``j <= i + L_b - Tq`` (causal, bottom-right relative to ``L_b``); a
-    query that sees no key gets zeros.  The mask is built on the device from the lengths (no host
-    synchronisation), so a CUDA graph can capture this op too.  Precision as in ``attention``.
+    query that sees no key gets zeros.  With ``cache_leftpad (B,)`` row ``b``'s first
+    ``cache_leftpad[b]`` keys are padding (a left-padded batch) and stay invisible too.  The mask
+    is built on the device from the lengths (no host synchronisation), so a CUDA graph can capture
+    this op too.  Precision as in ``attention``.
     """
     seq_q, seq_k = q.shape[2], k_cache.shape[2]
     lengths = cache_seqlens.to(torch.long).clamp(0, seq_k).view(-1, 1, 1, 1)
     i = torch.arange(seq_q, device=q.device)[:, None]
     j = torch.arange(seq_k, device=q.device)[None, :]
     visible = j <= i + (lengths - seq_q)  # (B, 1, Tq, Tmax); implies j < L_b since i < Tq
+    if cache_leftpad is not None:
+        visible = visible & (j >= cache_leftpad.to(torch.long).view(-1, 1, 1, 1))
     return _masked_attention(q, k_cache, v_cache, visible, sm_scale, rows_may_be_empty=True)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_scale=None):
+    """``attention`` of packed sequences: the eager twin of ``flash_attention(..., cu_seqlens_q=...)``.
+
+    ``q (1, Hq, total_q, D)``, ``k, v (1, Hk, total_k, D)``; pair ``i`` attends
+    ``q[:, :, cu_q[i]:cu_q[i+1]]`` to ``k, v[:, :, cu_k[i]:cu_k[i+1]]`` only (``cu_seqlens_k``
+    defaults to ``cu_seqlens_q``), causal bottom-right within the pair.  Query rows outside every
+    sequence, and queries that see no key, get zeros.  Reads the offsets on the host.
+    """
+    cu_q = cu_seqlens_q.tolist()
+    cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    pieces, row = [], 0
+
+    def zeros(n):
+        return q.new_zeros((*q.shape[:2], n, q.shape[3])) + 0 * q.sum()  # keeps the graph
+
+    for i in range(len(cu_q) - 1):
+        (q0, q1), (k0, k1) = (cu_q[i], cu_q[i + 1]), (cu_k[i], cu_k[i + 1])
+        if q0 > row:
+            pieces.append(zeros(q0 - row))
+        if q1 > q0:
+            if k1 > k0:
+                pieces.append(attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal, sm_scale))
+            else:
+                pieces.append(zeros(q1 - q0))
+        row = max(row, q1)
+    if q.shape[2] > row:
+        pieces.append(zeros(q.shape[2] - row))
+    return torch.cat(pieces, dim=2) if pieces else zeros(0)

@@ -13,12 +13,13 @@ copies), the shapes of its wgmma instructions (``wgmma n128 x4``: m64n128k16) an
 warp specialisation split it into warpgroups with their own register budgets (setmaxnreg).
 Besides the launchers' own choices, every autotuning candidate of the attention kernels
 (``attention_launch.CONFIGS``) is compiled in bfloat16 at head dims 64, 128 and 256, for both
-backward schedules and with the TMA forward.
+backward schedules, with the TMA forward, and on packed (varlen) sequences.
 
 It exits 1 when a kernel needs more shared memory than an H100 has, or spills registers in half
 precision: the memory-bound kernels (RMSNorm, SwiGLU, RoPE) must run at copy bandwidth, and the
 attention kernels at tensor-core rate, and a spill is local-memory traffic on top of either.
 """
+import itertools
 import os
 import re
 import subprocess
@@ -126,15 +127,19 @@ def compile_attention_candidates(lk):
     attention_fwd.USE_TMA = True
     try:
         for index in range(max(len(c) for c in attention_launch.CONFIGS.values())):
-            attention_launch.candidates = lambda kind, block_d, size: [every(kind, block_d, size)[
-                min(index, len(every(kind, block_d, size)) - 1)]]
+            attention_launch.candidates = lambda kind, block_d, size, varlen=False: [
+                every(kind, block_d, size, varlen)[min(index, len(every(kind, block_d, size, varlen)) - 1)]]
             for d in (64, 128, 256):
-                for deterministic in (False, True):
-                    current_case = f"D {d}, 32/8 heads{', det' if deterministic else ''}"
+                for deterministic, varlen in itertools.product((False, True), (False, True)):
+                    current_case = (f"D {d}, 32/8 heads{', det' if deterministic else ''}"
+                                    f"{', varlen' if varlen else ''}")
                     q, k, v = (torch.randn(1, 256, h, d, dtype=torch.bfloat16).requires_grad_()
                                for h in (32, 8, 8))
                     torch.use_deterministic_algorithms(deterministic)
-                    o = lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                    packed = dict(cu_seqlens_q=torch.tensor([0, 100, 256], dtype=torch.int32),
+                                  max_seqlen_q=156, max_seqlen_k=156) if varlen else {}
+                    o = lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           **packed)
                     torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
     finally:
         torch.use_deterministic_algorithms(False)
@@ -189,7 +194,21 @@ def main():
                 for seq_k in (64, 4096):
                     lk.flash_attention(torch.randn(2, 8, 1, d, dtype=dtype), cache[:, :, :seq_k], cache[:, :, :seq_k])
                 lengths = torch.tensor([100, 4000], dtype=torch.int32)
-                lk.flash_decode(torch.randn(2, 8, 1, d, dtype=dtype), cache, cache, lengths)
+                lk.flash_decode(torch.randn(2, 8, 1, d, dtype=dtype), cache, cache, lengths,
+                                cache_leftpad=torch.tensor([0, 7], dtype=torch.int32))
+            # Packed sequences, both backward schedules, and their decode path.
+            current_case = f"D {d}, 8/2 heads, varlen"
+            cu = torch.tensor([0, 100, 128], dtype=torch.int32)
+            for deterministic in (False, True):
+                torch.use_deterministic_algorithms(deterministic)
+                backward([lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             cu_seqlens_q=cu, max_seqlen_q=100, max_seqlen_k=100)], (q, k, v))
+            torch.use_deterministic_algorithms(False)
+            with torch.no_grad():
+                lk.flash_attention(torch.randn(1, 8, 2, d, dtype=dtype), cache[:1, :, :4000], cache[:1, :, :4000],
+                                   cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
+                                   cu_seqlens_k=torch.tensor([0, 100, 4000], dtype=torch.int32),
+                                   max_seqlen_q=1, max_seqlen_k=3900)
 
     current_dtype = "bfloat16"
     compile_attention_candidates(lk)

@@ -22,6 +22,13 @@ also keep ``m`` in raw score units and form exponents as ``c (s - m)``, exact at
 ``softmax_row_max``); half precision folds ``m + log2(l)`` in the backward, one FMA per score,
 since there the rounding is far below the input precision.
 
+Packed (varlen) sequences: with ``cu_seqlens_q/k`` the batch is one row of concatenated sequences
+and pair ``i`` is the ``(q, k)`` above restricted to rows ``[cu_q[i], cu_q[i+1])`` and
+``[cu_k[i], cu_k[i+1])`` (causal bottom-right within the pair).  The launch grid enumerates the
+tiles of every sequence (``attention_tiles.varlen_tile`` finds a program's sequence on the
+device), so uneven lengths cost what their tiles cost; the kernels are the same, with the
+sequence's first rows added to the pointers and its lengths in place of ``Tq, Tk``.
+
 A row that sees no key (causal with ``Tq > Tk``) ends with ``l = 0``: it outputs zeros and stores
 ``m = +inf``, so every probability the backward recomputes for it is ``2^(s - inf) = 0``.
 
@@ -75,30 +82,37 @@ from .. import reference
 from . import decode
 from .attention_bwd import attention_bwd
 from .attention_fwd import attention_fwd
-from .attention_tiles import MAX_HEAD_DIM, supports_head_dim, validate_attention
+from .attention_tiles import MAX_HEAD_DIM, supports_head_dim, validate_attention, validate_varlen
 from .common import autocast_inputs, use_triton
 
 __all__ = ["flash_attention", "FlashAttentionFunction", "supports_head_dim", "MAX_HEAD_DIM"]
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd of ``flash_attention``: saves q, k, v, o and the float32 softmax row stats."""
+    """Autograd of ``flash_attention``: saves q, k, v, o and the float32 softmax row stats (and
+    the offsets of packed sequences)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale):
-        o, stats = attention_fwd(q, k, v, causal, sm_scale)
-        ctx.save_for_backward(q, k, v, o, stats)
-        ctx.causal, ctx.sm_scale = causal, sm_scale
+    def forward(ctx, q, k, v, causal, sm_scale, cu_seqlens_q=None, cu_seqlens_k=None,
+                max_seqlen_q=0, max_seqlen_k=0):
+        if cu_seqlens_k is None:  # the same offsets (passed once: Dynamo refuses duplicates)
+            cu_seqlens_k = cu_seqlens_q
+        varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        o, stats = attention_fwd(q, k, v, causal, sm_scale, *varlen)
+        ctx.save_for_backward(q, k, v, o, stats, cu_seqlens_q, cu_seqlens_k)
+        ctx.causal, ctx.sm_scale, ctx.max_seqlens = causal, sm_scale, (max_seqlen_q, max_seqlen_k)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, stats = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, stats, ctx.causal, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        q, k, v, o, stats, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        dq, dk, dv = attention_bwd(do, q, k, v, o, stats, ctx.causal, ctx.sm_scale, cu_seqlens_q,
+                                   cu_seqlens_k, *ctx.max_seqlens)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def flash_attention(q, k, v, causal=True, sm_scale=None):
+def flash_attention(q, k, v, causal=True, sm_scale=None, *, cu_seqlens_q=None, cu_seqlens_k=None,
+                    max_seqlen_q=None, max_seqlen_k=None):
     """Scaled dot-product attention with grouped-query heads, in O(T) memory.
 
     ``q (B, Hq, Tq, D)``, ``k, v (B, Hk, Tk, D)`` with ``Hq % Hk == 0`` (query head ``h`` reads KV
@@ -110,9 +124,18 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     the whole cache); a query that sees no key outputs zeros.  ``sm_scale`` defaults to
     ``D ** -0.5``.  Differentiable in ``q``, ``k`` and ``v``.
 
+    Packed sequences (FlashAttention-2's varlen semantics): with ``cu_seqlens_q`` (int32
+    ``(N + 1,)`` offsets on ``q``'s device) ``q`` is ``(1, Hq, total_q, D)`` and ``k, v`` are
+    ``(1, Hk, total_k, D)`` (any strides, e.g. transposed views of ``(total, H, D)``); pair ``i``
+    attends ``q[:, :, cu_q[i]:cu_q[i+1]]`` to ``k, v[:, :, cu_k[i]:cu_k[i+1]]`` only, causal
+    bottom-right within the pair.  ``cu_seqlens_k`` defaults to ``cu_seqlens_q``.  Rows outside
+    every sequence get zeros.  ``max_seqlen_q`` and ``max_seqlen_k`` (ints, at least the longest
+    sequence) avoid a host synchronisation; without them the offsets are read once on the host
+    and checked (non-decreasing, within the tensors).  Sequences may be empty or have no keys.
+
     When no gradient is needed and the queries of one KV group are few
-    (``Tq * Hq / Hk <= decode.DECODE_MAX_ROWS``, i.e. generation), the split-KV decode kernels of
-    ``decode.py`` run instead of the training kernels.
+    (``Tq * Hq / Hk <= decode.DECODE_MAX_ROWS``, or ``max_seqlen_q * Hq / Hk`` packed, i.e.
+    generation), the split-KV decode kernels of ``decode.py`` run instead of the training kernels.
 
     Under ``torch.autocast`` (float16/bfloat16, for the inputs' device type) q, k and v are first
     cast to the autocast dtype, as eager SDPA and matmul cast them, so that mixed inputs (float32
@@ -124,13 +147,28 @@ def flash_attention(q, k, v, causal=True, sm_scale=None):
     may differ from run to run, as with PyTorch's flash backend).
     """
     q, k, v = autocast_inputs(q, k, v)
-    sm_scale = validate_attention(q, k, v, causal, sm_scale)
+    varlen = cu_seqlens_q is not None
+    sm_scale = validate_attention(q, k, v, causal, sm_scale, allow_empty_keys=varlen)
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = validate_varlen(
+        q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if not use_triton("flash_attention", q.device):
+        if varlen:
+            return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
         return reference.attention(q, k, v, causal, sm_scale)
-    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0:
-        # Nothing to launch; the eager op returns the (differentiable) empty result.
+    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
+        # Nothing to launch; the eager op returns the (differentiable) empty or zero result.
+        if varlen:
+            return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
         return reference.attention(q, k, v, causal, sm_scale)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if decode.use_decode(q.shape[2], q.shape[1] // k.shape[1], needs_grad):
+    group = q.shape[1] // k.shape[1]
+    if decode.use_decode(max_seqlen_q if varlen else q.shape[2], group, needs_grad):
+        if varlen:
+            return decode.attention_decode_varlen(q, k, v, causal, sm_scale, cu_seqlens_q,
+                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         return decode.attention_decode(q, k, v, causal, sm_scale)
+    if varlen:
+        return FlashAttentionFunction.apply(
+            q, k, v, causal, sm_scale, cu_seqlens_q,
+            None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return FlashAttentionFunction.apply(q, k, v, causal, sm_scale)

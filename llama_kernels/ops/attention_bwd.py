@@ -33,11 +33,13 @@ splits in a fixed order, scales and rounds them: still deterministic.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from .attention_launch import autotuned, bucket, launch
+from .attention_launch import autotuned, bucket, launch, varlen_grid_tiles
 from .attention_tiles import (
     LOG2E,
     causal_key_bounds,
@@ -46,8 +48,10 @@ from .attention_tiles import (
     key_tile_scores,
     load_tile,
     query_tile_program,
+    sequence_rows,
     softmax_log_prob,
     store_tile,
+    varlen_tile,
 )
 from .common import INTERPRET, compilable, count_launch, num_sms
 
@@ -85,26 +89,37 @@ def attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _key_tile_program(
-    Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC,
+    Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
     q_sb, q_sh, q_st, q_sd,
     k_sb, k_sh, k_st, k_sd,
     v_sb, v_sh, v_st, v_sd,
     do_sb, do_sh, do_st, do_sd,
     dk_sb, dk_sh, dk_st, dk_sd,
     dv_sb, dv_sh, dv_st, dv_sd,
-    num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+    num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
-    FUSED_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    FUSED_DQ: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid (B * Hk * splits, key tiles).  DK/DV have Hk * splits "heads": head kvh * splits + split
-    # (float32 partials when splits > 1, the gradients themselves when splits == 1).
+    # (float32 partials when splits > 1, the gradients themselves when splits == 1).  Packed
+    # sequences (VARLEN, B = 1): axis 1 enumerates the key tiles of every sequence; q0, k0 are
+    # the sequence's first rows and seq_q, seq_k become its lengths.
     pid = tl.program_id(0)
     split = pid % splits
     bkv = pid // splits
     b = (bkv // num_kv_heads).to(tl.int64)
     kvh = bkv % num_kv_heads
-    start_n = tl.program_id(1) * BLOCK_N
+    total_q = seq_q
+    if VARLEN:
+        seq, start_n = varlen_tile(CU_K, num_seqs, tl.program_id(1), BLOCK_N)
+        q0, seq_q = sequence_rows(CU_Q, seq, num_seqs, seq_q)
+        k0, seq_k = sequence_rows(CU_K, seq, num_seqs, seq_k)
+        q0, k0 = q0.to(tl.int64), k0.to(tl.int64)
+    else:
+        start_n = tl.program_id(1) * BLOCK_N
+        q0 = 0
+        k0 = 0
     num_heads = num_kv_heads * group
     heads_per_split = group // splits
 
@@ -114,10 +129,10 @@ def _key_tile_program(
     keys_in = keys < seq_k
     d_in = offs_d < HEAD_DIM
     kvh64 = kvh.to(tl.int64)
-    k = load_tile(K + b * k_sb + kvh64 * k_sh + keys[:, None] * k_st + offs_d[None, :] * k_sd,
-                  keys_in, d_in, True, PAD_D, DOT_IN_FP32)
-    v = load_tile(V + b * v_sb + kvh64 * v_sh + keys[:, None] * v_st + offs_d[None, :] * v_sd,
-                  keys_in, d_in, True, PAD_D, DOT_IN_FP32)
+    k = load_tile(K + b * k_sb + kvh64 * k_sh + k0 * k_st + keys[:, None] * k_st
+                  + offs_d[None, :] * k_sd, keys_in, d_in, True, PAD_D, DOT_IN_FP32)
+    v = load_tile(V + b * v_sb + kvh64 * v_sh + k0 * v_st + keys[:, None] * v_st
+                  + offs_d[None, :] * v_sd, keys_in, d_in, True, PAD_D, DOT_IN_FP32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     DTYPE: tl.constexpr = Q.dtype.element_ty
@@ -137,9 +152,9 @@ def _key_tile_program(
 
     for g in range(split * heads_per_split, (split + 1) * heads_per_split):
         h64 = (kvh * group + g).to(tl.int64)
-        row_base = (b * num_heads + h64) * seq_q
-        q_base = Q + b * q_sb + h64 * q_sh
-        do_base = DO + b * do_sb + h64 * do_sh
+        row_base = (b * num_heads + h64) * total_q + q0
+        q_base = Q + b * q_sb + h64 * q_sh + q0 * q_st
+        do_base = DO + b * do_sb + h64 * do_sh + q0 * do_st
         dq_base = DQ_ACC + row_base * BLOCK_D  # dense (B, Hq, Tq, BLOCK_D) float32
         for start_m in range(lo, seq_q, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -174,49 +189,53 @@ def _key_tile_program(
                 tl.atomic_add(dq_ptrs, dq, mask=rows_in[:, None], sem="relaxed")
 
     out_h = kvh64 * splits + split
-    dk_ptrs = DK + b * dk_sb + out_h * dk_sh + keys[:, None] * dk_st + offs_d[None, :] * dk_sd
-    dv_ptrs = DV + b * dv_sb + out_h * dv_sh + keys[:, None] * dv_st + offs_d[None, :] * dv_sd
+    dk_ptrs = (DK + b * dk_sb + out_h * dk_sh + k0 * dk_st + keys[:, None] * dk_st
+               + offs_d[None, :] * dk_sd)
+    dv_ptrs = (DV + b * dv_sb + out_h * dv_sh + k0 * dv_st + keys[:, None] * dv_st
+               + offs_d[None, :] * dv_sd)
     store_tile(dk_ptrs, dk * dk_scale, keys_in, d_in, PAD_D)
     store_tile(dv_ptrs, dv, keys_in, d_in, PAD_D)
 
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, STATS, DELTA, DK, DV,
+    Q, K, V, DO, STATS, DELTA, DK, DV, CU_Q, CU_K,
     q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
     do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
-    num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+    num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     _key_tile_program(
-        Q, K, V, DO, STATS, DELTA, DK, DV, DK,  # no dQ accumulator
+        Q, K, V, DO, STATS, DELTA, DK, DV, DK, CU_Q, CU_K,  # DK: no dQ accumulator
         q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
         do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
-        num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
-        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, False, BLOCK_M, BLOCK_N,
+        num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
+        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, False, VARLEN, BLOCK_M,
+        BLOCK_N,
     )
 
 
 @triton.jit
 def attention_bwd_fused_kernel(
-    Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC,
+    Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
     q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
     do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
-    num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
+    num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     _key_tile_program(
-        Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC,
+        Q, K, V, DO, STATS, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
         q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
         do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
-        num_kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale, stats_plane,
-        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, True, BLOCK_M, BLOCK_N,
+        num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
+        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, True, VARLEN, BLOCK_M,
+        BLOCK_N,
     )
 
 
@@ -278,36 +297,39 @@ def _dq_key_range(dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, STATS, DELTA, DQ,
+    Q, K, V, DO, STATS, DELTA, DQ, CU_Q, CU_K,
     q_sb, q_sh, q_st, q_sd,
     k_sb, k_sh, k_st, k_sd,
     v_sb, v_sh, v_st, v_sd,
     do_sb, do_sh, do_st, do_sd,
     dq_sb, dq_sh, dq_st, dq_sd,
-    num_heads, group, seq_q, seq_k, qk_scale, sm_scale, stats_plane,
+    num_heads, group, seq_q, seq_k, num_seqs, qk_scale, sm_scale, stats_plane,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
-    EXACT_DELTA: tl.constexpr,
+    EXACT_DELTA: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, bh, b, h, kvh = query_tile_program(num_heads, group, BLOCK_M)
+    total_q = seq_q  # seq_q, seq_k become this program's sequence lengths (packed: VARLEN)
+    start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k = query_tile_program(
+        num_heads, group, seq_q, seq_k, CU_Q, CU_K, num_seqs, BLOCK_M, VARLEN)
     b, h, kvh = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+    q0, k0 = tl.cast(q0, tl.int64), tl.cast(k0, tl.int64)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows_in = offs_m < seq_q
     d_in = offs_d < HEAD_DIM
-    q = load_tile(Q + b * q_sb + h * q_sh + offs_m[:, None] * q_st + offs_d[None, :] * q_sd,
-                  rows_in, d_in, True, PAD_D, DOT_IN_FP32)
-    do = load_tile(DO + b * do_sb + h * do_sh + offs_m[:, None] * do_st + offs_d[None, :] * do_sd,
-                   rows_in, d_in, True, PAD_D, DOT_IN_FP32)
-    row_base = bh.to(tl.int64) * seq_q
+    q = load_tile(Q + b * q_sb + h * q_sh + q0 * q_st + offs_m[:, None] * q_st
+                  + offs_d[None, :] * q_sd, rows_in, d_in, True, PAD_D, DOT_IN_FP32)
+    do = load_tile(DO + b * do_sb + h * do_sh + q0 * do_st + offs_m[:, None] * do_st
+                   + offs_d[None, :] * do_sd, rows_in, d_in, True, PAD_D, DOT_IN_FP32)
+    row_base = bh.to(tl.int64) * total_q + q0
     m = tl.load(STATS + row_base + offs_m, mask=rows_in, other=float("inf"))
     log2_l = tl.load(STATS + stats_plane + row_base + offs_m, mask=rows_in, other=0.0)
-    k_base = K + b * k_sb + kvh * k_sh
-    v_base = V + b * v_sb + kvh * v_sh
+    k_base = K + b * k_sb + kvh * k_sh + k0 * k_st
+    v_base = V + b * v_sb + kvh * v_sh + k0 * v_st
     k_offs = offs_n[:, None] * k_st + offs_d[None, :] * k_sd
     v_offs = offs_n[:, None] * v_st + offs_d[None, :] * v_sd
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -341,7 +363,8 @@ def attention_bwd_dq_kernel(
         True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
     )
 
-    dq_ptrs = DQ + b * dq_sb + h * dq_sh + offs_m[:, None] * dq_st + offs_d[None, :] * dq_sd
+    dq_ptrs = (DQ + b * dq_sb + h * dq_sh + q0 * dq_st + offs_m[:, None] * dq_st
+               + offs_d[None, :] * dq_sd)
     store_tile(dq_ptrs, dq * sm_scale, rows_in, d_in, PAD_D)
 
 
@@ -383,7 +406,8 @@ def _reduce(parts, out, splits, scale, head_dim):
     count_launch(attention_bwd_reduce_kernel)
 
 
-def _bwd_fake(do, q, k, v, o, stats, causal, sm_scale):
+def _bwd_fake(do, q, k, v, o, stats, causal, sm_scale, cu_seqlens_q=None, cu_seqlens_k=None,
+              max_seqlen_q=0, max_seqlen_k=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -391,25 +415,41 @@ def _bwd_fake(do, q, k, v, o, stats, causal, sm_scale):
 def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     stats: torch.Tensor, causal: bool, sm_scale: float,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward (fused or deterministic schedule, see the module docstring):
-    returns ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``."""
+    returns ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``.  Packed sequences
+    (``cu_seqlens_q``...) as in ``attention_fwd``; rows outside every sequence get zero gradients."""
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    varlen = cu_seqlens_q is not None
+    # The kernels write the rows of packed sequences only: the others must read zero.
+    new = torch.zeros_like if varlen else torch.empty_like
+    dq, dk, dv = new(q), new(k), new(v)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    consts = common_consts(q, causal)
+    consts = {**common_consts(q, causal), "VARLEN": varlen}
     block_d = consts["BLOCK_D"]
     group = heads // kv_heads
     qk_scale = sm_scale * LOG2E
     exact_delta = q.dtype == torch.float32
     fused = fused_backward(q.dtype)
-    buckets = (bucket(seq_q), bucket(seq_k))
+    if varlen:
+        tuning, cu_args, num_seqs = (max_seqlen_q, max_seqlen_k), (cu_seqlens_q, cu_seqlens_k), cu_seqlens_q.shape[0] - 1
+    else:
+        tuning, cu_args, num_seqs = (seq_q, seq_k), (q, q), 0
+    buckets = (bucket(tuning[0]), bucket(tuning[1]))
+
+    def tiles(seq, cu, max_seqlen, block):
+        if varlen:
+            return varlen_grid_tiles(cu, seq, max_seqlen, block)
+        return triton.cdiv(seq, block)
 
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     if not exact_delta:
         # Two float32 tiles of block_m x BLOCK_D: about 4k elements each keeps them in registers.
+        # Every row (packed or not) is one row here.
         block_m = 16 if INTERPRET else max(16, min(64, 4096 // block_d))
         attention_bwd_preprocess_kernel[(batch * heads, triton.cdiv(seq_q, block_m))](
             o, do, delta, *o.stride(), *do.stride(), heads, seq_q,
@@ -419,33 +459,34 @@ def attention_bwd(
 
     if not fused:
         dq_args = (
-            q, k, v, do, stats, delta, dq,
+            q, k, v, do, stats, delta, dq, *cu_args,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            heads, group, seq_q, seq_k, qk_scale, sm_scale, stats[0].numel(), *buckets,
+            heads, group, seq_q, seq_k, num_seqs, qk_scale, sm_scale, stats[0].numel(), *buckets,
         )
         launch(attention_bwd_dq_kernel, _TUNED["dq"], "dq",
-               lambda meta: (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"])), dq_args,
-               {**consts, "EXACT_DELTA": exact_delta}, seq_q, seq_k, q.element_size())
+               lambda meta: (batch * heads, tiles(seq_q, cu_seqlens_q, max_seqlen_q, meta["BLOCK_M"])),
+               dq_args, {**consts, "EXACT_DELTA": exact_delta}, *tuning, q.element_size())
 
     splits = head_splits(batch, kv_heads, seq_k, group, q.device)
     if splits == 1:
         dk_out, dv_out, dk_scale = dk, dv, sm_scale
     else:  # float32 partials (B, Hk * splits, Tk, BLOCK_D), summed by the reduce kernel
-        dk_out, dv_out = (torch.empty((batch, kv_heads * splits, seq_k, block_d),
-                                      dtype=torch.float32, device=q.device) for _ in range(2))
+        alloc = torch.zeros if varlen else torch.empty
+        dk_out, dv_out = (alloc((batch, kv_heads * splits, seq_k, block_d), dtype=torch.float32,
+                                device=q.device) for _ in range(2))
         dk_scale = 1.0
     args = [q, k, v, do, stats, delta, dk_out, dv_out]
     if fused:
         dq_acc = torch.zeros((batch, heads, seq_q, block_d), dtype=torch.float32, device=q.device)
         args.append(dq_acc)
-    args += [*q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(),
-             *dv_out.stride(), kv_heads, group, splits, seq_q, seq_k, qk_scale, dk_scale,
+    args += [*cu_args, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(),
+             *dv_out.stride(), kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale,
              stats[0].numel(), *buckets]
     kind = "bwd_fused" if fused else "dkdv"
     kernel = attention_bwd_fused_kernel if fused else attention_bwd_dkdv_kernel
     launch(kernel, _TUNED[kind], kind,
-           lambda meta: (batch * kv_heads * splits, triton.cdiv(seq_k, meta["BLOCK_N"])),
-           tuple(args), consts, seq_q, seq_k, q.element_size())
+           lambda meta: (batch * kv_heads * splits, tiles(seq_k, cu_seqlens_k, max_seqlen_k, meta["BLOCK_N"])),
+           tuple(args), consts, *tuning, q.element_size())
     if splits > 1:
         _reduce(dk_out, dk, splits, sm_scale, head_dim)
         _reduce(dv_out, dv, splits, 1.0, head_dim)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention_launch import autotuned, bucket, launch
+from .attention_launch import autotuned, bucket, launch, varlen_grid_tiles
 from .attention_tiles import (
     LOG2E,
     causal_key_bounds,
@@ -64,12 +64,12 @@ def _fwd_key_range(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st,
 
 
 @triton.jit
-def _finish_rows(acc, l_i, m_i, STATS, bh, seq_q, offs_m, rows_in, stats_plane):
+def _finish_rows(acc, l_i, m_i, STATS, stats_row0, offs_m, rows_in, stats_plane):
     # o = acc / l, and the row statistics for the backward: m (+inf where no key is visible, so
     # that the backward's probabilities are 2^(s - inf) = 0) and log2(l), stored apart.
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
-    stats_ptrs = STATS + bh.to(tl.int64) * seq_q + offs_m
+    stats_ptrs = STATS + stats_row0 + offs_m
     tl.store(stats_ptrs, tl.where(seen, m_i, float("inf")), mask=rows_in)
     tl.store(stats_ptrs + stats_plane, tl.log2(l_safe), mask=rows_in)
     return acc * (1.0 / l_safe)[:, None]
@@ -77,19 +77,23 @@ def _finish_rows(acc, l_i, m_i, STATS, bh, seq_q, offs_m, rows_in, stats_plane):
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, STATS,
+    Q, K, V, O, STATS, CU_Q, CU_K,
     q_sb, q_sh, q_st, q_sd,
     k_sb, k_sh, k_st, k_sd,
     v_sb, v_sh, v_st, v_sd,
     o_sb, o_sh, o_st, o_sd,
-    num_heads, group, seq_q, seq_k, qk_scale, stats_plane,
+    num_heads, group, seq_q, seq_k, num_seqs, qk_scale, stats_plane,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    start_m, bh, b, h, kvh = query_tile_program(num_heads, group, BLOCK_M)
+    # seq_q, seq_k: the lengths of the tensors; from here on, those of this program's sequence.
+    total_q = seq_q
+    start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k = query_tile_program(
+        num_heads, group, seq_q, seq_k, CU_Q, CU_K, num_seqs, BLOCK_M, VARLEN)
     b, h, kvh = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+    q0, k0 = tl.cast(q0, tl.int64), tl.cast(k0, tl.int64)
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -97,11 +101,12 @@ def attention_fwd_kernel(
     rows_in = offs_m < seq_q
     d_in = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * q_sb + h * q_sh + offs_m[:, None] * q_st + offs_d[None, :] * q_sd
+    q_ptrs = (Q + b * q_sb + h * q_sh + q0 * q_st + offs_m[:, None] * q_st
+              + offs_d[None, :] * q_sd)
     q = load_tile(q_ptrs, rows_in, d_in, True, PAD_D, DOT_IN_FP32)
     # Tile offsets stay 32-bit; the per-head base and the tile start are 64-bit.
-    k_base = K + b * k_sb + kvh * k_sh
-    v_base = V + b * v_sb + kvh * v_sh
+    k_base = K + b * k_sb + kvh * k_sh + k0 * k_st
+    v_base = V + b * v_sb + kvh * v_sh + k0 * v_st
     k_offs = offs_n[:, None] * k_st + offs_d[None, :] * k_sd
     v_offs = offs_n[:, None] * v_st + offs_d[None, :] * v_sd
 
@@ -125,8 +130,10 @@ def attention_fwd_kernel(
         True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
     )
 
-    o = _finish_rows(acc, l_i, m_i, STATS, bh, seq_q, offs_m, rows_in, stats_plane)
-    o_ptrs = O + b * o_sb + h * o_sh + offs_m[:, None] * o_st + offs_d[None, :] * o_sd
+    stats_row0 = bh.to(tl.int64) * total_q + q0
+    o = _finish_rows(acc, l_i, m_i, STATS, stats_row0, offs_m, rows_in, stats_plane)
+    o_ptrs = (O + b * o_sb + h * o_sh + q0 * o_st + offs_m[:, None] * o_st
+              + offs_d[None, :] * o_sd)
     store_tile(o_ptrs, o, rows_in, d_in, PAD_D)
 
 
@@ -152,7 +159,8 @@ def attention_fwd_tma_kernel(
     WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Half precision only (RAW_MAX is False): the exponents are s * c - m, one FMA per score.
-    start_m, bh, b, h, kvh = query_tile_program(num_heads, group, BLOCK_M)
+    start_m, bh, b, h, kvh, _, _, _, _ = query_tile_program(
+        num_heads, group, seq_q, seq_k, O, O, 0, BLOCK_M, False)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     q = _tma_tile(desc_q, b, h, start_m, BLOCK_M, BLOCK_D, DOT_IN_FP32)
     DTYPE: tl.constexpr = desc_q.dtype
@@ -176,7 +184,7 @@ def attention_fwd_tma_kernel(
     # o leaves through plain stores: Triton 3.6's warp specialisation fails to compile a
     # descriptor store after the specialised loop (its data partitioning rejects it).
     rows_in = offs_m < seq_q
-    o = _finish_rows(acc, l_i, m_i, STATS, bh, seq_q, offs_m, rows_in, stats_plane)
+    o = _finish_rows(acc, l_i, m_i, STATS, bh.to(tl.int64) * seq_q, offs_m, rows_in, stats_plane)
     offs_d = tl.arange(0, BLOCK_D)
     o_ptrs = (O + b.to(tl.int64) * o_sb + h.to(tl.int64) * o_sh + offs_m[:, None] * o_st
               + offs_d[None, :] * o_sd)
@@ -206,9 +214,10 @@ def _tma_compatible(t: torch.Tensor) -> bool:
             and all(s * size % 16 == 0 for s in t.stride()[:-1]))
 
 
-def uses_tma(q, k, v) -> bool:
-    """Whether the forward of these tensors runs ``attention_fwd_tma_kernel`` (see ``USE_TMA``)."""
-    if USE_TMA is False or q.dtype not in (torch.float16, torch.bfloat16):
+def uses_tma(q, k, v, varlen=False) -> bool:
+    """Whether the forward of these tensors runs ``attention_fwd_tma_kernel`` (see ``USE_TMA``);
+    packed sequences (``varlen``) take the portable kernel."""
+    if varlen or USE_TMA is False or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if USE_TMA is None:
         if INTERPRET or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -216,41 +225,59 @@ def uses_tma(q, k, v) -> bool:
     return all(_tma_compatible(t) for t in (q, k, v))
 
 
-def _fwd_fake(q, k, v, causal, sm_scale):
+def _fwd_fake(q, k, v, causal, sm_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
+              max_seqlen_k=0):
     o = torch.empty_like(q)
     return o, q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
 
 @compilable("flash_attention_fwd", _fwd_fake)
 def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+    cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward: returns ``(o, stats)``; ``stats (2, B, Hq, Tq)`` float32 holds each row's
     softmax max ``m`` (base 2 of the scaled scores; ``+inf`` for a row that sees no key) and
-    ``log2`` of its sum, for the backward."""
+    ``log2`` of its sum, for the backward.  With ``cu_seqlens_q`` the sequences are packed
+    (``flash_attention``'s varlen arguments, already validated); rows outside every sequence
+    are zeros."""
     batch, heads, seq_q, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)  # q's memory layout when dense (e.g. (B, T, H, D) transposed)
+    varlen = cu_seqlens_q is not None
+    # q's memory layout when dense (e.g. (B, T, H, D) transposed); packed sequences need not
+    # cover every row, and the rows they leave out are zeros.
+    o = torch.zeros_like(q) if varlen else torch.empty_like(q)
     stats = torch.empty((2, batch, heads, seq_q), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, stats
-    consts = common_consts(q, causal)
-    shape = (heads, heads // kv_heads, seq_q, seq_k, sm_scale * LOG2E, stats[0].numel(),
-             bucket(seq_q), bucket(seq_k))
+    consts = {**common_consts(q, causal), "VARLEN": varlen}
+    if varlen:
+        tuning = (max_seqlen_q, max_seqlen_k)
+        cu_args = (cu_seqlens_q, cu_seqlens_k)
+        num_seqs = cu_seqlens_q.shape[0] - 1
+    else:
+        tuning, cu_args, num_seqs = (seq_q, seq_k), (q, q), 0
+    shape = (heads, heads // kv_heads, seq_q, seq_k, num_seqs, sm_scale * LOG2E, stats[0].numel(),
+             bucket(tuning[0]), bucket(tuning[1]))
 
     def grid(meta):
+        if varlen:
+            return (heads, varlen_grid_tiles(cu_seqlens_q, seq_q, max_seqlen_q, meta["BLOCK_M"]))
         return (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"]))
 
-    if uses_tma(q, k, v):
+    if uses_tma(q, k, v, varlen):
         # Block shapes are placeholders until _tma_block_shapes sets them for the chosen config.
         descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, consts["BLOCK_D"]])
                  for t in (q, k, v)]
+        del consts["VARLEN"]
         launch(attention_fwd_tma_kernel, _TUNED_TMA, "fwd_tma", grid,
-               (*descs, o, stats, *o.stride(), *shape),
+               (*descs, o, stats, *o.stride(), *shape[:4], *shape[5:]),
                {**consts, "WARP_SPECIALIZE": not INTERPRET}, seq_q, seq_k, q.element_size(),
                pre_hook=_tma_block_shapes)
     else:
-        args = (q, k, v, o, stats, *q.stride(), *k.stride(), *v.stride(), *o.stride(), *shape)
-        launch(attention_fwd_kernel, _TUNED, "fwd", grid, args, consts, seq_q, seq_k,
+        args = (q, k, v, o, stats, *cu_args, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                *shape)
+        launch(attention_fwd_kernel, _TUNED, "fwd", grid, args, consts, *tuning,
                q.element_size())
     return o, stats

@@ -51,6 +51,14 @@ CONFIGS = {
     ("bwd_fused", HALF, 64): [(64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2)],
     ("bwd_fused", HALF, 128): [(32, 128, 8, 2), (64, 64, 8, 1)],
     ("bwd_fused", HALF, 256): [(32, 32, 8, 1), (16, 64, 8, 1)],
+    # Packed sequences (VARLEN) keep a few more scalars live (the sequence's offsets and lengths),
+    # which tips every candidate above at D = 128 into spilling (8-88 bytes); these stay clear.
+    ("bwd_fused_varlen", HALF, 64): [(64, 64, 8, 1), (32, 128, 8, 2), (32, 64, 4, 2)],
+    ("bwd_fused_varlen", HALF, 128): [(16, 128, 8, 2), (64, 32, 8, 2)],
+    ("bwd_fused_varlen", HALF, 256): [(32, 32, 8, 1)],
+    ("dkdv_varlen", HALF, 64): [(64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2)],
+    ("dkdv_varlen", HALF, 128): [(16, 128, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("dkdv_varlen", HALF, 256): [(32, 32, 8, 1), (64, 32, 8, 1)],
     ("dq", HALF, 128): [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
                         (64, 32, 4, 3)],
     ("dq", HALF, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
@@ -59,12 +67,15 @@ CONFIGS = {
 }
 
 
-def candidates(kind, block_d, element_size):
-    """Configurations for ``kind`` at padded head dim ``block_d`` and element size ``element_size``."""
+def candidates(kind, block_d, element_size, varlen=False):
+    """Configurations for ``kind`` at padded head dim ``block_d`` and element size ``element_size``
+    (for packed sequences, ``varlen``, the ``<kind>_varlen`` list where there is one)."""
     width = FP32 if element_size == 4 else HALF
     for bound in (64, 128, 256):
-        if block_d <= bound and (kind, width, bound) in CONFIGS:
-            return CONFIGS[(kind, width, bound)]
+        if block_d <= bound:
+            for name in ((f"{kind}_varlen", kind) if varlen else (kind,)):
+                if (name, width, bound) in CONFIGS:
+                    return CONFIGS[(name, width, bound)]
     raise AssertionError(f"no {kind} configuration for head dim {block_d}")
 
 
@@ -81,17 +92,18 @@ def autotuned(kernel, kind, first_arg, pre_hook=None, reset_to_zero=None):
     zero.  Built only with a GPU: under the interpreter a multi-config autotuner cannot benchmark."""
     if INTERPRET:
         return None
-    every = sorted({c for (k, _, _), cs in CONFIGS.items() if k == kind for c in cs})
+    every = sorted({c for (k, _, _), cs in CONFIGS.items() if k in (kind, f"{kind}_varlen")
+                    for c in cs})
 
     def prune(configs, named_args, **kwargs):
         arg = named_args[first_arg]
         element_size = arg.base.element_size() if hasattr(arg, "base") else arg.element_size()
-        wanted = set(candidates(kind, kwargs["BLOCK_D"], element_size))
+        wanted = set(candidates(kind, kwargs["BLOCK_D"], element_size, kwargs.get("VARLEN", False)))
         return [c for c, t in zip(configs, every) if t in wanted]
 
     return triton.autotune(
         configs=[_config(*c, pre_hook=pre_hook) for c in every],
-        key=["HEAD_DIM", "CAUSAL", "TQ_BUCKET", "TK_BUCKET"],
+        key=["HEAD_DIM", "CAUSAL", "VARLEN", "TQ_BUCKET", "TK_BUCKET"],
         prune_configs_by={"early_config_prune": prune},
         reset_to_zero=reset_to_zero,
     )(kernel)
@@ -102,7 +114,7 @@ def launch(kernel, tuned, kind, grid, args, consts, seq_q, seq_k, element_size, 
     problems on the GPU, else with the first (or, under the interpreter, the small) config.
     ``pre_hook(nargs)`` prepares arguments that depend on the block sizes (TMA descriptors)."""
     block_d = consts["BLOCK_D"]
-    options = candidates(kind, block_d, element_size)
+    options = candidates(kind, block_d, element_size, consts.get("VARLEN", False))
     if INTERPRET:
         block_m, block_n, num_warps, num_stages = (*INTERPRET_BLOCKS[kind], 4, 1)
     elif len(options) > 1 and seq_q * seq_k >= AUTOTUNE_MIN_PAIRS:
@@ -121,3 +133,11 @@ def launch(kernel, tuned, kind, grid, args, consts, seq_q, seq_k, element_size, 
 def bucket(n):
     """Power-of-two bucket of a sequence length: the autotuners' key."""
     return triton.next_power_of_2(max(int(n), 1))
+
+
+def varlen_grid_tiles(cu_seqlens, total, max_seqlen, block):
+    """How many tiles of ``block`` rows the packed sequences hold at most (the varlen grid's
+    axis 1): ``sum_i cdiv(len_i, block)`` is at most ``(total + N (block - 1)) // block`` and at most
+    ``N cdiv(max_seqlen, block)``; programs past the real count find no sequence and return."""
+    num_seqs = cu_seqlens.shape[0] - 1
+    return max(1, min((total + num_seqs * (block - 1)) // block, num_seqs * triton.cdiv(max_seqlen, block)))

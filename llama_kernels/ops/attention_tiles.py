@@ -7,6 +7,8 @@ way.  The math these helpers implement is written out in ``attention.py``'s docs
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import triton
 import triton.language as tl
@@ -22,9 +24,10 @@ def supports_head_dim(head_dim: int) -> bool:
     return head_dim % 16 == 0 and 16 <= head_dim <= MAX_HEAD_DIM
 
 
-def validate_attention(q, k, v, causal, sm_scale, names=("q", "k", "v")) -> float:
+def validate_attention(q, k, v, causal, sm_scale, names=("q", "k", "v"), allow_empty_keys=False) -> float:
     """Check the arguments of an attention call (before anything launches) and return ``sm_scale``
-    (``D ** -0.5`` when ``None``).  ``names`` are the argument names the errors quote."""
+    (``D ** -0.5`` when ``None``).  ``names`` are the argument names the errors quote; packed
+    sequences (``allow_empty_keys``) may hold no key at all."""
     qn, kn, vn = names
     for name, t in zip(names, (q, k, v)):
         check_tensor(name, t, ndim=4)
@@ -48,11 +51,69 @@ def validate_attention(q, k, v, causal, sm_scale, names=("q", "k", "v")) -> floa
         raise ValueError(
             f"{qn}'s head dim must be a multiple of 16 between 16 and {MAX_HEAD_DIM}, got {head_dim}"
         )
-    if k.shape[2] < 1:
+    if k.shape[2] < 1 and not allow_empty_keys:
         raise ValueError(f"{kn} must hold at least one key (Tk >= 1), got shape {tuple(k.shape)}")
     if sm_scale is None:
         return head_dim ** -0.5
     return check_float_arg("sm_scale", sm_scale, positive=True)
+
+
+def _check_max_seqlen(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Check the packed-sequence arguments of ``flash_attention`` (before anything launches).
+
+    Returns ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` with ``cu_seqlens_k``
+    defaulting to ``cu_seqlens_q``.  A missing max length costs one host synchronisation, which
+    also checks the offsets (non-decreasing, within the packed tensors); given max lengths are
+    trusted (they must be at least the longest sequence) and nothing is read back.
+    """
+    if cu_seqlens_q is None:
+        if cu_seqlens_k is not None or max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("cu_seqlens_k, max_seqlen_q and max_seqlen_k need cu_seqlens_q (packed sequences)")
+        return None, None, None, None
+    if cu_seqlens_k is None:
+        cu_seqlens_k = cu_seqlens_q
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+        if cu.shape[0] < 2:
+            raise ValueError(f"{name} must hold N + 1 >= 2 offsets (N sequences), got shape {tuple(cu.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(
+            f"cu_seqlens_k must have the shape of cu_seqlens_q {tuple(cu_seqlens_q.shape)} (one offset "
+            f"per sequence), got {tuple(cu_seqlens_k.shape)}"
+        )
+    check_same("device", q=q, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if q.shape[0] != 1 or k.shape[0] != 1:
+        raise ValueError(
+            "packed sequences (cu_seqlens_q) take q (1, Hq, total_q, D) and k, v (1, Hk, total_k, D); "
+            f"got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if max_seqlen_q is None or max_seqlen_k is None:
+        measured = []
+        for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[2]),
+                                ("cu_seqlens_k", cu_seqlens_k, k.shape[2])):
+            offsets = cu.tolist()  # the one host synchronisation
+            lengths = [b - a for a, b in zip(offsets, offsets[1:])]
+            if offsets[0] < 0 or min(lengths) < 0 or offsets[-1] > total:
+                raise ValueError(
+                    f"{name} must be non-decreasing offsets from >= 0 to at most {total} (the packed "
+                    f"length), got {offsets if len(offsets) <= 12 else offsets[:12] + ['...']}"
+                )
+            measured.append(max(lengths))
+        max_seqlen_q = measured[0] if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = measured[1] if max_seqlen_k is None else max_seqlen_k
+    return cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
 def dot_mode(dtype):
@@ -202,21 +263,79 @@ def online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, MASK: tl.constex
     return acc, l_i, m_new
 
 
+# Offsets a program reads per step while it looks up its sequence (``varlen_tile``).
+VARLEN_CHUNK = tl.constexpr(64)
+
+
 @triton.jit
-def query_tile_program(num_heads, group, BLOCK_M: tl.constexpr):
-    """``(start_m, bh, b, h, kvh)`` of a forward/dQ program on the grid ``(B * Hq, query tiles)``.
+def varlen_tile(CU, num_seqs, tile, BLOCK: tl.constexpr):
+    """``(seq, start)`` of tile number ``tile`` when every packed sequence ``i`` (rows
+    ``[CU[i], CU[i+1])``) is cut into ``cdiv(len_i, BLOCK)`` tiles laid end to end: the sequence
+    it belongs to and its first row within that sequence.  ``seq == num_seqs`` past the last tile.
+
+    The schedule is per (sequence, tile), so uneven lengths cost what their tiles cost, and it is
+    found on the device (a scan over the offsets, ``VARLEN_CHUNK`` at a time) whatever the block
+    size the autotuner picked: nothing is read back to the host.
+    """
+    seq = 0
+    first = 0  # tiles before `seq`
+    passed_tiles = 0  # tiles of the chunks already scanned
+    for c in range(0, num_seqs, VARLEN_CHUNK):
+        idx = c + tl.arange(0, VARLEN_CHUNK)
+        inside = idx < num_seqs
+        lo = tl.load(CU + idx, mask=inside, other=0)
+        hi = tl.load(CU + idx + 1, mask=inside, other=0)
+        tiles = tl.where(inside, tl.cdiv(tl.maximum(hi - lo, 0), BLOCK), 0)
+        through = tl.cumsum(tiles, 0) + passed_tiles  # tiles of sequences 0..idx
+        before = inside & (through <= tile)
+        seq += tl.sum(before.to(tl.int32), 0)
+        first = tl.maximum(first, tl.max(tl.where(before, through, 0), 0))
+        passed_tiles += tl.sum(tiles, 0)
+    return seq, (tile - first) * BLOCK
+
+
+@triton.jit
+def sequence_rows(CU, seq, num_seqs, total):
+    """``(start, length)`` of packed sequence ``seq``: ``(0, 0)`` past the last one, and clamped
+    to ``[0, total]`` so that offsets that were not checked on the host never reach past the
+    tensor."""
+    inside = seq < num_seqs
+    start = tl.load(CU + seq, mask=inside, other=0)
+    end = tl.load(CU + seq + 1, mask=inside, other=0)
+    start = tl.minimum(tl.maximum(start, 0), total)
+    end = tl.minimum(tl.maximum(end, start), total)
+    return start, end - start
+
+
+@triton.jit
+def query_tile_program(num_heads, group, seq_q, seq_k, CU_Q, CU_K, num_seqs,
+                       BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+    """``(start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k)`` of a forward/dQ program on the grid
+    ``(B * Hq, query tiles)``: the tile's first query ``start_m`` (within its sequence), the
+    batch and heads, and the sequence's first query row ``q0`` and key row ``k0`` in the tensors
+    with its lengths.  Without ``VARLEN`` each batch row is one sequence (``q0 = k0 = 0``, the
+    lengths as given); with it ``B = 1`` and axis 1 enumerates the tiles of the packed sequences
+    (``varlen_tile``; programs past the last tile get empty sequences and do nothing).
 
     Heads are the fastest launch axis: the programs in flight at one time hold the same query
     tile of many heads, so the query heads of one KV group (adjacent heads) read the same K/V
     tiles together (L2 reuse), and under causal masking, where the last query tiles see the most
     keys, every head's longest tile is dispatched first (longest first balances the tail).
     """
-    start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    tile = tl.num_programs(1) - 1 - tl.program_id(1)
     bh = tl.program_id(0)
     b = bh // num_heads
     h = bh % num_heads
     kvh = h // group
-    return start_m, bh, b, h, kvh
+    if VARLEN:
+        seq, start_m = varlen_tile(CU_Q, num_seqs, tile, BLOCK_M)
+        q0, seq_q = sequence_rows(CU_Q, seq, num_seqs, seq_q)
+        k0, seq_k = sequence_rows(CU_K, seq, num_seqs, seq_k)
+    else:
+        start_m = tile * BLOCK_M
+        q0 = 0
+        k0 = 0
+    return start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k
 
 
 @triton.jit

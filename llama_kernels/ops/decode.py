@@ -31,6 +31,12 @@ keys ``[0, L_b)``, causal relative to that length (token ``i`` sees ``j <= i + L
 splits still cover the whole buffer (their number depends on ``Tmax``, never on the lengths), so
 a split that starts at or past ``L_b`` visits no key and leaves ``l_s = 0``: it adds nothing.
 
+``cache_leftpad (B,)`` (left-padded batches) also hides each row's first ``cache_leftpad[b]``
+slots: whole tiles of padding are skipped, the rest masked.  Packed sequences
+(``attention_decode_varlen``, ``flash_attention``'s varlen arguments) take one program per
+(split, sequence, KV head): the sequence's queries (at most ``max_seqlen_q``) are the tile's
+rows, its keys start at ``cu_seqlens_k[i]``, and the splits cover ``max_seqlen_k``.
+
 Precision as in ``attention.py``: float32 scores, statistics and accumulators, ``P`` rounded to the
 input dtype before ``P @ V``, IEEE float32 dots for float32 inputs, and under the interpreter
 float32 dots on operands rounded with ``cast_rne``.
@@ -51,6 +57,7 @@ from .attention_tiles import (
     LOG2E,
     dot_mode,
     online_softmax_step,
+    sequence_rows,
     softmax_rescale,
     validate_attention,
 )
@@ -87,20 +94,23 @@ def use_decode(seq_q: int, group: int, needs_grad: bool) -> bool:
 
 @triton.jit
 def attention_decode_split_kernel(
-    Q, K, V, O, O_PART, STATS_PART, SEQLENS,
+    Q, K, V, O, O_PART, STATS_PART, SEQLENS, LEFTPAD, CU_Q, CU_K,
     q_sb, q_sh, q_st, q_sd,
     k_sb, k_sh, k_st, k_sd,
     v_sb, v_sh, v_st, v_sd,
     o_sb, o_sh, o_st, o_sd,
-    num_kv_heads, group, seq_q, seq_k, qk_scale, keys_per_split, num_splits, seqlens_stride,
+    num_kv_heads, group, seq_q, total_q, seq_k, num_seqs, qk_scale, keys_per_split, num_splits,
+    seqlens_stride, leftpad_stride,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr,
+    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, VARLEN: tl.constexpr,
 ):
+    # seq_q: the query rows of one sequence in the tile (packed: the longest sequence's);
+    # total_q: the rows of q per head; seq_k: the rows of k.
     split = tl.program_id(0)
     bkv = tl.program_id(1)
-    b = (bkv // num_kv_heads).to(tl.int64)
+    b = (bkv // num_kv_heads).to(tl.int64)  # batch row, or packed sequence
     kvh = bkv % num_kv_heads
 
     # Pack (query head of the group, token) pairs as the rows of one tile.
@@ -108,33 +118,50 @@ def attention_decode_split_kernel(
     tok = rows % seq_q
     head = kvh * group + rows // seq_q
     rows_in = rows < group * seq_q
+    if VARLEN:
+        # Packed sequences (B = 1): sequence b's queries start at row q0 of q, its keys at k0.
+        q0, len_q = sequence_rows(CU_Q, b, num_seqs, total_q)
+        k0, seq_len = sequence_rows(CU_K, b, num_seqs, seq_k)
+        q0, k0 = q0.to(tl.int64), k0.to(tl.int64)
+        rows_in = rows_in & (tok < len_q)
+        b = 0
+    else:
+        q0 = 0
+        k0 = 0
+        len_q = seq_q
+        if HAS_SEQLENS:
+            # This row's cache holds keys [0, L) of the buffer (clamped to it, so that a bad
+            # length can never read past the buffer); the rest is stale or empty.
+            seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b * seqlens_stride), 0), seq_k)
+        else:
+            seq_len = seq_k
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_in = offs_d < HEAD_DIM
 
-    q_ptrs = (Q + b * q_sb + head.to(tl.int64)[:, None] * q_sh + tok[:, None] * q_st
+    q_ptrs = (Q + b * q_sb + head.to(tl.int64)[:, None] * q_sh + (q0 + tok[:, None]) * q_st
               + offs_d[None, :] * q_sd)
     q = tl.load(q_ptrs, mask=rows_in[:, None] & d_in[None, :], other=0.0)
     if DOT_IN_FP32:
         q = q.to(tl.float32)
     kvh64 = kvh.to(tl.int64)
-    k_base = K + b * k_sb + kvh64 * k_sh
-    v_base = V + b * v_sb + kvh64 * v_sh
+    k_base = K + b * k_sb + kvh64 * k_sh + k0 * k_st
+    v_base = V + b * v_sb + kvh64 * v_sh + k0 * v_st
     k_offs = offs_n[:, None] * k_st + offs_d[None, :] * k_sd
     v_offs = offs_n[:, None] * v_st + offs_d[None, :] * v_sd
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows give 2^-inf = 0
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if HAS_SEQLENS:
-        # This row's cache holds keys [0, L) of the buffer (clamped to it, so that a bad length
-        # can never read past the buffer); the rest is stale or empty.
-        seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b * seqlens_stride), 0), seq_k)
-    else:
-        seq_len = seq_k
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, seq_len)  # hi <= lo: a split past L visits no key
-    last_visible = tok + (seq_len - seq_q)  # bottom-right causal: token i sees j <= i + L - Tq
+    last_visible = tok + (seq_len - len_q)  # bottom-right causal: token i sees j <= i + L - Tq
+    first_visible = 0
+    if HAS_LEFTPAD:
+        # A left-padded row: keys [0, pad) are padding.  Whole tiles of padding are skipped (lo
+        # stays a multiple of BLOCK_N); the rest is masked.
+        first_visible = tl.maximum(tl.load(LEFTPAD + b * leftpad_stride), 0)
+        lo = tl.maximum(lo, first_visible // BLOCK_N * BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         tile = start_n.to(tl.int64)
@@ -148,6 +175,8 @@ def attention_decode_split_kernel(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         visible = keys_in[None, :]
+        if HAS_LEFTPAD:
+            visible = visible & (keys >= first_visible)[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= last_visible[:, None])
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, True,
@@ -157,13 +186,13 @@ def attention_decode_split_kernel(
     o = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]
     out_mask = rows_in[:, None] & d_in[None, :]
     if WRITE_PARTIAL:
-        row_id = (b * (num_kv_heads * group) + head) * seq_q + tok  # (B, Hq, Tq) flattened
+        row_id = (b * (num_kv_heads * group) + head) * total_q + q0 + tok  # (B, Hq, Tq) flat
         part = row_id * num_splits + split
         tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         tl.store(STATS_PART + 2 * part, m_i, mask=rows_in)  # (m_s, l_s) pairs
         tl.store(STATS_PART + 2 * part + 1, l_i, mask=rows_in)
     else:
-        o_ptrs = (O + b * o_sb + head.to(tl.int64)[:, None] * o_sh + tok[:, None] * o_st
+        o_ptrs = (O + b * o_sb + head.to(tl.int64)[:, None] * o_sh + (q0 + tok[:, None]) * o_st
                   + offs_d[None, :] * o_sd)
         tl.store(o_ptrs, cast_rne(o, O.dtype.element_ty), mask=out_mask)
 
@@ -226,26 +255,22 @@ def decode_splits(batch: int, kv_heads: int, seq_k: int, block_n: int, device: t
     return triton.cdiv(seq_k, keys_per_split), keys_per_split
 
 
-def _decode_fake(q, k, v, causal, sm_scale, cache_seqlens=None):
+def _decode_fake(q, k, v, causal, sm_scale, cache_seqlens=None, cache_leftpad=None):
     return torch.empty_like(q)
 
 
-@compilable("flash_decode", _decode_fake)
-def attention_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
-    cache_seqlens: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Launch split-KV attention (forward only): returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.
-
-    Arguments are those of ``flash_attention``, already validated; ``Tq * Hq / Hk`` must be at most
-    ``DECODE_MAX_ROWS``.  With ``cache_seqlens`` (int32 ``(B,)``, see ``flash_decode``) row ``b``
-    attends to the first ``cache_seqlens[b]`` keys of ``k, v`` only.
-    """
-    batch, heads, seq_q, head_dim = q.shape
-    kv_heads, seq_k = k.shape[1], k.shape[2]
+def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftpad=None,
+                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+    # Shared by attention_decode (batch rows) and attention_decode_varlen (packed sequences).
+    batch, heads, total_q, head_dim = q.shape
+    kv_heads, total_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    o = torch.empty_like(q)
-    if o.numel() == 0:
+    varlen = cu_seqlens_q is not None
+    seq_q, seq_k = (max_seqlen_q, max_seqlen_k) if varlen else (total_q, total_k)
+    programs = cu_seqlens_q.shape[0] - 1 if varlen else batch  # per KV head
+    # Packed sequences need not cover every row of q: the rows they leave out are zeros.
+    o = torch.zeros_like(q) if varlen else torch.empty_like(q)
+    if o.numel() == 0 or seq_q == 0:
         return o
     if seq_q * group > DECODE_MAX_ROWS:
         raise ValueError(
@@ -253,31 +278,34 @@ def attention_decode(
             f"(Tq * Hq / Hk); got {seq_q} * {group}"
         )
     block_n, num_warps, num_stages = decode_config(head_dim, q.dtype, seq_q * group)
-    splits, keys_per_split = decode_splits(batch, kv_heads, seq_k, block_n, q.device)
+    splits, keys_per_split = decode_splits(programs, kv_heads, max(seq_k, 1), block_n, q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     dot_in_fp32, precision = dot_mode(q.dtype)
-    rows = batch * heads * seq_q
+    rows = batch * heads * total_q
     if splits > 1:
-        o_part = torch.empty((rows, splits, head_dim), dtype=torch.float32, device=q.device)
-        stats_part = torch.empty((rows, splits, 2), dtype=torch.float32, device=q.device)
+        alloc = torch.zeros if varlen else torch.empty
+        o_part = alloc((rows, splits, head_dim), dtype=torch.float32, device=q.device)
+        stats_part = alloc((rows, splits, 2), dtype=torch.float32, device=q.device)
     else:  # the split kernel writes o directly; these are never touched
         o_part = stats_part = o
-    has_seqlens = cache_seqlens is not None
-    attention_decode_split_kernel[(splits, batch * kv_heads)](
+    has_seqlens, has_leftpad = cache_seqlens is not None, cache_leftpad is not None
+    attention_decode_split_kernel[(splits, programs * kv_heads)](
         q, k, v, o, o_part, stats_part, cache_seqlens if has_seqlens else o,
+        cache_leftpad if has_leftpad else o, *((cu_seqlens_q, cu_seqlens_k) if varlen else (o, o)),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        kv_heads, group, seq_q, seq_k, sm_scale * LOG2E, keys_per_split, splits,
-        cache_seqlens.stride(0) if has_seqlens else 0,
+        kv_heads, group, seq_q, total_q, total_k, programs, sm_scale * LOG2E, keys_per_split,
+        splits, cache_seqlens.stride(0) if has_seqlens else 0,
+        cache_leftpad.stride(0) if has_leftpad else 0,
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)), BLOCK_N=block_n,
         WRITE_PARTIAL=splits > 1, DOT_IN_FP32=dot_in_fp32, PRECISION=precision,
-        RAW_MAX=q.dtype == torch.float32, HAS_SEQLENS=has_seqlens,
-        num_warps=num_warps, num_stages=num_stages,
+        RAW_MAX=q.dtype == torch.float32, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
+        VARLEN=varlen, num_warps=num_warps, num_stages=num_stages,
     )
     count_launch(attention_decode_split_kernel)
     if splits > 1:
         attention_decode_combine_kernel[(rows,)](
-            o_part, stats_part, o, *o.stride(), heads, seq_q, splits, sm_scale * LOG2E,
+            o_part, stats_part, o, *o.stride(), heads, total_q, splits, sm_scale * LOG2E,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
             RAW_MAX=q.dtype == torch.float32,
             num_warps=4 if block_d >= 128 else 2,
@@ -286,7 +314,43 @@ def attention_decode(
     return o
 
 
-def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
+@compilable("flash_decode", _decode_fake)
+def attention_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+    cache_seqlens: Optional[torch.Tensor] = None, cache_leftpad: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Launch split-KV attention (forward only): returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.
+
+    Arguments are those of ``flash_attention``, already validated; ``Tq * Hq / Hk`` must be at most
+    ``DECODE_MAX_ROWS``.  With ``cache_seqlens`` (int32 ``(B,)``, see ``flash_decode``) row ``b``
+    attends to the first ``cache_seqlens[b]`` keys of ``k, v`` only, and with ``cache_leftpad``
+    not to its first ``cache_leftpad[b]``.
+    """
+    return _launch_decode(q, k, v, causal, sm_scale, cache_seqlens=cache_seqlens,
+                          cache_leftpad=cache_leftpad)
+
+
+def _decode_varlen_fake(q, k, v, causal, sm_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k):
+    return torch.empty_like(q)
+
+
+@compilable("flash_decode_varlen", _decode_varlen_fake)
+def attention_decode_varlen(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+) -> torch.Tensor:
+    """Split-KV attention of packed sequences (``flash_attention``'s varlen arguments, already
+    validated): one program per (split, sequence, KV head) holding the sequence's (at most
+    ``max_seqlen_q``) queries of the whole group, e.g. one new token per sequence over long keys.
+    ``max_seqlen_q * Hq / Hk`` must be at most ``DECODE_MAX_ROWS``; the splits follow
+    ``max_seqlen_k``.  Rows outside every sequence are zeros."""
+    return _launch_decode(q, k, v, causal, sm_scale, cu_seqlens_q=cu_seqlens_q,
+                          cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                          max_seqlen_k=max_seqlen_k)
+
+
+def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_leftpad=None):
     """Attention of a few new queries over a preallocated KV cache whose lengths live on the device.
 
     ``q (B, Hq, Tq, D)``; ``k_cache, v_cache (B, Hk, Tmax, D)`` the whole cache buffers (any
@@ -295,6 +359,8 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
     tokens' included, and its queries are the last ``Tq`` of them.  Query ``i`` of row ``b`` sees
     keys ``j <= i + L_b - Tq`` (causal, bottom-right relative to ``L_b``); a query that sees no
     key outputs zeros.  Lengths are clamped to ``[0, Tmax]``; they are never read on the host.
+    ``cache_leftpad`` (int32 ``(B,)``, optional) serves left-padded batches: row ``b``'s first
+    ``cache_leftpad[b]`` slots are padding, so it sees keys ``[cache_leftpad[b], L_b)`` only.
     ``sm_scale`` defaults to ``D ** -0.5``.
 
     Shapes, head dims and grouped-query heads as in ``flash_attention``, with ``Tq * Hq / Hk <=
@@ -313,6 +379,12 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
             f"got {tuple(cache_seqlens.shape)}"
         )
     check_same("device", q=q, cache_seqlens=cache_seqlens)
+    if cache_leftpad is not None:
+        check_tensor("cache_leftpad", cache_leftpad, ndim=1, dtypes=(torch.int32,))
+        if cache_leftpad.shape != cache_seqlens.shape:
+            raise ValueError(f"cache_leftpad must have shape (B,) = ({q.shape[0]},) to match q; "
+                             f"got {tuple(cache_leftpad.shape)}")
+        check_same("device", q=q, cache_leftpad=cache_leftpad)
     seq_q, group = q.shape[2], q.shape[1] // k_cache.shape[1]
     if seq_q * group > DECODE_MAX_ROWS:
         raise ValueError(
@@ -325,5 +397,6 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None):
             "(call it under torch.no_grad(), or use flash_attention for training)"
         )
     if not use_triton("flash_decode", q.device):
-        return reference.attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale)
-    return attention_decode(q, k_cache, v_cache, True, sm_scale, cache_seqlens)
+        return reference.attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale,
+                                                      cache_leftpad)
+    return attention_decode(q, k_cache, v_cache, True, sm_scale, cache_seqlens, cache_leftpad)
