@@ -78,6 +78,14 @@ def shape_list(text: str) -> tuple[str, ...]:
     return _name_list(text, tuple(MODELS), "shape")
 
 
+PARTS = ("ops", "model", "batches")
+
+
+def part_list(text: str) -> tuple[str, ...]:
+    """``--only`` value: comma-separated parts of the run, each one of :data:`PARTS`."""
+    return _name_list(text, PARTS, "part")
+
+
 def token_list(text: str) -> tuple[int, ...]:
     """``--tokens`` value: comma-separated whole numbers >= 1 (a 0-token shape has nothing to time)."""
     items = [item.strip() for item in text.split(",")]
@@ -98,7 +106,10 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="few shapes, fewer repetitions (~5 min on an H100)")
     size.add_argument("--smoke", action="store_true",
                       help="tiny shapes, to test the harness (automatic without CUDA): timings mean nothing")
-    p.add_argument("--only", choices=("ops", "model"), help="run only the op or only the model benchmarks")
+    p.add_argument("--only", type=part_list, metavar="PARTS",
+                   help="comma-separated parts to run (default: all): ops (every op, varlen attention included), "
+                        "model (LLaMA-3-8B-shaped training, prefill, decode), batches (transformers LLaMA on "
+                        "padded and packed batches: padded generation, packed training)")
     p.add_argument("--out", type=Path,
                    help="output folder (default benchmarks/results; for smoke runs a new temporary folder)")
     p.add_argument("--ops", type=op_list, metavar="NAMES",
@@ -131,7 +142,7 @@ def problems(records: list) -> list:
     judged = ("ours", "hf+ours", "eager")
     return [r for r in records
             if r.status == "failed"
-            or (r.status == "mismatch" and (r.provider in judged or r.provider.startswith("ours-")))]
+            or (r.status == "mismatch" and (r.provider in judged or r.provider.startswith(("ours-", "hf+ours-"))))]
 
 
 def main(argv=None, prog: str = "python -m benchmarks") -> int:
@@ -149,7 +160,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     if not on_gpu and "triton" not in sys.modules:
         # The kernels run on the CPU only under Triton's interpreter, chosen before triton loads.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from . import bench_model, bench_ops, common
+    from . import bench_batches, bench_model, bench_ops, common
     from .common import say
 
     mode = "smoke" if args.smoke or not on_gpu else "quick" if args.quick else "full"
@@ -196,7 +207,8 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
             "settings": {"warmup_ms": settings.warmup_ms, "rep_ms": settings.rep_ms, "host_reps": settings.host_reps,
                          "rotate_bytes": settings.rotate_bytes, "compile": settings.compile,
                          "timer": "triton.testing.do_bench median" if on_gpu else "host clock median (CPU)"},
-            "providers": {**bench_ops.provider_notes(), **bench_model.provider_notes()},
+            "providers": {**bench_ops.provider_notes(), **bench_model.provider_notes(),
+                          **bench_batches.provider_notes()},
             "ops": {s.name: s.note for s in bench_ops.OPS},
             "wall_s": common.elapsed_s(),
         }
@@ -217,10 +229,13 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     try:
         limits = common.measure_limits(settings)
         progress("the ceilings")
-        if args.only in (None, "ops"):
+        parts = args.only or PARTS
+        if "ops" in parts:
             bench_ops.run(settings, limits, records, progress)
-        if args.only in (None, "model"):
+        if "model" in parts:
             bench_model.run(settings, limits, records, progress)
+        if "batches" in parts:
+            bench_batches.run(settings, limits, records, progress)
     except (KeyboardInterrupt, Terminated) as exc:
         interrupted = f"stopped early ({type(exc).__name__}): only the figures measured before are reported"
         say(interrupted)

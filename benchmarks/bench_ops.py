@@ -2,21 +2,27 @@
 
 One table, :data:`OPS`, says for each op which model shapes it runs at, how its inputs are built,
 how many bytes (or FLOP) one call must move (or do), and which providers exist besides the three
-every op has (``ours``, ``eager``, ``torch.compile``).  One loop (:func:`run_case`) does the same
-for every op and shape: check each provider's outputs and gradients against the reference (ours,
-or eager where ours cannot run), then time each mode with rotated inputs and record the peak memory.
+most ops have (``ours``, ``eager``, ``torch.compile``; an op's ``base`` may name fewer).  One loop
+(:func:`run_case`) does the same for every op and shape: check each provider's outputs and gradients
+against the reference (ours, or eager where ours cannot run), then time each mode with rotated
+inputs and record the peak memory.
 A provider function may carry a ``context`` attribute (a context-manager factory): every step of it
 that the loop checks or times (forward, backward, both) runs inside that context (see
 :func:`_steps_in`), e.g. ``ours-deterministic``'s deterministic algorithms, which its backward reads.
+A provider may also carry a ``layout`` (``varlen_attention``'s padded batches): its inputs are
+converted to it before any timing, and its outputs and gradients are checked back in the op's own
+layout (see :func:`_in_own_layout`, :func:`_check_run`).
 
 Work per call (each op's ``note`` below, the README and the ``_work_*`` functions say the same):
 the bytes that must move, each input read once and each output written once, the least any
 implementation moves, for memory-bound ops (compared with the measured copy bandwidth); the FLOP of
-the two matrix products for attention (compared with the measured bf16 matmul rate).
+the two matrix products for attention (compared with the measured bf16 matmul rate); for packed
+``varlen_attention``, the real per-sequence work only, so a padded provider's rate shows its waste.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,11 +48,12 @@ MODELS = {
 
 # Token counts (batch 1) per run mode; decode's are KV-cache lengths.  fp16 runs once per op, at
 # `fp16_at` tokens on the op's first shape: it takes the same kernels as bf16, so one point shows
-# whether it differs.
+# whether it differs.  varlen's are the tokens of a packed batch (see varlen_lengths).
 SWEEPS = {
-    "full": dict(tokens=(1024, 2048, 4096, 8192, 16384, 32768), decode=(1024, 4096, 16384, 32768), fp16_at=4096),
-    "quick": dict(tokens=(2048, 8192), decode=(4096, 32768), fp16_at=None),
-    "smoke": dict(tokens=(16, 32), decode=(32, 64), fp16_at=16),
+    "full": dict(tokens=(1024, 2048, 4096, 8192, 16384, 32768), decode=(1024, 4096, 16384, 32768),
+                 varlen=(4096, 8192, 16384, 32768), fp16_at=4096),
+    "quick": dict(tokens=(2048, 8192), decode=(4096, 32768), varlen=(8192, 16384), fp16_at=None),
+    "smoke": dict(tokens=(16, 32), decode=(32, 64), varlen=(40,), fp16_at=16),
 }
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Largest max|a - b| / max|ref| accepted between two providers: a few roundings of the dtype (bf16
@@ -82,6 +89,9 @@ class OpSpec:
     extra: dict = field(default_factory=dict)  # more providers: name -> factory(spec) -> function
     modes: tuple = TRAIN_MODES
     note: str = ""
+    sweep: str = "tokens"  # which token counts of SWEEPS[mode] the op runs at
+    base: tuple = ("ours", "eager", "torch.compile")  # the providers every op has, unless it says otherwise
+    case_dims: Callable | None = None  # case -> more dims for its records (e.g. varlen's lengths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,6 +146,35 @@ def _build_decode(case, gen, grad):
     return Inputs((q, k, v))
 
 
+def varlen_lengths(total: int) -> list[int]:
+    """Uneven sequence lengths that sum to ``total`` (a packed batch of ``total`` tokens): drawn
+    uniformly from ``[total // 32, total // 4]`` with the seed ``total`` (the same every run and
+    every provider), the last one cut to fit.  8192 tokens give about 7 sequences of 256 to 2048."""
+    lo = max(1, total // 32)
+    hi = max(lo, total // 4)
+    gen = torch.Generator().manual_seed(total)
+    lengths, left = [], total
+    while left > 0:
+        lengths.append(min(left, int(torch.randint(lo, hi + 1, (1,), generator=gen))))
+        left -= lengths[-1]
+    return lengths
+
+
+def _build_varlen(case, gen, grad):
+    # Packed: q (1, Hq, total, D), k, v (1, Hk, total, D) as transposed views of (1, total, H, D),
+    # cu_seqlens int32 on the device, and the longest length as an int (no host sync in ours).
+    (qb, q), (kb, k), (vb, v) = (_heads(case, gen, case.dims[h], case.tokens, grad) for h in ("hq", "hk", "hk"))
+    lengths = varlen_lengths(case.tokens)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=case.device)
+    return Inputs((q, k, v, cu, max(lengths)), (qb, kb, vb))
+
+
+def _varlen_case_dims(case):
+    lengths = varlen_lengths(case.tokens)
+    return {"sequences": len(lengths), "max_len": max(lengths), "padded_tokens": len(lengths) * max(lengths),
+            "lengths": lengths}
+
+
 # ---------------------------------------------------------------------------------------------
 # Work per call (see the module docstring)
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +213,13 @@ def _work_attention(case, mode):
     return _by_mode(mode, fwd, 2.5 * fwd), "FLOP"
 
 
+def _work_varlen(case, mode):
+    # Only the real work: each sequence's own causal attention, none of a padded batch's waste.
+    d = case.dims["d"]
+    fwd = sum(4 * case.dims["hq"] * n * n * d / 2 for n in varlen_lengths(case.tokens))
+    return _by_mode(mode, fwd, 2.5 * fwd), "FLOP"
+
+
 def _work_decode(case, mode):
     hq, hk, d, s = case.dims["hq"], case.dims["hk"], case.dims["d"], _size(case)
     return (2 * hq * d + 2 * hk * case.tokens * d) * s, "B"
@@ -208,10 +254,10 @@ class Sdpa:
     has to pay for it.  Which of the two ran is the provider's note.
     """
 
-    def __init__(self, backend: str, causal: bool):
-        self.backend_name, self.causal = backend, causal
+    def __init__(self, backend: str, causal: bool, what: str | None = None):
+        self.backend_name, self.causal, self.what = backend, causal, what
         self.expand = None  # decided by the first call
-        self.note = None
+        self.note = what  # completed by the first call with how GQA ran
 
     def _call(self, q, k, v, expand):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -226,7 +272,8 @@ class Sdpa:
         if self.expand is not None:
             return self._call(q, k, v, self.expand)
         try:
-            out, self.expand, self.note = self._call(q, k, v, False), False, "enable_gqa=True"
+            out, self.expand = self._call(q, k, v, False), False
+            self.note = "; ".join(filter(None, (self.what, "enable_gqa=True")))
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as gqa_error:
@@ -238,8 +285,9 @@ class Sdpa:
                 raise Missing(f"SDPA {self.backend_name} backend refuses these inputs: "
                               f"{str(exc).strip().splitlines()[0][:200]}") from None
             self.expand = True
-            self.note = ("K/V expanded to the query heads inside the timed call (enable_gqa refused: "
-                         f"{str(gqa_error).strip().splitlines()[0][:120]})")
+            self.note = "; ".join(filter(None, (
+                self.what, "K/V expanded to the query heads inside the timed call (enable_gqa refused: "
+                           f"{str(gqa_error).strip().splitlines()[0][:120]})")))
         return out
 
 
@@ -337,6 +385,111 @@ def _attention_extras(causal: bool) -> dict:
     }
 
 
+# Packed (varlen) attention.  Providers that want another layout (a padded batch, a list of
+# slices) carry a ``layout`` attribute: ``layout(*packed_args) -> (their args, restore)``, where
+# ``restore`` maps their output back to the packed layout.  The check runs layout -> call ->
+# restore under autograd, so outputs and input gradients are compared in the packed layout with
+# the same cotangents; the timed calls get inputs converted beforehand (:func:`_in_own_layout`),
+# so a conversion is never timed: a padded batch is what its user already has.
+def _bounds(cu) -> list:
+    cu = cu.tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def _pad(x, bounds, width):
+    """Packed ``x (1, H, total, D)`` -> right-padded ``(B, H, width, D)``, a transposed view of a
+    ``(B, width, H, D)`` buffer (the model's layout); differentiable."""
+    rows = x[0].transpose(0, 1)  # (total, H, D)
+    return torch.stack([F.pad(rows[a:b], (0, 0, 0, 0, 0, width - (b - a))) for a, b in bounds]).transpose(1, 2)
+
+
+def _unpad(out, bounds):
+    """Right-padded ``(B, H, width, D)`` -> packed ``(1, H, total, D)``: the real rows, in order."""
+    return torch.cat([out[i, :, : b - a] for i, (a, b) in enumerate(bounds)], dim=1).unsqueeze(0)
+
+
+def _padded_layout(masked: bool):
+    def layout(q, k, v, cu, max_len):
+        bounds = _bounds(cu)
+        width = max(b - a for a, b in bounds)
+        args = tuple(_pad(t, bounds, width) for t in (q, k, v))
+        if masked:  # as transformers builds it for a padded batch: causal, and no padding key
+            lengths = torch.tensor([b - a for a, b in bounds], device=q.device)
+            keys = torch.arange(width, device=q.device)
+            mask = reference.causal_mask(width, width, q.device)[None] & (keys < lengths[:, None])[:, None, :]
+            args += (mask[:, None],)  # (B, 1, width, width)
+        return args, lambda out: _unpad(out, bounds)
+
+    return layout
+
+
+def _sdpa_padded():
+    """SDPA flash on a right-padded batch with ``is_causal=True`` and no mask: causal masking alone
+    hides every padding key from the real queries, whose rows are all that is kept (the padding
+    rows get zero cotangents in the check), so this is exact, and it pays only for the padding."""
+    fn = Sdpa("FLASH_ATTENTION", causal=True, what="right-padded batch, SDPA flash, is_causal=True, no mask")
+    fn.layout = _padded_layout(masked=False)
+    return fn
+
+
+def _sdpa_padded_mask():
+    """SDPA on a right-padded batch with the boolean mask transformers builds for it (causal and key
+    padding, ``(B, 1, L, L)``), K/V expanded to the query heads as transformers' ``repeat_kv`` does
+    when there is a mask; SDPA picks the backend (flash takes no mask)."""
+
+    def run(q, k, v, mask):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    run.layout = _padded_layout(masked=True)
+    run.note = ("right-padded batch, attn_mask (B, 1, L, L) causal & key padding, K/V expanded "
+                "(transformers' sdpa path); SDPA chooses the backend")
+    return run
+
+
+class _SdpaLoop:
+    """One SDPA flash call per sequence on slices of the packed tensors (no padding, no mask), a
+    Python loop, the outputs concatenated (a copy a caller needs too)."""
+
+    def __init__(self):
+        self.inner = Sdpa("FLASH_ATTENTION", causal=True, what="one SDPA flash call per sequence, outputs "
+                                                               "concatenated")
+
+    def layout(self, q, k, v, cu, max_len):
+        return (q, k, v, _bounds(cu)), (lambda out: out)
+
+    def __call__(self, q, k, v, bounds):
+        return torch.cat([self.inner(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in bounds], dim=2)
+
+    @property
+    def note(self):
+        return self.inner.note
+
+
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except Exception as exc:
+        raise Missing(f"flash_attn not importable ({type(exc).__name__}: {exc})") from None
+
+    def run(q, k, v, cu, max_len):  # (total, H, D): our views transposed back, no copy
+        out = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                     cu, cu, max_len, max_len, causal=True)
+        return out.unsqueeze(0).transpose(1, 2)
+
+    run.note = "flash_attn_varlen_func, native GQA"
+    return run
+
+
+def _varlen_eager():
+    def run(q, k, v, cu, max_len):
+        return reference.varlen_attention(q, k, v, cu, None, True)
+
+    run.note = "reference.varlen_attention: eager attention per sequence (a Python loop, scores materialised)"
+    return run
+
+
 # How each op calls a function of its family: ours and eager share one adapter, and the eager one
 # is what torch.compile compiles.  (decode has its own lambda so that torch.compile caches its
 # graphs apart from prefill's.)
@@ -362,6 +515,11 @@ def _attention_call(f):
 
 def _decode_call(f):
     return lambda q, k, v: f(q, k, v, True)
+
+
+def _varlen_call(f):
+    return lambda q, k, v, cu, max_len: f(q, k, v, causal=True, cu_seqlens_q=cu, max_seqlen_q=max_len,
+                                          max_seqlen_k=max_len)
 
 
 # Liger's functions, called with LLaMA's casting ("llama": statistics in float32, as ours).
@@ -405,9 +563,20 @@ OPS = [
            note="causal prefill, Tq = Tk = N, GQA: forward 4 Hq N^2 D / 2 FLOP (two matrix products, causal "
                 "half); backward 2.5x that (FlashAttention's count); compared with the bf16 matmul rate."),
     OpSpec("decode", "flash_attention", "attention", _decode_call, _build_decode, _work_decode, _HEADS,
-           ("llama3-8b", "smollm2-135m"), _attention_extras(causal=False), modes=("forward",),
+           ("llama3-8b", "smollm2-135m"), _attention_extras(causal=False), modes=("forward",), sweep="decode",
            note="one query token over a KV cache of L positions (the tokens column), inference: "
                 "(2 Hq D + 2 Hk L D)s bytes: read q, K, V; write o; compared with the copy bandwidth."),
+    OpSpec("varlen_attention", "flash_attention", "varlen_attention", _varlen_call, _build_varlen, _work_varlen,
+           _HEADS, ("llama3-8b", "smollm2-135m"),
+           {"eager": _varlen_eager, "flash-attn": _flash_attn_varlen, "sdpa-padded": _sdpa_padded,
+            "sdpa-padded-mask": _sdpa_padded_mask, "sdpa-loop": _SdpaLoop},
+           modes=("forward", "forward+backward"), sweep="varlen", base=("ours",), case_dims=_varlen_case_dims,
+           note="packed causal attention of uneven sequences (lengths drawn uniformly from [N/32, N/4], fixed "
+                "seed, the last cut so that they total N, the tokens column; listed below the table), GQA. "
+                "Work counts only the real work, each sequence's own causal attention: forward "
+                "sum_i 4 Hq L_i^2 D / 2 FLOP, backward 2.5x that; padded providers are charged the same, so "
+                "their rate shows the padding's waste. Padded providers get their batch built before the "
+                "timing; every output and gradient is compared in the packed layout."),
 ]
 
 
@@ -432,7 +601,16 @@ def provider_notes() -> dict:
                  "LigerSiLUMulFunction, liger_rotary_pos_emb)",
         "sdpa-flash": "torch SDPA under sdpa_kernel(SDPBackend.FLASH_ATTENTION)",
         "sdpa-cudnn": "torch SDPA under sdpa_kernel(SDPBackend.CUDNN_ATTENTION)",
-        "flash-attn": "flash_attn.flash_attn_func",
+        "flash-attn": "flash_attn.flash_attn_func (varlen_attention: flash_attn_varlen_func)",
+        "sdpa-padded": "varlen_attention only: the sequences right-padded to the longest into a (B, H, L, D) "
+                       "batch (built before the timing), SDPA flash with is_causal=True and no mask (causal "
+                       "masking hides the padding keys from every real query; padding rows are discarded): "
+                       "the fastest padded baseline, paying only for the padding",
+        "sdpa-padded-mask": "varlen_attention only: the same padded batch with the boolean (B, 1, L, L) causal "
+                            "and key-padding mask transformers builds, K/V expanded to the query heads as "
+                            "transformers does with a mask; SDPA chooses its backend",
+        "sdpa-loop": "varlen_attention only: one SDPA flash call per sequence on slices of the packed tensors "
+                     "(a Python loop, no padding), outputs concatenated",
     }
 
 
@@ -462,8 +640,9 @@ def providers(spec: OpSpec, settings: Settings) -> dict:
             _COMPILED[spec.name] = torch.compile(spec.adapt(getattr(reference, spec.ref_name)))
         return _COMPILED[spec.name]
 
-    return {"ours": ours, "eager": lambda: spec.adapt(getattr(reference, spec.ref_name)),
-            "torch.compile": compiled, **spec.extra}
+    base = {"ours": ours, "eager": lambda: spec.adapt(getattr(reference, spec.ref_name)),
+            "torch.compile": compiled}
+    return {**{name: base[name] for name in spec.base}, **spec.extra}
 
 
 def cases(spec: OpSpec, settings: Settings):
@@ -474,7 +653,7 @@ def cases(spec: OpSpec, settings: Settings):
         shapes = ("smoke",)
     else:
         shapes = spec.shapes[:1] if settings.mode == "quick" else spec.shapes
-    tokens = settings.tokens or (sweep["decode"] if spec.name == "decode" else sweep["tokens"])
+    tokens = settings.tokens or sweep[spec.sweep]
     for i, shape in enumerate(shapes):
         for n in tokens:
             yield Case(shape, MODELS[shape], n, torch.bfloat16, settings.device)
@@ -503,12 +682,34 @@ def _steps_in(fn):
     return getattr(fn, "context", None) or contextlib.nullcontext
 
 
+def _in_own_layout(fn, inputs: Inputs, grad: bool) -> Inputs:
+    """``inputs`` converted to provider ``fn``'s own layout (its ``layout`` attribute; see the
+    varlen providers), without autograd: its floating tensors become the new leaves.  Unchanged
+    for a provider without one."""
+    layout = getattr(fn, "layout", None)
+    if layout is None:
+        return inputs
+    with torch.no_grad():
+        args, _ = layout(*inputs.args)
+    args = tuple(a.detach().requires_grad_(grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    leaves = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+    return Inputs(args, leaves)
+
+
 def _check_run(fn, build, trains: bool):
-    """Outputs and (for training ops) input gradients of one call on input set 0."""
+    """Outputs and (for training ops) input gradients of one call on input set 0.  A provider with
+    a ``layout`` is called through it, and its output restored, under autograd: outputs and
+    gradients come in the layout of ``build``'s inputs, comparable with every other provider's."""
     inputs = build(0, trains)
+    layout = getattr(fn, "layout", None)
     with _steps_in(fn)():
         with torch.set_grad_enabled(trains):
-            outs = _as_tuple(fn(*inputs.args))
+            if layout is None:
+                outs = _as_tuple(fn(*inputs.args))
+            else:
+                args, restore = layout(*inputs.args)
+                outs = _as_tuple(restore(fn(*args)))
         grads = list(torch.autograd.grad(outs, inputs.leaves, _cotangents(outs, 7))) if trains else []
     return [o.detach() for o in outs] + grads
 
@@ -531,6 +732,8 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
     sets, rotated so that the sets together exceed the L2.  Each step (and the forward that records
     a backward's graph) runs in the provider's context (:func:`_steps_in`)."""
     steps_in = _steps_in(fn)
+    own_build = build
+    build = lambda i, grad: _in_own_layout(fn, own_build(i, grad), grad)  # noqa: E731 (outside the timing)
     probe = build(0, trains)
     set_bytes = nbytes(*probe.args) * (2 if mode != "forward" else 1)  # + cotangents, about as large
     del probe
@@ -571,8 +774,9 @@ def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records
 
     def record(provider, mode, **kw):
         work, unit = spec.work(case, mode)
-        r = Record("ops", spec.name, mode, provider, case.shape, {**spec.dims(case.dims), "batch": 1},
-                   case.tokens, dtype, work=work, work_unit=unit, **kw)
+        dims = {**spec.dims(case.dims), "batch": 1, **(spec.case_dims(case) if spec.case_dims else {})}
+        r = Record("ops", spec.name, mode, provider, case.shape, dims, case.tokens, dtype, work=work,
+                   work_unit=unit, **kw)
         records.append(r)
         return r
 

@@ -313,9 +313,12 @@ def ours_for(r: Record) -> str:
 
 def axis_name(suite: str, op: str) -> str:
     """What a record's ``tokens`` counts, for table headers and plot axes: the KV length of an op's
-    decode, the prompt of the model's decode figures, else tokens."""
+    decode, the prompt of the model's decode figures (the real prompt tokens of a padded batch's),
+    else tokens (varlen: the real tokens of the packed batch)."""
     if op.startswith("decode"):
         return "KV length" if suite == "ops" else "prompt tokens"
+    if op.startswith("padded-"):
+        return "prompt tokens"
     return "tokens"
 
 
@@ -425,6 +428,24 @@ def _cell(r: Record | None, footnotes: dict) -> str:
     return ", ".join(parts)
 
 
+def _lengths_lines(rs: list[Record]) -> list[str]:
+    """For records of uneven sequences (``dims["lengths"]``: varlen attention, the model's padded
+    and packed batches), one line per token count: the lengths and what padding them would cost."""
+    seen: dict = {}
+    for r in rs:
+        if r.dims.get("lengths"):
+            seen.setdefault((r.tokens, tuple(r.dims["lengths"])), None)
+    lines = []
+    for tokens, lengths in seen:
+        n, longest, real = len(lengths), max(lengths), sum(lengths)
+        waste = n * longest * longest / sum(x * x for x in lengths)
+        head = f"{tokens} tokens" if tokens == real else f"{tokens} ({real:,} real tokens)"
+        lines.append(f"- {head}: {n} sequences, longest {longest:,}; padded to {n} x "
+                     f"{longest:,} = {n * longest:,} tokens ({n * longest / real:.2f}x the tokens, {waste:.2f}x the "
+                     f"causal attention work); lengths {', '.join(map(str, lengths))}")
+    return lines
+
+
 def write_markdown(report: dict, records: list[Record], path: Path) -> None:
     lim = report["limits"]
     env = report["environment"]
@@ -478,6 +499,7 @@ def write_markdown(report: dict, records: list[Record], path: Path) -> None:
         notes = sorted({f"{r.provider}: {r.note}" for r in rs if r.note})
         lines += [""] + [f"[{n}] {status}: {reason}  " for (status, reason), n in footnotes.items()]
         lines += [f"- {n}" for n in notes]
+        lines += _lengths_lines(rs)
     _write_text(path, "\n".join(lines) + "\n")
 
 

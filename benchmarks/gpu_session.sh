@@ -3,10 +3,20 @@
 # so that a slow phase still leaves the others' results in $OUT:
 #   a. check.txt  quick CUDA correctness (< 2 min): every op forward + backward at the LLaMA-3-8B
 #                 shape in fp16 and bf16 by the 2x rule (llama-kernels check), the CUDA-graph decode
-#                 step and the patched models' logits (a few tests)   CHECK_TIMEOUT
-#   b. bench.txt  the --quick benchmark, its JSON/markdown rewritten after every op and model, then
-#                 copied as plain files (<stem>.json, <stem>.md) + bench.tgz (those and all plots)
-#                                                                      BENCH_TIMEOUT (300 s)
+#                 step and the patched models' logits (a few tests)   CHECK_TIMEOUT (110 s)
+#   b. bench.txt  the --quick benchmark of every op but the two attention sweeps below (their shapes
+#                 are theirs) and of the model, its JSON/markdown rewritten after every op and model,
+#                 then copied as plain files (<stem>.json, <stem>.md) + bench.tgz (those and all plots)
+#                                                                      BENCH_TIMEOUT (240 s)
+#   v. bench.txt  (appended) packed and padded batches, VARLEN_ARGS (default: --quick --only
+#                 ops,batches --ops varlen_attention --shapes llama3-8b,smollm2-135m): varlen attention
+#                 fwd and fwd+bwd at 8k and 16k packed tokens (ours, eager, flash-attn varlen if
+#                 importable, SDPA on the padded batch with and without a mask, SDPA per sequence),
+#                 and transformers' LLaMA-3.2-1B-shaped model generating for a left-padded batch and
+#                 training on packed / padded sequences (hf+ours, sdpa, eager, flash_attention_2 if
+#                 importable); out to VARLEN_DIR, its files renamed <stem>-varlen*, packed into
+#                 bench.tgz and its markdown appended to bench.txt (no plain copies: the tool returns
+#                 8 files at most)                                     VARLEN_TIMEOUT (150 s)
 #   d. bench.txt  (appended) the attention sweep, ATTN_ARGS (default: --quick --only ops --ops
 #                 flash_attention --shapes llama3-8b,smollm2-135m --tokens 2048,4096,8192,16384
 #                 --no-compile: fwd, bwd, fwd+bwd at head dim 128 and 64, ours, ours-portable-fwd,
@@ -15,15 +25,24 @@
 #                 <stem>-attention.md, and packed into bench.tgz too     ATTN_TIMEOUT (150 s)
 #   c. tests.txt  the rest of the CUDA test suite in the time left (pytest-xdist / pytest-timeout
 #                 when importable)                                     the rest of SESSION_BUDGET
-# The phases run in the order a, b, d, c.  SESSION_BUDGET (default 540 s) bounds all of them
+# The phases run in the order a, b, v, d, c.  SESSION_BUDGET (default 540 s) bounds all of them
 # together (the device tool allows 600 s a call): each phase's limit is cut to what is left.
-# PHASES (default abdc) runs only some, e.g. PHASES=b to rerun the benchmark on a warm machine, or
-# PHASES=d for the attention sweep alone; BENCH_ARGS (default --quick) are the benchmark's
-# arguments, e.g. "--quick --no-compile"; ATTN_ARGS those of the attention sweep (--out is added).
+# What phase v cost the others: phase b no longer runs flash_attention (phase d sweeps the same
+# shapes with the same providers) and its limit went from 300 s to 240 s; a, b and v at their
+# limits take 500 s, so d then gets about 40 s (stopped early, it still writes what it measured)
+# and c nothing: run PHASES=dc on the warm machine for them.
+# PHASES (default abvdc) runs only some, e.g. PHASES=b to rerun the benchmark on a warm machine,
+# PHASES=v for the packed/padded benchmarks alone, PHASES=dc for the attention sweep and the tests;
+# BENCH_ARGS are the benchmark's arguments (default: --quick --only ops,model and every op but
+# flash_attention and varlen_attention; a new op must be added to that list), e.g. "--quick
+# --no-compile"; VARLEN_ARGS and ATTN_ARGS those of phases v and d (--out is added).
 # From the repository root on the GPU box, carrying the wheels in .whl (see benchmarks/README.md):
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# and the attention sweep alone (its log in bench.txt):
-#   run(command="PHASES=d bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=300)
+# then, on the warm machine, the attention sweep and the tests (their logs in bench.txt, tests.txt):
+#   run(command="SESSION_BUDGET=190 PHASES=dc bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=220)
+# (15 minutes of device time hold the start, about 560 s and about 200 s), or the packed/padded
+# benchmarks alone:
+#   run(command="PHASES=v bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=240)
 # The tool returns at most 8 files from $OUT, and these are the 8: check.txt, bench.txt,
 # <stem>.json, <stem>.md, <stem>-attention.json, <stem>-attention.md, bench.tgz, tests.txt.
 set -uo pipefail
@@ -32,8 +51,11 @@ PY=${PYTHON:-python3}
 BUDGET=${SESSION_BUDGET:-540}
 BENCH_DIR=${BENCH_DIR:-/tmp/bench}
 ATTN_DIR=${ATTN_DIR:-/tmp/bench-attention}
-PHASES=${PHASES:-abdc}
-read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---quick}"
+VARLEN_DIR=${VARLEN_DIR:-/tmp/bench-varlen}
+PHASES=${PHASES:-abvdc}
+# Every op but flash_attention (phase d) and varlen_attention (phase v): a new op goes here.
+read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---quick --only ops,model --ops rms_norm,rms_norm+residual,swiglu,apply_rotary,decode}"
+read -r -a VARLEN_ARGS <<< "${VARLEN_ARGS:---quick --only ops,batches --ops varlen_attention --shapes llama3-8b,smollm2-135m}"
 read -r -a ATTN_ARGS <<< "${ATTN_ARGS:---quick --only ops --ops flash_attention --shapes llama3-8b,smollm2-135m --tokens 2048,4096,8192,16384 --no-compile}"
 START=$SECONDS
 mkdir -p "$OUT"
@@ -70,19 +92,31 @@ limited() {
 }
 has() { "$PY" -c "import $1" 2>/dev/null; }
 wanted() { [[ $PHASES == *$1* ]]; }
-# `pack`: every file of phases b and d (both folders at the root: their names differ) in bench.tgz.
+# `pack`: every file of phases b, v and d (the folders at the root: their names differ) in bench.tgz.
 pack() {
   local args=() d
-  for d in "$BENCH_DIR" "$ATTN_DIR"; do
+  for d in "$BENCH_DIR" "$VARLEN_DIR" "$ATTN_DIR"; do
     compgen -G "$d/*" > /dev/null && args+=(-C "$d" .)
   done
   if ((${#args[@]})); then
     tar -czf "$OUT/bench.tgz" "${args[@]}" && echo "copied to $OUT: $(ls "$OUT" | tr '\n' ' ')"
   else
-    echo "the benchmarks wrote nothing to $BENCH_DIR or $ATTN_DIR"
+    echo "the benchmarks wrote nothing to $BENCH_DIR, $VARLEN_DIR or $ATTN_DIR"
   fi
 }
-CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- ATTN_RC=- TESTS_RC=-
+# `add_suffix DIR SUFFIX`: <stem>.json, <stem>.md, <stem>-ops-<op>.png ... in DIR become <stem>-SUFFIX.json,
+# ...: apart from phase b's files of the same stem, in $OUT and in bench.tgz.
+add_suffix() {
+  local j stem f
+  for j in "$1"/*.json; do
+    [ -f "$j" ] || continue
+    stem=$(basename "$j" .json)
+    for f in "$1/$stem"*; do
+      mv "$f" "$1/$stem-$2${f#"$1/$stem"}"
+    done
+  done
+}
+CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- VARLEN_RC=- ATTN_RC=- TESTS_RC=-
 
 phase "setup" | tee "$OUT/check.txt"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -106,7 +140,7 @@ has xdist && XDIST=(-n "${TEST_WORKERS:-8}")
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
                                        'cuda', torch.cuda.is_available())"
-  for m in pytest xdist pytest_timeout liger_kernel gguf transformers matplotlib; do
+  for m in pytest xdist pytest_timeout liger_kernel gguf transformers matplotlib flash_attn; do
     has "$m" && echo "have $m" || echo "no $m"
   done
 } 2>&1 | tee -a "$OUT/check.txt"
@@ -143,13 +177,28 @@ if wanted b; then
   phase "b. python -m benchmarks ${BENCH_ARGS[*]} --out $BENCH_DIR" | tee "$OUT/bench.txt"
   # SIGTERM at the limit makes the benchmark write what it measured (plots too); the 10 s before the
   # SIGKILL are for that.  Killed outright, its last partial JSON/markdown (after each op) remain.
-  limited "$(limit "${BENCH_TIMEOUT:-300}")" "$PY" -m benchmarks "${BENCH_ARGS[@]}" --out "$BENCH_DIR" \
+  limited "$(limit "${BENCH_TIMEOUT:-240}")" "$PY" -m benchmarks "${BENCH_ARGS[@]}" --out "$BENCH_DIR" \
     2>&1 | tee -a "$OUT/bench.txt"
   BENCH_RC=$?
   # Plain files, to commit as they are; the tool returns 8 files at most, so the plots travel in
   # bench.tgz only.
   for f in "$BENCH_DIR"/*.json "$BENCH_DIR"/*.md; do
     [ -f "$f" ] && cp "$f" "$OUT/"
+  done
+  pack | tee -a "$OUT/bench.txt"
+fi
+
+# --- v. packed and padded batches ----------------------------------------------------------------------
+if wanted v; then
+  phase "v. python -m benchmarks ${VARLEN_ARGS[*]} --out $VARLEN_DIR" | tee -a "$OUT/bench.txt"
+  rm -rf "${VARLEN_DIR:?}" # a fresh folder: its files are renamed below
+  limited "$(limit "${VARLEN_TIMEOUT:-150}")" "$PY" -m benchmarks "${VARLEN_ARGS[@]}" --out "$VARLEN_DIR" \
+    2>&1 | tee -a "$OUT/bench.txt"
+  VARLEN_RC=$?
+  add_suffix "$VARLEN_DIR" varlen
+  # No plain copies in $OUT (8 files at most come back): the JSON is in bench.tgz, the tables here.
+  for f in "$VARLEN_DIR"/*-varlen.md; do
+    [ -f "$f" ] && { echo "--- $(basename "$f")"; cat "$f"; } >> "$OUT/bench.txt"
   done
   pack | tee -a "$OUT/bench.txt"
 fi
@@ -161,15 +210,9 @@ if wanted d; then
   limited "$(limit "${ATTN_TIMEOUT:-150}")" "$PY" -m benchmarks "${ATTN_ARGS[@]}" --out "$ATTN_DIR" \
     2>&1 | tee -a "$OUT/bench.txt"
   ATTN_RC=$?
-  # <stem>.json, <stem>.md, <stem>-ops-flash_attention.png -> <stem>-attention.json, ...: apart
-  # from phase b's files of the same stem, in $OUT and in bench.tgz.
-  for j in "$ATTN_DIR"/*.json; do
-    [ -f "$j" ] || continue
-    stem=$(basename "$j" .json)
-    for f in "$ATTN_DIR/$stem"*; do
-      mv "$f" "$ATTN_DIR/$stem-attention${f#"$ATTN_DIR/$stem"}"
-    done
-    cp "$ATTN_DIR/$stem-attention.json" "$ATTN_DIR/$stem-attention.md" "$OUT/" 2>/dev/null
+  add_suffix "$ATTN_DIR" attention
+  for f in "$ATTN_DIR"/*-attention.json "$ATTN_DIR"/*-attention.md; do
+    [ -f "$f" ] && cp "$f" "$OUT/"
   done
   pack | tee -a "$OUT/bench.txt"
 fi
@@ -189,7 +232,7 @@ if wanted c; then
   fi
 fi
 
-phase "done: check rc $CHECK_RC, quick tests rc $CHECK_TESTS_RC, benchmark rc $BENCH_RC, attention rc $ATTN_RC," \
-  "tests rc $TESTS_RC" \
+phase "done: check rc $CHECK_RC, quick tests rc $CHECK_TESTS_RC, benchmark rc $BENCH_RC, varlen rc $VARLEN_RC," \
+  "attention rc $ATTN_RC, tests rc $TESTS_RC" \
   | tee -a "$OUT/check.txt"
 exit 0

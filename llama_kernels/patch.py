@@ -18,9 +18,11 @@ only the modules that really run a kernel.
   so its rows just point the slots at the kernels.
 * transformers' ``LlamaForCausalLM``/``LlamaModel`` (5.x) rows override ``forward`` of
   ``LlamaRMSNorm`` and ``LlamaMLP``.  Attention goes through transformers' own extension points
-  rather than a copied forward: the kernel is registered as the attention implementation
-  ``"llama_kernels"`` (calls with a padding mask or dropout go to transformers' SDPA path, so
-  padded batches stay exact), and ``apply_rotary_pos_emb`` is routed to the RoPE kernel while a
+  rather than a copied forward: :mod:`llama_kernels.hf_attention` registers an attention function
+  and a mask function as the implementation ``"llama_kernels"`` (padded batches, dynamic and static
+  KV caches, packed sequences run the kernels; dropout, ``output_attentions`` and masks the kernels
+  cannot express go to transformers' SDPA function with SDPA's own mask), the attention row
+  switches the model to it, and ``apply_rotary_pos_emb`` is routed to the RoPE kernel while a
   patched ``LlamaAttention`` runs.
 """
 from __future__ import annotations
@@ -137,7 +139,6 @@ def original_class(module: torch.nn.Module) -> type:
 # ---------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------
-HF_ATTENTION = "llama_kernels"  # the name the attention kernel is registered under
 SUPPORTED_TRANSFORMERS = (5,)  # major versions whose LLaMA modules the rows below were checked on
 
 # Kernel families active in the LlamaAttention.forward now running (rope is read by the global
@@ -176,24 +177,6 @@ def _hf_rotary_dispatch(q, k, cos, sin, unsqueeze_dim=1):
     return _hf_rotary_dispatch.original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
 
-def _hf_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: the flash kernel, or SDPA where a mask/dropout is needed."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if (attention_mask is not None or dropout > 0 or kwargs.get("output_attentions")
-            or "attention" not in getattr(module, "_lk_kernels", ())):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    q_len, kv_len = query.shape[2], key.shape[2]
-    causal = q_len > 1 and getattr(module, "is_causal", True)
-    if causal and kv_len > q_len:
-        # transformers drops the mask only for a prefill into an empty static cache, whose unused
-        # tail must stay invisible (it relies on SDPA's top-left causal alignment here).
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-    out = flash_attention(query, key, value, causal=causal, sm_scale=scaling)
-    return out.transpose(1, 2), None
-
-
 def hf_table() -> tuple[list[Replacement], callable]:
     """Rows for transformers' LLaMA modules, and the function that finishes patching a model."""
     import transformers
@@ -217,20 +200,22 @@ def hf_table() -> tuple[list[Replacement], callable]:
 
 
 def _install_hf_hooks() -> None:
-    """Register the attention kernel with transformers and route ``apply_rotary_pos_emb`` through
-    the dispatcher.  Both are inert for models nobody patched; idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """Register the attention and mask functions with transformers and route
+    ``apply_rotary_pos_emb`` through the dispatcher.  Both are inert for models nobody patched;
+    idempotent."""
     from transformers.models.llama import modeling_llama as llama
 
-    AttentionInterface.register(HF_ATTENTION, _hf_attention)
-    AttentionMaskInterface.register(HF_ATTENTION, sdpa_mask)
+    from . import hf_attention
+
+    hf_attention.register()
     if llama.apply_rotary_pos_emb is not _hf_rotary_dispatch:
         _hf_rotary_dispatch.original = llama.apply_rotary_pos_emb
         llama.apply_rotary_pos_emb = _hf_rotary_dispatch
 
 
 def _hf_finish(model, enabled: dict) -> None:
+    from .hf_attention import HF_ATTENTION
+
     current = model.config._attn_implementation
     if enabled["attention"] and current != HF_ATTENTION:
         model._lk_previous_attention = current

@@ -3,15 +3,23 @@
 Checks what a GPU run relies on: every op and model figure is produced for every provider (timed,
 or reported missing/skipped with a reason), the JSON, markdown and plots are written, and a smoke
 run says in its files that its timings mean nothing.  It does not judge the kernels (their own
-tests do): "ours" may be reported missing while an op is being written.
+tests do): "ours" may be reported missing while an op is being written.  Three runs: the ops and
+the model (``smoke_run``), packed attention alone (``varlen_run``) and the padded/packed batches
+of transformers' model (``batches_run``).
 """
 import json
+import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_model, bench_ops
-from benchmarks.__main__ import Terminated, main
+from benchmarks import bench_batches, bench_model, bench_ops
+from benchmarks.__main__ import PARTS, Terminated, main
 from benchmarks.bench_ops import OPS
+
+VARLEN = "varlen_attention"  # run by varlen_run, left out of smoke_run (each run stays short)
+SMOKE_OPS = [spec.name for spec in OPS if spec.name != VARLEN]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -21,7 +29,26 @@ STATUSES = {"ok", "mismatch", "missing", "oom", "failed", "skipped", "unreliable
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = main(["--smoke", "--out", str(out)])
+    rc = main(["--smoke", "--only", "ops,model", "--ops", ",".join(SMOKE_OPS), "--out", str(out)])
+    return rc, out
+
+
+def _records(out):
+    (json_path,) = out.glob("*.json")
+    return json.loads(json_path.read_text())["records"]
+
+
+@pytest.fixture(scope="module")
+def varlen_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-varlen")
+    rc = main(["--smoke", "--only", "ops", "--ops", VARLEN, "--out", str(out)])
+    return rc, out
+
+
+@pytest.fixture(scope="module")
+def batches_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-batches")
+    rc = main(["--smoke", "--only", "batches", "--out", str(out)])
     return rc, out
 
 
@@ -55,7 +82,7 @@ def test_smoke_run_covers_every_op_and_provider(smoke_run):
             assert r["ms"] > 0 and r["throughput"] is not None or r["tokens_per_s"], r
 
     ops = {(r["op"], r["mode"]) for r in records if r["suite"] == "ops"}
-    expected = {(spec.name, mode) for spec in OPS for mode in spec.modes}
+    expected = {(spec.name, mode) for spec in OPS for mode in spec.modes if spec.name in SMOKE_OPS}
     assert ops == expected
     for op, mode in expected:  # eager runs everywhere: every op is timed at least once
         eager = [r for r in records if (r["op"], r["mode"], r["provider"]) == (op, mode, "eager")]
@@ -255,10 +282,13 @@ def test_which_records_fail_a_run():
     def record(provider, status):
         return Record("ops", "rms_norm", "forward", provider, "smoke", {}, 16, "bf16", status=status)
 
-    bad = [record(p, "failed") for p in ("ours", "eager", "liger", "torch.compile", "hf+liger")]
-    bad += [record(p, "mismatch") for p in ("ours", "hf+ours", "eager", "ours-portable-fwd", "ours-deterministic")]
+    bad = [record(p, "failed") for p in ("ours", "eager", "liger", "torch.compile", "hf+liger", "hf-sdpa-packed")]
+    bad += [record(p, "mismatch") for p in ("ours", "hf+ours", "eager", "ours-portable-fwd", "ours-deterministic",
+                                            "hf+ours-padded")]
     fine = [record("ours", s) for s in ("ok", "missing", "skipped", "oom", "unreliable")]
     fine.append(record("liger", "mismatch"))  # a third party disagreeing with ours: reported, not a failure
+    fine.append(record("sdpa-padded", "mismatch"))
+    fine.append(record("hf-fa2-packed", "mismatch"))
     assert problems(bad + fine) == bad
 
 
@@ -338,3 +368,117 @@ def test_decode_bytes_split_at_the_graph_baseline():
         _decode_bytes(cfg, weights, prompt, 1, 1, 2) + _decode_bytes(cfg, weights, prompt, 2, 5, 2))
     assert _decode_bytes(cfg, weights, prompt, 2, 5, 2) == 4 * (weights + kv_row) + kv_row * sum(
         prompt + j for j in range(2, 6))
+
+
+# --- packed (varlen) attention and the padded/packed batches of transformers' model ----------------
+
+def test_varlen_lengths_are_uneven_fixed_and_total_the_tokens():
+    from benchmarks.bench_ops import varlen_lengths
+
+    for total in (1, 7, 40, 8192, 16384):
+        lengths = varlen_lengths(total)
+        assert sum(lengths) == total and min(lengths) >= 1
+        assert max(lengths) <= max(1, total // 4) and lengths == varlen_lengths(total)
+    assert len(set(varlen_lengths(8192))) > 3  # uneven: the point of the benchmark
+
+
+def test_varlen_run_checks_every_provider_in_the_packed_layout(varlen_run):
+    rc, out = varlen_run
+    assert rc in (0, 1)  # 1: ours disagrees with eager, which tests/test_varlen.py reports in detail
+    records = _records(out)
+    spec = next(s for s in OPS if s.name == VARLEN)
+    providers = ["ours", "eager", "flash-attn", "sdpa-padded", "sdpa-padded-mask", "sdpa-loop"]
+    assert {(r["provider"], r["mode"]) for r in records} == {(p, m) for p in providers for m in spec.modes}
+    by = {(r["provider"], r["mode"]): r for r in records}
+    for r in records:
+        assert r["status"] == "ok" or r["reason"], r
+        lengths = r["dims"]["lengths"]
+        assert sum(lengths) == r["tokens"] and r["dims"]["sequences"] == len(lengths) > 1
+        fwd = sum(4 * r["dims"]["hq"] * n * n * r["dims"]["d"] / 2 for n in lengths)  # the real work only
+        assert r["work"] == pytest.approx(fwd if r["mode"] == "forward" else 3.5 * fwd)
+        assert r["work"] < (4 * r["dims"]["hq"] * r["dims"]["max_len"] ** 2 * r["dims"]["d"] / 2
+                            * len(lengths) * (1 if r["mode"] == "forward" else 3.5))  # padding costs more
+    for mode in spec.modes:
+        assert by["eager", mode]["status"] == "ok"
+        assert by["flash-attn", mode]["status"] in ("ok", "missing")
+        # The padded batch, its mask and the per-sequence loop agree with the reference (ours, or
+        # eager where ours is missing) in the packed layout, gradients included (forward+backward).
+        for p in ("sdpa-padded", "sdpa-padded-mask", "sdpa-loop"):
+            assert by[p, mode]["status"] == "ok", by[p, mode]
+            assert by[p, mode]["max_rel_err"] is None or by[p, mode]["max_rel_err"] <= 3e-2
+    assert "right-padded batch" in by["sdpa-padded", "forward"]["note"]
+    md = next(out.glob("*.md")).read_text()
+    assert "## ops: varlen_attention, forward+backward" in md and "x the causal attention work); lengths" in md
+    assert list(out.glob("*-ops-varlen_attention.png"))
+
+
+def test_padded_layout_round_trip():
+    import torch
+
+    from benchmarks.bench_ops import _pad, _unpad
+
+    buf = torch.randn(1, 10, 3, 4)  # (1, total, H, D), seen as (1, H, total, D)
+    x = buf.transpose(1, 2)
+    bounds = [(0, 4), (4, 5), (5, 10)]
+    padded = _pad(x, bounds, 5)
+    assert padded.shape == (3, 3, 5, 4) and padded.transpose(1, 2).is_contiguous()
+    assert torch.equal(padded[1, :, 1:], torch.zeros(3, 4, 4)) and torch.equal(padded[2], x[0, :, 5:])
+    assert torch.equal(_unpad(padded, bounds), x)
+
+
+def test_batches_run_covers_every_model_and_layout(batches_run):
+    rc, out = batches_run
+    assert rc in (0, 1)
+    records = _records(out)
+    assert {r["suite"] for r in records} == {"model"}
+    expected = set()
+    for _, _, gen, train in bench_batches.MODELS.values():
+        expected |= {("padded-prefill", gen), ("padded-generate", gen)} | {("varlen-train", p) for p in train}
+    assert {(r["op"], r["provider"]) for r in records} == expected
+    by = {(r["op"], r["provider"]): r for r in records}
+    for r in records:
+        assert r["status"] == "ok" or r["reason"], r
+        assert sum(r["dims"]["lengths"]) == r["tokens"] and r["dims"]["batch"] == len(r["dims"]["lengths"])
+        if "fa2" in r["provider"]:
+            assert r["status"] in ("ok", "missing")
+        elif r["provider"].startswith("hf-"):
+            assert r["status"] == "ok", r  # transformers' own paths run everywhere
+        if r["status"] == "ok":
+            assert r["ms"] > 0 and r["tokens_per_s"] > 0
+    # One reference (the unpatched sdpa model): the others' logits and losses were checked against it.
+    train = [r for r in records if r["op"] == "varlen-train" and r["status"] == "ok"]
+    ref = by["varlen-train", "hf-sdpa-padded"]
+    assert ref["max_rel_err"] is None and ref["extra"]["layout"] == "padded"
+    for r in train:
+        assert r["extra"]["loss"] == pytest.approx(ref["extra"]["loss"], rel=1e-2)
+        assert r["work"] == ref["work"]  # the real tokens' work, whatever the layout
+    # transformers detects the packed layout (position_ids restarting; use_cache=False): its logits
+    # are the padded batch's, which they would not be if attention crossed sequences.
+    assert by["varlen-train", "hf-sdpa-packed"]["max_rel_err"] <= bench_batches.LOGITS_TOLERANCE
+    gen = by["padded-generate", "hf-eager"]
+    assert gen["extra"]["new_tokens"] == bench_batches.SWEEPS["smoke"]["new"] and "token_agreement" in gen["extra"]
+    for op in ("padded-prefill", "padded-generate", "varlen-train"):
+        ours = by[op, "hf+ours"]
+        assert ours["status"] in ("ok", "missing"), ours
+        if ours["status"] == "ok":  # which kernels ran, and whether attention was ours
+            assert ours["extra"]["launches"] and "attention" in ours["note"]
+    md = next(out.glob("*.md")).read_text()
+    for op in ("padded-prefill", "padded-generate", "varlen-train"):
+        assert f"## model: {op}," in md
+    assert "| shape | prompt tokens |" in md and "padded to" in md
+
+
+def test_only_takes_parts(tmp_path, capsys):
+    assert PARTS == ("ops", "model", "batches")
+    assert main(["--smoke", "--only", "ops,nope", "--out", str(tmp_path)]) == 2
+    assert "error: argument --only: unknown part name(s) 'nope'; known: ops, model, batches" in capsys.readouterr().err
+
+
+def test_gpu_session_phase_b_runs_every_op_but_the_attention_sweeps():
+    """Phase b lists its ops (phases d and v run the attention ones): a new op must be added there."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    (bench_ops_arg,) = re.findall(r'BENCH_ARGS:---quick --only ops,model --ops ([^ }"]+)', text)
+    assert sorted(bench_ops_arg.split(",")) == sorted(n for n in SMOKE_OPS if n != "flash_attention")
+    assert "PHASES=${PHASES:-abvdc}" in text and "--ops varlen_attention" in text

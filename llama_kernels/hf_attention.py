@@ -1,0 +1,571 @@
+"""The attention kernels inside transformers' LLaMA: an attention function and a mask function.
+
+transformers (5.x) lets a model name its attention implementation; ``patch.apply_kernels`` registers
+this module's pair under ``"llama_kernels"``:
+
+* :func:`kernel_mask` (``AttentionMaskInterface``) runs once per model forward, where
+  ``create_causal_mask`` would build SDPA's ``(B, 1, Tq, Tk)`` boolean mask.  It builds a
+  :class:`MaskPlan` instead: what the mask means, in terms the kernels take.
+* :func:`kernel_attention` (``AttentionInterface``) runs in every layer with that forward's mask
+  and picks a kernel, or transformers' own SDPA function when the kernels cannot give the answer.
+
+**The semantics, whichever path runs.**  Keys sit in slots ``j = 0 .. Tk-1`` of the layer's key
+tensor (the current tokens, or a dynamic/static KV cache); query ``i`` of ``Tq`` sits in slot
+``p_i = q_start + i``.  With a 2-D padding mask ``m (B, S)`` (``m[b, j]`` true where slot ``j``
+holds a real token; slots ``j >= S`` are padding), query ``i`` of row ``b`` attends to key ``j`` iff
+
+    j <= p_i  and  m[b, j]                                   (SDPA's mask, built by transformers)
+
+Without a mask every slot up to ``p_i`` counts.  Packed rows (several sequences one after the other
+in one row, see below) add: ``j`` and ``p_i`` belong to the same sequence.  Every query that sees
+some key gets exactly this attention, padding queries included (right padding: ``generate`` reads
+the last one); a query that sees no key (left padding) outputs zeros, where SDPA gives NaN and
+eager attention an average over all slots.
+
+**What the mask function returns.**
+
+* ``None`` where transformers' SDPA mask would be ``None`` too (no padding, no packing, and
+  ``Tq == 1`` or ``Tk == Tq``): plain causal attention, aligned bottom-right, over all ``Tk`` keys.
+  The attention function may still find packed sequences in ``cu_seq_lens_*`` keyword arguments or
+  restarting ``position_ids`` (below).
+* Otherwise a 2-D boolean *marker* tensor ``(B, Tk)``: the padding mask over the key slots (all
+  true without padding), which is what the mask means, so it is still right if transformers feeds
+  it back in as a 2-D ``attention_mask`` (``generate`` does so with static caches).  Its plan lives
+  in a weak table keyed on the marker object, so that every layer of this forward shares one plan
+  and one host synchronisation.
+* A 4-D mask from transformers' ``sdpa_mask`` where the kernels cannot express the mask (another
+  mask function such as a sliding window, a KV offset): every layer then runs SDPA, exactly.
+
+**Which path each layer takes** ("decode-sized": no gradient and ``Tq * Hq / Hk <= 64``, the rule
+of ``ops.decode.use_decode``), and the host synchronisations (never one per layer):
+
+* no mask: ``flash_attention(causal=True)``, bottom-right; no sync.  If ``Tk == Tq``, packed
+  sequences: FA2's keyword arguments give the varlen kernel its offsets (no sync when the max
+  lengths are ints, as the collator gives them); else ``position_ids`` are checked for packing once
+  per forward (one sync), and packed ones run the varlen kernel over the flattened tokens.
+* a marker, decode-sized: ``flash_decode`` over the whole key buffer with
+  ``cache_seqlens = q_start + Tq`` and ``cache_leftpad`` = each row's first real slot, both made on
+  the device; one read per forward checks that the mask has that form (none without padding).
+* a marker, prefill-sized (or a mask ``flash_decode`` cannot express): one sync per forward for
+  the sizes; no padding before ``q_start + Tq``: the plain kernel on those keys; else unpad ->
+  varlen kernel -> pad.
+* transformers' ``sdpa_attention_forward`` with the mask SDPA would have had: attention dropout,
+  ``output_attentions``, 4-D masks, masks only SDPA can apply, modules without the kernel.
+
+Unpadding is exact for any padding pattern: a row's real queries are the last of its real keys
+(both are the real slots, in order, up to ``q_start + Tq``), so bottom-right causality within the
+pair is the rule above.  Padding queries that follow real tokens (right padding, holes) see all the
+real keys before them; a run of them is one more, non-causal, pair over those keys, in a second
+varlen launch that only such masks pay for.  ``flash_decode`` only sees a contiguous range of keys
+``[cache_leftpad, cache_seqlens)``: that covers left padding, not a hole (right padding followed by
+generated tokens, a masked query token).  Whether a mask has that form is read on the host once per
+forward (``MaskPlan.decode_ok``); a mask that does not goes the unpad way instead.  Under CUDA-graph
+capture or ``torch.compile`` nothing can be read back, so the decode path runs unchecked and rows
+whose mask it cannot express come out as NaN (never a silent wrong answer).
+
+**Packed sequences** (padding-free batches, e.g. ``DataCollatorWithFlattening``) are found as
+FlashAttention-2 finds them in transformers: the ``cu_seq_lens_q/k``, ``max_length_q/k`` keyword
+arguments (all four given), else ``position_ids`` that do not count up by one (a new sequence starts
+where ``position_ids[t] - position_ids[t-1] != 1``, transformers' ``find_packed_sequence_indices``
+rule; FA2 itself starts one where the position equals the row's minimum, which agrees for
+positions that restart at 0).  transformers' own mask only looks for packing when there is no cache
+(``use_cache=False``); then its packed mask function is recognised and its sequence ids are used.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
+
+from transformers import masking_utils
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
+
+from .ops.attention import flash_attention
+from .ops.decode import flash_decode, use_decode
+
+HF_ATTENTION = "llama_kernels"  # the name the attention/mask pair is registered under
+
+# kwargs of the attention interface that change the math beyond what the kernels do
+_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+
+
+def register() -> None:
+    """Register :func:`kernel_attention` and :func:`kernel_mask` with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(HF_ATTENTION, kernel_attention)
+    AttentionMaskInterface.register(HF_ATTENTION, kernel_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-forward memo: keyed on a tensor object and its in-place version
+# ---------------------------------------------------------------------------------------------
+_MEMO = WeakIdKeyDictionary()  # tensor -> {key: (version, value)}
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return -1
+
+
+def _memoised(t: torch.Tensor, key, compute):
+    """``compute()``, once per object ``t`` (and per in-place change of it) and ``key``.
+
+    Keyed on the object, never on its values, so looking it up reads nothing back from the device;
+    the version counter catches a buffer that is reused and overwritten in place between calls.
+    """
+    slot = _MEMO.setdefault(t, {})
+    version = _version(t)
+    hit = slot.get(key)
+    if hit is None or hit[0] != version:
+        hit = slot[key] = (version, compute())
+    return hit[1]
+
+
+def _read(*values) -> list:
+    """Python ints of ``values`` (ints, bools or 0-d device tensors), in one host synchronisation."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return [int(v) for v in values]
+    read = iter(torch.stack([t.reshape(()).to(torch.int64) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else int(v) for v in values]
+
+
+def _can_sync(t: torch.Tensor) -> bool:
+    """False while a value cannot be read back: torch.compile tracing, CUDA-graph capture."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+# ---------------------------------------------------------------------------------------------
+# packed sequences
+# ---------------------------------------------------------------------------------------------
+def _packing_from_segments(segments: torch.Tensor):
+    """``(cu_seqlens, max_seqlen, count)`` of the flattened ``(B * T)`` tokens for sequence ids
+    ``segments (B, T)``: a sequence starts at each row start and where the id changes.
+    One host synchronisation (the number of sequences and the longest)."""
+    batch, length = segments.shape
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    starts = starts.flatten()
+    sequence = starts.cumsum(0) - 1  # sequence index of each token
+    lengths = torch.zeros(batch * length, dtype=torch.int32, device=segments.device)
+    lengths.scatter_add_(0, sequence, torch.ones_like(lengths))  # (bincount would sync on CUDA)
+    count, longest = _read(starts.sum(), lengths.max())
+    cu = F.pad(lengths[:count].cumsum(0, dtype=torch.int32), (1, 0))
+    return cu, longest, count
+
+
+def _packing_from_positions(position_ids: Optional[torch.Tensor], batch: int, length: int):
+    """Packed sequences in ``position_ids (B or 1, T)`` by transformers' rule, or None if every
+    row holds one sequence.  Memoised per forward (every layer gets the same tensor)."""
+    if position_ids is None or length < 2 or position_ids.ndim != 2 or position_ids.shape[-1] != length:
+        return None
+
+    def detect():
+        positions = position_ids.expand(batch, -1)
+        jumps = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1
+        cu, longest, count = _packing_from_segments(jumps.cumsum(-1))
+        return None if count == batch else (cu, cu, longest, longest)
+
+    return _memoised(position_ids, ("packing", batch), detect)
+
+
+def _packing_from_kwargs(kwargs: dict):
+    """FlashAttention-2's packed-batch keyword arguments, if all four are given."""
+    names = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+    cu_q, cu_k, max_q, max_k = (kwargs.get(n) for n in names)
+    if cu_q is None or cu_k is None or max_q is None or max_k is None:
+        return None
+
+    def as_int(n):  # max lengths may come as tensors: read once per forward
+        return _memoised(n, "int", lambda: int(n)) if isinstance(n, torch.Tensor) else int(n)
+
+    return cu_q.to(torch.int32), cu_k.to(torch.int32), as_int(max_q), as_int(max_k)
+
+
+def _closure(fn, factory: str) -> dict:
+    """The variables captured by ``fn`` if it is a closure made by ``masking_utils.<factory>``."""
+    qualname = getattr(fn, "__qualname__", "")
+    if getattr(fn, "__module__", None) != masking_utils.__name__ or qualname.split(".<locals>.")[0] != factory:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())}
+
+
+def _hf_packed_segments(mask_function) -> Optional[torch.Tensor]:
+    """The sequence ids ``(B, T)`` if ``mask_function`` is transformers' packed causal mask
+    (``and_masks(causal, packed_sequence_mask_function(ids))``; 5.x after 5.0 judges causality on
+    ``position_ids``, which within one sequence count up by one, so the same thing), else None."""
+    parts = _closure(mask_function, "and_masks").get("mask_functions")
+    if not isinstance(parts, tuple) or len(parts) != 2:
+        return None
+    causal, same_sequence = parts
+    if (causal is not causal_mask_function and
+            _closure(causal, "remap_positions_for_packed_sequence").get("mask_function") is not causal_mask_function):
+        return None
+    segments = _closure(same_sequence, "packed_sequence_mask_function").get("packed_sequence_mask")
+    return segments if isinstance(segments, torch.Tensor) and segments.ndim == 2 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask function and its plan
+# ---------------------------------------------------------------------------------------------
+_PLANS = WeakIdKeyDictionary()  # marker tensor -> MaskPlan
+
+
+class MaskPlan:
+    """What one forward's mask means (module docstring), and what the kernels need from it.
+
+    ``sdpa_args`` are the mask function's arguments, to build SDPA's mask for a fallback;
+    ``sdpa_only`` plans stand for a mask only SDPA can apply.  ``q_start`` (slot of query 0) is an
+    int, or a 0-d device tensor (a static cache's length; the queries' ``cache_position[0]`` on
+    transformers 5.0), copied when the mask is made because the cache updates its own in place.
+    ``q_slots`` (5.0 only, ``Tq > 1``) are the queries' slots, which must count up by one from
+    ``q_start``.  ``padding (B, Tk)`` marks real tokens (None: all real); ``segments (B, T)`` are
+    packed sequence ids.  Device values are made on first use and kept, host values are read once:
+    every layer of the forward shares them.
+    """
+
+    def __init__(self, sdpa_args: dict, batch: int, q_length: int, kv_length: int, device, *,
+                 sdpa_only=False, q_start=0, q_slots=None, padding=None, segments=None):
+        self.sdpa_args, self.sdpa_only = sdpa_args, sdpa_only
+        self.batch, self.q_length, self.kv_length, self.device = batch, q_length, kv_length, device
+        self.q_start, self.q_slots, self.padding, self.segments = q_start, q_slots, padding, segments
+        self._memo = {}
+
+    def _once(self, key, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def sdpa_mask(self):
+        """The mask transformers' SDPA would have had for this forward (for a fallback)."""
+        return self._once("sdpa", lambda: sdpa_mask(**self.sdpa_args))
+
+    def _slots_ok(self):
+        """Device bool: the queries sit in slots ``q_start .. q_start + Tq - 1`` inside the keys;
+        None when that holds by construction (an int ``q_start`` is checked when the plan is made,
+        a static cache cannot hold its update otherwise)."""
+        if self.q_slots is None:
+            return None
+        steps = torch.arange(self.q_length, device=self.q_slots.device)
+        return ((self.q_slots - self.q_start == steps).all()
+                & (self.q_start + self.q_length <= self.kv_length))
+
+    def decode_inputs(self):
+        """``(cache_seqlens, cache_leftpad, row_ok)`` for ``flash_decode``, on the device.
+
+        Row ``b`` holds keys ``[leftpad_b, L)`` with ``L = q_start + Tq`` and ``leftpad_b`` its
+        first real slot; ``row_ok[b]`` says whether every slot in that range is real (so the mask
+        has that form), None when there is no padding to check.
+        """
+        def compute():
+            device = self.device
+            end = self.q_start + self.q_length
+            if isinstance(end, torch.Tensor):
+                seqlens = end.to(torch.int32).reshape(1).expand(self.batch)
+            else:
+                seqlens = torch.full((self.batch,), end, dtype=torch.int32, device=device)
+            leftpad = row_ok = None
+            if self.padding is not None:
+                first = self.padding.to(torch.int32).argmax(1).to(torch.int32)  # first real slot
+                slot = torch.arange(self.kv_length, device=device)
+                inside = (slot >= first[:, None]) & (slot < end)
+                row_ok = (self.padding | ~inside).all(1)  # (a row of padding only: False)
+                leftpad = first
+            slots_ok = self._slots_ok()
+            if slots_ok is not None:
+                row_ok = slots_ok.expand(self.batch) if row_ok is None else row_ok & slots_ok
+            return seqlens, leftpad, row_ok
+        return self._once("decode", compute)
+
+    def decode_ok(self) -> bool:
+        """Whether ``flash_decode`` expresses the mask in every row: one host read per forward,
+        or, where nothing can be read back (CUDA-graph capture, torch.compile), True, with the
+        rows it does not express poisoned (:meth:`decode_output`)."""
+        def compute():
+            row_ok = self.decode_inputs()[2]
+            if row_ok is None or not _can_sync(row_ok):
+                return True
+            return bool(_read(row_ok.all())[0])
+        return self._once("decode_ok", compute)
+
+    def decode_output(self, out: torch.Tensor) -> torch.Tensor:
+        """``flash_decode``'s output, NaN in the rows whose mask it does not express if that could
+        not be checked on the host (never a silent wrong answer)."""
+        row_ok = self.decode_inputs()[2]
+        if row_ok is None or _can_sync(row_ok):
+            return out  # checked (decode_ok), or nothing to check
+        poison = self._once(("poison", out.dtype),
+                            lambda: torch.where(row_ok, 1.0, math.nan).to(out.dtype).view(-1, 1, 1, 1))
+        return out * poison
+
+    def host(self) -> dict:
+        """The prefill path's values, read in one host synchronisation per forward:
+        ``ok`` (the queries' slots are as assumed), ``end = q_start + Tq`` and, with padding,
+        ``all_real`` (no padding slot before ``end``) and the sizes of the unpadded tokens."""
+        def compute():
+            end = self.q_start + self.q_length
+            slots_ok = self._slots_ok()
+            values = [end, True if slots_ok is None else slots_ok]
+            if self.padding is not None:
+                t = self._tokens()
+                nk, nq = t["key_real"].sum(1), t["query_real"].sum(1)
+                values += [(nk == end).all(), nk.sum(), nq.sum(), nk.max(), nq.max(), t["pad_sees"].sum(),
+                           t["run_start"].sum(), t["run_keys"].sum(), t["run_length"].max(), t["run_keys"].max()]
+            read = _read(*values)
+            host = {"end": read[0], "ok": bool(read[1]) and read[0] <= self.kv_length}
+            if self.padding is not None:
+                names = ("all_real", "total_k", "total_q", "max_k", "max_q", "pad_queries", "runs", "run_keys",
+                         "max_run", "max_run_keys")
+                host.update(zip(names, read[2:]))
+            return host
+        return self._once("host", compute)
+
+    def _tokens(self) -> dict:
+        """Device masks over the batch's tokens (``(B, Tk)`` keys, ``(B, Tq)`` queries):
+
+        * ``key_real``: real slots before ``q_start + Tq`` (the only keys anyone sees);
+        * ``query_real``: real queries; ``seen``: how many real keys each query sees;
+        * ``pad_sees``: padding queries that see some key (right padding: SDPA gives them the
+          attention over the real keys before them, and ``generate`` reads the last one), in runs
+          of consecutive ones (``run_start``), which all see the same keys (``run_keys`` of them,
+          at the run's first query; ``run_length`` per run, indexed by run).
+        """
+        def compute():
+            device, batch = self.padding.device, self.batch
+            slot = torch.arange(self.kv_length, device=device)
+            key_real = self.padding & (slot < self.q_start + self.q_length)
+            query_slot = (self.q_start + torch.arange(self.q_length, device=device)).clamp(max=self.kv_length - 1)
+            query_real = key_real[:, query_slot]
+            seen = key_real.cumsum(1)[:, query_slot]
+            pad_sees = ~query_real & (seen > 0)
+            run_start = pad_sees.clone()
+            run_start[:, 1:] &= ~pad_sees[:, :-1]
+            run = run_start.flatten().cumsum(0) - 1
+            dump = batch * self.q_length  # tokens outside every run count here
+            run_length = torch.zeros(dump + 1, dtype=torch.int64, device=device)
+            run_length.scatter_add_(0, torch.where(pad_sees.flatten(), run, dump), torch.ones_like(run))
+            return dict(key_real=key_real, query_real=query_real, seen=seen, pad_sees=pad_sees,
+                        run_start=run_start, run_keys=seen * run_start, run_length=run_length[:dump])
+        return self._once("tokens", compute)
+
+    def unpadded(self) -> list:
+        """The varlen passes that give every query its attention (no further sync): each is
+        ``(b_q, t_q, b_k, t_k, cu_q, cu_k, max_q, max_k, causal)``, with ``(b_q, t_q)`` the batch
+        rows and positions of its queries, ``(b_k, t_k)`` of its keys.
+
+        1. Causal, pair ``b`` = row ``b``: its real queries over its real keys.
+        2. Only if some padding query sees a key: non-causal, one pair per run of such queries,
+           over the real keys before the run (gathered again for each run).
+        """
+        def compute():
+            host, t = self.host(), self._tokens()
+            width = self.q_length
+
+            def where(real, total):
+                index = torch.nonzero_static(real.flatten(), size=total).squeeze(1)
+                return index // real.shape[1], index % real.shape[1]
+
+            def offsets(lengths):
+                return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+            b_k, t_k = where(t["key_real"], host["total_k"])
+            cu_k = offsets(t["key_real"].sum(1))
+            passes = [(*where(t["query_real"], host["total_q"]), b_k, t_k, offsets(t["query_real"].sum(1)),
+                       cu_k, host["max_q"], host["max_k"], True)]
+            if host["pad_queries"]:
+                runs = host["runs"]
+                first = torch.nonzero_static(t["run_start"].flatten(), size=runs).squeeze(1)
+                run_keys = t["seen"].flatten()[first]
+                cu_run_k = offsets(run_keys)
+                # key j of the gathered run keys: run r's key number j - cu_run_k[r], in r's row
+                j = torch.arange(host["run_keys"], device=first.device)
+                run = torch.searchsorted(cu_run_k[1:].to(torch.int64), j, right=True)
+                real_key = cu_k[first[run] // width].to(torch.int64) + j - cu_run_k[run]
+                passes.append((*where(t["pad_sees"], host["pad_queries"]), b_k[real_key], t_k[real_key],
+                               offsets(t["run_length"][:runs]), cu_run_k, host["max_run"], host["max_run_keys"],
+                               False))
+            return passes
+        return self._once("unpadded", compute)
+
+    def packing(self):
+        """Varlen arguments of transformers' packed sequence ids (one host sync per forward)."""
+        def compute():
+            cu, longest, _ = _packing_from_segments(self.segments)
+            return cu, cu, longest, longest
+        return self._once("packing", compute)
+
+
+def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_function=causal_mask_function,
+                attention_mask: Optional[torch.Tensor] = None, q_length: Optional[int] = None, q_offset=0,
+                cache_position: Optional[torch.Tensor] = None, local_size: Optional[int] = None,
+                allow_is_causal_skip: bool = True, **kwargs):
+    """transformers' mask interface (``AttentionMaskInterface``): ``None``, a marker tensor with
+    its :class:`MaskPlan`, or SDPA's 4-D mask (see the module docstring).
+
+    Takes the arguments of ``masking_utils.sdpa_mask`` of either transformers 5.x API: the queries
+    as ``q_length``/``q_offset`` (5.1+) or as ``cache_position`` (5.0).
+    """
+    sdpa_args = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
+                     mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
+                     allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    if cache_position is not None:  # transformers 5.0: the queries' slots
+        q_length = cache_position.shape[0]
+        q_start, q_slots = cache_position[0], (cache_position if q_length > 1 else None)
+        sdpa_args["cache_position"] = cache_position
+        device = cache_position.device
+    else:
+        # A static cache hands over its own length tensor, which its update then changes in place.
+        q_start = q_offset.clone() if isinstance(q_offset, torch.Tensor) else q_offset
+        q_slots = None
+        sdpa_args.update(q_length=q_length, q_offset=q_start)
+        device = kwargs.get("device", "cpu") if attention_mask is None else attention_mask.device
+
+    def sdpa():
+        mask = sdpa_mask(**sdpa_args)
+        if mask is not None:
+            return mask
+        # SDPA's is_causal (or no mask at all) stands for this pattern: a plan that says "SDPA".
+        return _marker(MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, sdpa_only=True), None)
+
+    segments = None
+    if mask_function is not causal_mask_function:
+        segments = _hf_packed_segments(mask_function)
+        if segments is None or attention_mask is not None or kv_length != q_length:
+            return sdpa()  # another mask pattern: SDPA, exactly
+    if kv_offset != 0 or local_size is not None:
+        return sdpa()
+    if not isinstance(q_start, torch.Tensor) and q_start + q_length > kv_length:
+        return sdpa()  # queries past the keys: not a layout the kernels assume
+    if segments is None and attention_mask is None and allow_is_causal_skip and q_length in (1, kv_length):
+        # SDPA would get no mask either (is_causal for Tq > 1): the plain kernel gives that.
+        return None
+    padding = None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+    plan = MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, q_start=q_start, q_slots=q_slots,
+                    padding=padding, segments=segments)
+    return _marker(plan, padding)
+
+
+def _marker(plan: MaskPlan, padding: Optional[torch.Tensor]) -> torch.Tensor:
+    """A new 2-D tensor standing for ``plan``: its padding mask over the key slots (all true
+    without padding), so that it means the same if transformers passes it back in as a mask."""
+    if padding is None:
+        padding = torch.ones((), dtype=torch.bool, device=plan.device).expand(plan.batch, plan.kv_length)
+    marker = padding[:, :]  # always a new object, so that the plan is this call's alone
+    _PLANS[marker] = plan
+    return marker
+
+
+def _plan_of(mask: torch.Tensor, q_length: int, kv_length: int) -> MaskPlan:
+    """The plan behind a 2-D mask: the mask function's, or (for a 2-D padding mask that did not come
+    through it) FlashAttention-2's reading: its ``S`` columns are the first ``S`` key slots and the
+    queries are the last ``Tq`` of them."""
+    plan = _PLANS.get(mask)
+    if plan is None:
+        def make():
+            padding = prepare_padding_mask(mask.to(torch.bool), kv_length, 0)[:, :kv_length]
+            q_start = mask.shape[1] - q_length
+            sdpa_args = dict(batch_size=mask.shape[0], q_length=q_length, q_offset=q_start, kv_length=kv_length,
+                             attention_mask=padding, allow_is_causal_skip=False, device=mask.device,
+                             cache_position=torch.arange(q_length, device=mask.device) + q_start)
+            return MaskPlan(sdpa_args, mask.shape[0], q_length, kv_length, mask.device, q_start=q_start,
+                            padding=padding, sdpa_only=not 0 <= q_start <= kv_length - q_length)
+        plan = _memoised(mask, ("plan", q_length, kv_length), make)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# the attention function
+# ---------------------------------------------------------------------------------------------
+def kernel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: ``query (B, Hq, Tq, D)``, ``key, value (B, Hk, Tk, D)``
+    -> ``(output (B, Tq, Hq, D), None)``.  The kernels where they give the answer (module docstring),
+    else transformers' SDPA function with the mask SDPA would have had."""
+    plan = None
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+        plan = _plan_of(attention_mask, query.shape[2], key.shape[2])
+    if not _kernel_runs(module, attention_mask, plan, dropout, kwargs):
+        mask = plan.sdpa_mask() if plan is not None else attention_mask
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    batch, _, q_length, _ = query.shape
+    kv_length = key.shape[2]
+    if plan is None or plan.segments is not None:
+        packing = None
+        if q_length == kv_length:
+            packing = _packing_from_kwargs(kwargs)
+            if packing is None:
+                packing = plan.packing() if plan is not None else _packing_from_positions(
+                    kwargs.get("position_ids"), batch, q_length)
+        if packing is not None:
+            return _packed_attention(query, key, value, scaling, *packing), None
+        return flash_attention(query, key, value, causal=True, sm_scale=scaling).transpose(1, 2), None
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if use_decode(q_length, query.shape[1] // key.shape[1], needs_grad):
+        seqlens, leftpad, row_ok = plan.decode_inputs()
+        if row_ok is None or plan.decode_ok():
+            out = flash_decode(query, key, value, seqlens, scaling, cache_leftpad=leftpad)
+            return plan.decode_output(out).transpose(1, 2), None
+        # A hole in some row's keys: unpadding below expresses any mask.
+
+    host = plan.host()
+    if not host["ok"]:
+        return sdpa_attention_forward(module, query, key, value, plan.sdpa_mask(), scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if plan.padding is None or host["all_real"]:
+        end = host["end"]
+        out = flash_attention(query, key[:, :, :end], value[:, :, :end], causal=True, sm_scale=scaling)
+        return out.transpose(1, 2), None
+    return _unpadded_attention(plan, query, key, value, scaling), None
+
+
+def _kernel_runs(module, attention_mask, plan, dropout, kwargs) -> bool:
+    """Whether the kernels can give this call's answer (else SDPA runs, exactly)."""
+    if "attention" not in getattr(module, "_lk_kernels", ()) or dropout > 0 or kwargs.get("output_attentions"):
+        return False
+    if not getattr(module, "is_causal", True) or kwargs.get("is_causal", True) is False:
+        return False
+    if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS):
+        return False
+    if attention_mask is None:
+        return True
+    return plan is not None and not plan.sdpa_only  # a 4-D mask, or an SDPA-only plan: no
+
+
+def _flatten_batch(x: torch.Tensor) -> torch.Tensor:
+    """``(B, H, T, D)`` -> ``(1, H, B * T, D)``, the rows of the batch one after the other."""
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(1, batch * length, heads, dim).transpose(1, 2)
+
+
+def _packed_attention(query, key, value, scaling, cu_q, cu_k, max_q, max_k):
+    """Packed sequences of the flattened batch: sequence ``i`` is tokens ``cu[i]:cu[i+1]``."""
+    batch, heads, length, dim = query.shape
+    q, k, v = _flatten_batch(query), _flatten_batch(key), _flatten_batch(value)
+    out = flash_attention(q, k, v, causal=True, sm_scale=scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                          max_seqlen_q=max_q, max_seqlen_k=max_k)
+    return out.transpose(1, 2).reshape(batch, length, heads, dim)
+
+
+def _unpadded_attention(plan: MaskPlan, query, key, value, scaling):
+    """Gather the queries and keys of each varlen pass of ``plan.unpadded()``, attend with the
+    varlen kernel, scatter the outputs back (zeros at padding queries that see no key)."""
+    batch, heads, length, dim = query.shape
+    out = None
+    for b_q, t_q, b_k, t_k, cu_q, cu_k, max_q, max_k, causal in plan.unpadded():
+        q, k, v = query[b_q, :, t_q], key[b_k, :, t_k], value[b_k, :, t_k]  # (tokens, H, D)
+        rows = flash_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                               causal=causal, sm_scale=scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                               max_seqlen_q=max_q, max_seqlen_k=max_k)[0].transpose(0, 1)
+        out = (rows.new_zeros(batch, length, heads, dim) if out is None else out).index_put((b_q, t_q), rows)
+    return out
