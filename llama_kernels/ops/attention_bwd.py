@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_launch import autotuned, bucket, launch, varlen_grid_tiles
+from .attention_launch import autotuned, bucket, grid_tiles, launch
 from .attention_tiles import (
     LOG2E,
     causal_key_bounds,
@@ -441,11 +441,6 @@ def attention_bwd(
         tuning, cu_args, num_seqs = (seq_q, seq_k), (q, q), 0
     buckets = (bucket(tuning[0]), bucket(tuning[1]))
 
-    def tiles(seq, cu, max_seqlen, block):
-        if varlen:
-            return varlen_grid_tiles(cu, seq, max_seqlen, block)
-        return triton.cdiv(seq, block)
-
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     if not exact_delta:
         # Two float32 tiles of block_m x BLOCK_D: about 4k elements each keeps them in registers.
@@ -464,7 +459,7 @@ def attention_bwd(
             heads, group, seq_q, seq_k, num_seqs, qk_scale, sm_scale, stats[0].numel(), *buckets,
         )
         launch(attention_bwd_dq_kernel, _TUNED["dq"], "dq",
-               lambda meta: (batch * heads, tiles(seq_q, cu_seqlens_q, max_seqlen_q, meta["BLOCK_M"])),
+               lambda meta: (batch * heads, grid_tiles(seq_q, meta["BLOCK_M"], cu_seqlens_q, max_seqlen_q)),
                dq_args, {**consts, "EXACT_DELTA": exact_delta}, *tuning, q.element_size())
 
     splits = head_splits(batch, kv_heads, seq_k, group, q.device)
@@ -485,7 +480,8 @@ def attention_bwd(
     kind = "bwd_fused" if fused else "dkdv"
     kernel = attention_bwd_fused_kernel if fused else attention_bwd_dkdv_kernel
     launch(kernel, _TUNED[kind], kind,
-           lambda meta: (batch * kv_heads * splits, tiles(seq_k, cu_seqlens_k, max_seqlen_k, meta["BLOCK_N"])),
+           lambda meta: (batch * kv_heads * splits,
+                         grid_tiles(seq_k, meta["BLOCK_N"], cu_seqlens_k, max_seqlen_k)),
            tuple(args), consts, *tuning, q.element_size())
     if splits > 1:
         _reduce(dk_out, dk, splits, sm_scale, head_dim)

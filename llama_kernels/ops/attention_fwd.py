@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .attention_launch import autotuned, bucket, launch, varlen_grid_tiles
+from .attention_launch import autotuned, bucket, grid_tiles, launch
 from .attention_tiles import (
     LOG2E,
     causal_key_bounds,
@@ -262,9 +262,7 @@ def attention_fwd(
              bucket(tuning[0]), bucket(tuning[1]))
 
     def grid(meta):
-        if varlen:
-            return (heads, varlen_grid_tiles(cu_seqlens_q, seq_q, max_seqlen_q, meta["BLOCK_M"]))
-        return (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"]))
+        return (batch * heads, grid_tiles(seq_q, meta["BLOCK_M"], cu_seqlens_q, max_seqlen_q))
 
     if uses_tma(q, k, v, varlen):
         # Block shapes are placeholders until _tma_block_shapes sets them for the chosen config.

@@ -135,9 +135,12 @@ def bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def varlen_grid_tiles(cu_seqlens, total, max_seqlen, block):
-    """How many tiles of ``block`` rows the packed sequences hold at most (the varlen grid's
-    axis 1): ``sum_i cdiv(len_i, block)`` is at most ``(total + N (block - 1)) // block`` and at most
-    ``N cdiv(max_seqlen, block)``; programs past the real count find no sequence and return."""
+def grid_tiles(total, block, cu_seqlens=None, max_seqlen=0):
+    """Programs along a sequence axis of ``total`` rows, one per tile of ``block`` rows (axis 1 of
+    the attention grids).  Packed sequences (``cu_seqlens``) hold at most
+    ``(total + N (block - 1)) // block`` and at most ``N cdiv(max_seqlen, block)`` tiles
+    (``sum_i cdiv(len_i, block)``); programs past the real count find no sequence and return."""
+    if cu_seqlens is None:
+        return triton.cdiv(total, block)
     num_seqs = cu_seqlens.shape[0] - 1
     return max(1, min((total + num_seqs * (block - 1)) // block, num_seqs * triton.cdiv(max_seqlen, block)))
