@@ -9,7 +9,9 @@ Public API::
                     max_seqlen_q=None, max_seqlen_k=None)             (packed sequences: varlen)
     flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_leftpad=None)
                                                                       (CUDA-graph-safe decode)
-    apply_kernels(model, *, rms_norm=True, swiglu=True, rope=True, attention=True)
+    fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
+                               reduction="mean", label_smoothing=0.0)   (LM head + loss, no logits)
+    apply_kernels(model, *, rms_norm=True, swiglu=True, rope=True, attention=True, cross_entropy=True)
     model.Llama, model.LlamaConfig       (the eager reference LLaMA)
     reference                            (the eager twin of every op)
 
@@ -26,6 +28,7 @@ _EXPORTS = {
     "apply_rotary": ".ops.rope",
     "flash_attention": ".ops.attention",
     "flash_decode": ".ops.decode",
+    "fused_linear_cross_entropy": ".ops.cross_entropy",
     "apply_kernels": ".patch",
 }
 _SUBMODULES = ("model", "reference", "patch", "ops", "cli")

@@ -148,3 +148,20 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_s
     if q.shape[2] > row:
         pieces.append(zeros(q.shape[2] - row))
     return torch.cat(pieces, dim=2) if pieces else zeros(0)
+
+
+def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0):
+    """``F.cross_entropy((hidden @ weight.T + bias).float(), target, ...)``: the LM head and its loss
+    with the logits materialised, the eager twin of ``ops.cross_entropy.fused_linear_cross_entropy``.
+
+    ``hidden (..., H)``, ``weight (V, H)``, ``bias (V,)`` or None, ``target`` (int64) of
+    ``hidden``'s leading shape.  The logits are computed in the input dtype (float64 in, float64
+    out: the oracle) and the loss in float32 (float64 for float64 inputs).  ``reduction="none"``
+    returns a loss of ``target``'s shape.
+    """
+    logits = F.linear(hidden, weight, bias)
+    loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = F.cross_entropy(logits.to(loss_dtype).reshape(-1, weight.shape[0]), target.reshape(-1),
+                           ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    return loss.reshape(target.shape) if reduction == "none" else loss

@@ -36,7 +36,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 H100_SHARED_MEMORY = 232448
 # Kernels that must not spill in half precision.
-NO_SPILL = ("rms_norm_", "swiglu_", "rope_", "attention_")
+NO_SPILL = ("rms_norm_", "swiglu_", "rope_", "attention_", "cross_entropy_")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
@@ -151,10 +151,10 @@ def main():
     driver.set_active(Sm90Driver())
     JITFunction.run = compile_only
     import llama_kernels as lk
-    from llama_kernels.ops import attention, decode, rms_norm, rope, swiglu
+    from llama_kernels.ops import attention, cross_entropy, decode, rms_norm, rope, swiglu
     from llama_kernels.reference import rotary_cos_sin
 
-    for module in (attention, decode, rms_norm, rope, swiglu):
+    for module in (attention, cross_entropy, decode, rms_norm, rope, swiglu):
         module.use_triton = lambda op, device: True  # CPU tensors, compiled for the GPU
 
     def grad(*tensors):
@@ -180,6 +180,13 @@ def main():
             current_case = f"width {width}"
             gate, up = grad(*torch.randn(2, 16, width, dtype=dtype).unbind(0))
             backward([lk.swiglu(gate, up)], (gate, up))
+        for bias, smoothing in ((False, 0.0), (True, 0.1)):  # LLaMA-3's vocabulary (H is immaterial)
+            current_case = f"vocab 128256{' bias' if bias else ''}{' smoothing' if smoothing else ''}"
+            h, w = grad(torch.randn(16, 64, dtype=dtype), torch.randn(128256, 64, dtype=dtype))
+            b = grad(torch.randn(128256, dtype=dtype))[0] if bias else None
+            target = torch.randint(0, 128256, (16,))
+            loss = lk.fused_linear_cross_entropy(h, w, target, b, label_smoothing=smoothing, reduction="none")
+            backward([loss], (h, w) + ((b,) if bias else ()))
         for d, interleaved in ((128, False), (64, True), (80, False)):
             current_case = f"D {d}{' interleaved' if interleaved else ''}, 32/8 heads"
             q, k = grad(torch.randn(2, 16, 32, d, dtype=dtype), torch.randn(2, 16, 8, d, dtype=dtype))
