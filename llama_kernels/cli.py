@@ -159,18 +159,19 @@ def generate(args) -> int:
 # (tests/helpers.py, which the package cannot import): the kernel's error must be at most twice the
 # error of the reference op run at the same precision ("eager", the error users already accept),
 # plus a floor of 1e-6 of the output's scale for where eager is exact to the last bit.
-CHECK_OPS = ("rms_norm", "swiglu", "apply_rotary", "flash_attention")
+CHECK_OPS = ("rms_norm", "swiglu", "apply_rotary", "flash_attention", "fused_linear_cross_entropy")
 CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The shapes ``check --shape`` takes: model widths, the (batch, tokens) of the norm and MLP inputs,
 # the tokens of attention's one sequence (the interpreter's time grows with the programs launched,
-# and attention's backward is most of check's time), and the rope base.  smollm2, the default, is
+# and attention's backward is most of check's time), the rope base and the vocabulary of the LM
+# head + loss (its tokens are the norm's).  smollm2, the default, is
 # small enough for the CPU interpreter; llama3-8b is the shape the GPU session checks at.
 CHECK_SHAPES = {
     "smollm2": dict(hidden=576, intermediate=1536, hq=9, hk=3, d=64, rows=(4, 7), attn_tokens=37,
-                    rope_theta=10000.0),
+                    rope_theta=10000.0, vocab=49152),
     "llama3-8b": dict(hidden=4096, intermediate=14336, hq=32, hk=8, d=128, rows=(1, 4096), attn_tokens=4096,
-                      rope_theta=500000.0),
+                      rope_theta=500000.0, vocab=128256),
 }
 
 
@@ -204,6 +205,18 @@ def _check_cases(device: torch.device, dtype: torch.dtype, shape: dict | None = 
     inv_freq = 1.0 / s["rope_theta"] ** (torch.arange(0, d, 2, device=device) / d)
     cos, sin = reference.rotary_cos_sin(torch.arange(tq, device=device), inv_freq, dtype)
 
+    # The LM head + loss on the norm's tokens: logits spread over a few units, one target in five
+    # ignored (-100), the mean loss (its cotangent is a scalar).
+    head = torch.randn(s["vocab"], s["hidden"], device=device) * (2.0 / s["hidden"] ** 0.5)
+    target = torch.randint(0, s["vocab"], (b, t), device=device)
+    target.view(-1)[::5] = -100
+
+    def lm_loss_kernel(x, head):
+        return lk.fused_linear_cross_entropy(x, head, target)
+
+    def lm_loss_eager(x, head):
+        return reference.fused_linear_cross_entropy(x, head, target)
+
     def rope_kernel(q, k):
         return lk.apply_rotary(q, k, cos, sin)
 
@@ -215,6 +228,7 @@ def _check_cases(device: torch.device, dtype: torch.dtype, shape: dict | None = 
         "swiglu": (lk.swiglu, reference.swiglu, (gate, up), ("gate", "up")),
         "apply_rotary": (rope_kernel, rope_eager, (q, k), ("q", "k")),
         "flash_attention": (lk.flash_attention, reference.attention, (q, k, v), ("q", "k", "v")),
+        "fused_linear_cross_entropy": (lm_loss_kernel, lm_loss_eager, (x, head.to(dtype)), ("hidden", "weight")),
     }
 
 

@@ -11,22 +11,25 @@ from llama_kernels import cli
 def test_check_passes_on_this_device(capsys):
     assert cli.main(["check"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    for op in ("rms_norm", "swiglu", "apply_rotary", "flash_attention"):
+    for op in cli.CHECK_OPS:
         for direction in ("forward", "backward"):  # one line per dtype and direction
             assert sum(line.split()[:1] == [op] and direction in line for line in lines) == 3, (op, direction)
     assert not any("FAIL" in line for line in lines)
-    assert lines[-1].startswith("check: 24 passed, 0 failed on ")
+    assert "fused_linear_cross_entropy" in cli.CHECK_OPS
+    assert lines[-1].startswith("check: 30 passed, 0 failed on ")
 
 
-def test_check_at_the_llama3_8b_shape(capsys):
+def test_check_at_the_llama3_8b_shape(capsys, monkeypatch):
     """The GPU session's check (benchmarks/gpu_session.sh: --shape llama3-8b --dtypes fp16,bf16) with
-    its widths and heads, here on 3 tokens so that the interpreter is quick."""
+    its widths and heads, here on 3 tokens so that the interpreter is quick, and a smaller
+    vocabulary (LLaMA-3's head and its float64 oracle would take about 12 GB here)."""
+    monkeypatch.setitem(cli.CHECK_SHAPES, "llama3-8b", dict(cli.CHECK_SHAPES["llama3-8b"], vocab=4099))
     assert cli.main(["check", "--shape", "llama3-8b", "--tokens", "3", "--dtypes", "bf16"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("check: shape llama3-8b (hidden 4096, intermediate 14336, hq 32, hk 8, d 128;")
+    assert lines[0].startswith("check: shape llama3-8b (hidden 4096, intermediate 14336, hq 32, hk 8, d 128, vocab 4099;")
     assert "1 x 3 tokens, attention 3 tokens" in lines[0]
-    assert sum(line.split()[1:2] == ["bfloat16"] for line in lines) == 8
-    assert lines[-1].startswith("check: 8 passed, 0 failed on ")
+    assert sum(line.split()[1:2] == ["bfloat16"] for line in lines) == 10
+    assert lines[-1].startswith("check: 10 passed, 0 failed on ")
     assert cli.check_shape("llama3-8b")["attn_tokens"] == 4096  # a few thousand tokens by default
 
 
