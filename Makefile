@@ -16,7 +16,7 @@ OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
 OLDEST_PIP := $(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c $(OLDEST_CONSTRAINTS)
 # The files that exercise torch's and transformers' APIs (patching, masks, generation, GGUF loading,
 # torch.compile); the kernels themselves are the same Triton code under either torch.
-OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py
+OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_cross_entropy_models.py
 
 .PHONY: install install-oldest test test-latest test-oldest demo bench
 install: $(VENV)/.installed

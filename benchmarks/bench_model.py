@@ -9,9 +9,17 @@ same seed in bf16, measured, and freed before the next.
 Figures, for ``T`` tokens (batch 1), ``P`` = parameters of the linear layers (LM head included,
 embedding excluded: a lookup), ``L`` layers, ``Hq`` query heads of dim ``D``:
 
-* train step (forward, backward, AdamW step): tokens/s = T / step time; peak memory of one step;
-  model FLOP utilisation = (6 P T + 3.5 L * 2 Hq T^2 D) / time / measured matmul peak (matmuls
-  forward 2 P T, backward twice that; causal attention forward 4 Hq T^2 D / 2, backward 2.5x).
+* train step (forward, loss, backward, AdamW step): tokens/s = T / step time; peak memory of one
+  step; model FLOP utilisation = (6 P T + 3.5 L * 2 Hq T^2 D) / time / measured matmul peak (matmuls
+  forward 2 P T, backward twice that; causal attention forward 4 Hq T^2 D / 2, backward 2.5x).  Every
+  provider takes its model's own loss path, so that like is compared with like: the reference
+  model's ``model.loss(ids)`` (the LM head and the next-token cross-entropy in its
+  ``cross_entropy`` op slot: eager materialises the logits, ``apply_kernels`` makes it our fused
+  ``fused_linear_cross_entropy``, ``torch.compile`` compiles ``model.loss``), transformers'
+  ``model(input_ids=ids, labels=ids).loss`` (fused under ``apply_kernels`` in training mode, which
+  returns no logits; Liger's fused linear cross-entropy under ``hf+liger``).  Before the timing, the
+  training-mode loss (the fused path) is checked against the family's unpatched model, as the
+  eval-mode loss is before anything is timed.
 * prefill (forward of T tokens, no grad): tokens/s; FLOP = 2 P T + L * 2 Hq T^2 D.
 * decode (batch 1, greedy, the model's own ``generate`` and KV cache), two figures side by side:
 
@@ -37,7 +45,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 
 from .common import (Missing, Record, Settings, Skipped, Timing, Unreliable, classify, free_memory, peak_memory,
                      say, time_calls)
@@ -87,15 +94,17 @@ def _building(device, dtype=torch.bfloat16):
 class LlamaRunner:
     family = "eager"
 
-    def __init__(self, model, note=None):
+    def __init__(self, model, note=None, loss=None):
         self.model, self.note = model, note
+        # Llama.loss: LM head + next-token cross-entropy in the cross_entropy op slot (fused when
+        # patched); torch.compile passes its compiled version (model.compile() covers __call__ only).
+        self._loss = loss or model.loss
 
     def logits(self, ids):
         return self.model(ids)
 
     def loss(self, ids):
-        logits = self.model(ids)
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return self._loss(ids)
 
     def generate(self, ids, n, cuda_graphs=False):
         return self.model.generate(ids, max_new_tokens=n, cuda_graphs=cuda_graphs)
@@ -174,12 +183,24 @@ def _compiled(model, settings):
     return model
 
 
+def _compiled_runner(cfg, settings) -> LlamaRunner:
+    # Llama.loss does not go through __call__ (it stops at the hidden states): compiled on its own.
+    model = _compiled(_llama(cfg, settings), settings)
+    return LlamaRunner(model, "model.compile() and torch.compile(model.loss), default mode; compile time not "
+                              "timed", loss=torch.compile(model.loss))
+
+
 def provider_notes() -> dict:
     """What each provider of the model benchmark is, for the report's provider list."""
     return {
         "model eager / ours / torch.compile": "llama_kernels.model.Llama: eager, apply_kernels, model.compile()",
         "model hf / hf+ours / hf+liger": "transformers LlamaForCausalLM (sdpa): plain, apply_kernels, "
                                          "apply_liger_kernel_to_llama (defaults, incl. fused linear cross-entropy)",
+        "model train": "each provider's own loss path: the reference model's model.loss(ids) (LM head + "
+                       "cross-entropy in its cross_entropy op slot: eager materialises the logits, ours is "
+                       "fused_linear_cross_entropy), transformers' model(input_ids=ids, labels=ids).loss (hf+ours: "
+                       "fused in training mode, no logits; hf+liger: Liger's fused linear cross-entropy); the "
+                       "training-mode loss is checked against the family's unpatched model first",
         "model decode": "eager and ours: the CUDA-graph decode step, generate(cuda_graphs=True), timed as "
                         "generate(N) - generate(2) (capture excluded); skipped without CUDA. hf, hf+ours, "
                         "hf+liger and torch.compile: their plain generate, not graph-captured, "
@@ -195,8 +216,7 @@ def providers(cfg: dict, settings: Settings) -> dict:
     return {
         "eager": lambda stack: LlamaRunner(_llama(cfg, settings)),
         "ours": lambda stack: LlamaRunner(_patched(_llama(cfg, settings))),
-        "torch.compile": lambda stack: LlamaRunner(_compiled(_llama(cfg, settings), settings),
-                                                   "model.compile(), default mode; compile time not timed"),
+        "torch.compile": lambda stack: _compiled_runner(cfg, settings),
         "hf": lambda stack: HFRunner(_hf(cfg, settings), "transformers LlamaForCausalLM, attn_implementation=sdpa"),
         "hf+ours": lambda stack: HFRunner(_patched(_hf(cfg, settings)), "apply_kernels on transformers' model"),
         "hf+liger": lambda stack: HFRunner(_liger_patched(stack, _hf(cfg, settings)),
@@ -355,6 +375,15 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
 
     def train(r, t):
         ids = _ids(cfg, t, dev, 3)
+        # Check the training-mode loss first: the path timed below (a patched model's fused LM head
+        # and loss run in training mode only), against the family's unpatched model on the same ids.
+        train_loss = runner.loss(ids).item()
+        train_ref = ref_losses.setdefault((runner.family, "train", t), train_loss)
+        r.extra["train_loss"] = train_loss
+        if not abs(train_loss - train_ref) <= LOSS_TOLERANCE * abs(train_ref):
+            r.status, r.reason = "mismatch", (f"training-mode loss {train_loss:.4f} vs {runner.family}'s "
+                                              f"{train_ref:.4f}")
+            return
         opt = torch.optim.AdamW(runner.model.parameters(), lr=1e-6, **({"fused": True} if dev.type == "cuda" else {}))
 
         def step():

@@ -17,7 +17,9 @@ Work per call (each op's ``note`` below, the README and the ``_work_*`` function
 the bytes that must move, each input read once and each output written once, the least any
 implementation moves, for memory-bound ops (compared with the measured copy bandwidth); the FLOP of
 the two matrix products for attention (compared with the measured bf16 matmul rate); for packed
-``varlen_attention``, the real per-sequence work only, so a padded provider's rate shows its waste.
+``varlen_attention``, the real per-sequence work only, so a padded provider's rate shows its waste;
+for ``linear_cross_entropy`` (the LM head and its loss), the FLOP of its matrix products (logits
+forward; dhidden and dweight backward), with ours' peak memory also given as a ratio of eager's.
 """
 from __future__ import annotations
 
@@ -38,22 +40,25 @@ EPS = 1e-5  # LLaMA-3's rms_norm_eps
 TRAIN_MODES = ("forward", "backward", "forward+backward")
 
 # The model shapes op sizes come from (their transformers configs).  LLaMA-2-7B is used for its
-# MLP width only; SmolLM2-135M is the small model the project's demos run; "smoke" is for CPU runs.
+# MLP width and vocabulary only; SmolLM2-135M is the small model the project's demos run; "smoke"
+# is for CPU runs (its vocabulary is odd, a multiple of no block size, so the tails run too).
 MODELS = {
-    "llama3-8b": dict(hidden=4096, intermediate=14336, hq=32, hk=8, d=128),
-    "llama2-7b": dict(hidden=4096, intermediate=11008, hq=32, hk=32, d=128),
-    "smollm2-135m": dict(hidden=576, intermediate=1536, hq=9, hk=3, d=64),
-    "smoke": dict(hidden=128, intermediate=256, hq=4, hk=2, d=32),
+    "llama3-8b": dict(hidden=4096, intermediate=14336, hq=32, hk=8, d=128, vocab=128256),
+    "llama2-7b": dict(hidden=4096, intermediate=11008, hq=32, hk=32, d=128, vocab=32000),
+    "smollm2-135m": dict(hidden=576, intermediate=1536, hq=9, hk=3, d=64, vocab=49152),
+    "smoke": dict(hidden=128, intermediate=256, hq=4, hk=2, d=32, vocab=1031),
 }
 
 # Token counts (batch 1) per run mode; decode's are KV-cache lengths.  fp16 runs once per op, at
 # `fp16_at` tokens on the op's first shape: it takes the same kernels as bf16, so one point shows
-# whether it differs.  varlen's are the tokens of a packed batch (see varlen_lengths).
+# whether it differs.  varlen's are the tokens of a packed batch (see varlen_lengths); lce's those
+# of the LM head and its loss (linear_cross_entropy: a training batch's 4k to 16k tokens).
 SWEEPS = {
     "full": dict(tokens=(1024, 2048, 4096, 8192, 16384, 32768), decode=(1024, 4096, 16384, 32768),
-                 varlen=(4096, 8192, 16384, 32768), fp16_at=4096),
-    "quick": dict(tokens=(2048, 8192), decode=(4096, 32768), varlen=(8192, 16384), fp16_at=None),
-    "smoke": dict(tokens=(16, 32), decode=(32, 64), varlen=(40,), fp16_at=16),
+                 varlen=(4096, 8192, 16384, 32768), lce=(4096, 8192, 16384), fp16_at=4096),
+    "quick": dict(tokens=(2048, 8192), decode=(4096, 32768), varlen=(8192, 16384), lce=(4096, 8192),
+                  fp16_at=None),
+    "smoke": dict(tokens=(16, 32), decode=(32, 64), varlen=(40,), lce=(16, 40), fp16_at=16),
 }
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Largest max|a - b| / max|ref| accepted between two providers: a few roundings of the dtype (bf16
@@ -92,6 +97,7 @@ class OpSpec:
     sweep: str = "tokens"  # which token counts of SWEEPS[mode] the op runs at
     base: tuple = ("ours", "eager", "torch.compile")  # the providers every op has, unless it says otherwise
     case_dims: Callable | None = None  # case -> more dims for its records (e.g. varlen's lengths)
+    memory_vs: str | None = None  # a provider whose peak memory ours' is given as a ratio of (see run_case)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +150,26 @@ def _build_decode(case, gen, grad):
     k = _randn(case, gen, 1, case.dims["hk"], case.tokens, case.dims["d"])
     v = _randn(case, gen, 1, case.dims["hk"], case.tokens, case.dims["d"])
     return Inputs((q, k, v))
+
+
+# Share of the targets set to the ignore index (-100), at random positions: prompt tokens and
+# sequence boundaries carry no loss in a real batch, and the kernels must skip them.
+LCE_IGNORED = 1 / 16
+
+
+def _build_lce(case, gen, grad):
+    # hidden (N, H) ~ N(0, 1), as the final RMSNorm leaves it; weight (V, H) ~ N(0, 1/H), so the
+    # logits have a standard deviation of about 1 (a realistic spread: a softmax neither flat nor
+    # one-hot); targets uniform over the vocabulary, N/16 of them (at least one) ignored.  One set
+    # holds the whole weight (1 GiB at LLaMA-3-8B's shape in bf16), more than twice the L2, so the
+    # rotation (sets until their total passes 2x the L2) builds a single set: no pile of weights.
+    n, h, v = case.tokens, case.dims["hidden"], case.dims["vocab"]
+    x = torch.randn(n, h, generator=gen, device=case.device, dtype=case.dtype).requires_grad_(grad)
+    w = torch.randn(v, h, generator=gen, device=case.device, dtype=case.dtype).mul_(h ** -0.5).requires_grad_(grad)
+    target = torch.randint(0, v, (n,), generator=gen, device=case.device)
+    ignored = torch.randperm(n, generator=gen, device=case.device)[: max(1, round(n * LCE_IGNORED))]
+    target[ignored] = -100
+    return Inputs((x, w, target), (x, w))
 
 
 def varlen_lengths(total: int) -> list[int]:
@@ -218,6 +244,13 @@ def _work_varlen(case, mode):
     d = case.dims["d"]
     fwd = sum(4 * case.dims["hq"] * n * n * d / 2 for n in varlen_lengths(case.tokens))
     return _by_mode(mode, fwd, 2.5 * fwd), "FLOP"
+
+
+def _work_lce(case, mode):
+    # The matrix products a minimal implementation does: logits = x W^T (2NVH), then dx = dlogits W
+    # and dW = dlogits^T x (4NVH); every token counted, ignored ones included.  The softmax is O(NV).
+    fwd = 2 * case.tokens * case.dims["vocab"] * case.dims["hidden"]
+    return _by_mode(mode, fwd, 2 * fwd), "FLOP"
 
 
 def _work_decode(case, mode):
@@ -517,6 +550,10 @@ def _decode_call(f):
     return lambda q, k, v: f(q, k, v, True)
 
 
+def _lce_call(f):
+    return lambda x, w, target: f(x, w, target)  # ignore_index -100, mean over the targets kept
+
+
 def _varlen_call(f):
     return lambda q, k, v, cu, max_len: f(q, k, v, causal=True, cu_seqlens_q=cu, max_seqlen_q=max_len,
                                           max_seqlen_k=max_len)
@@ -534,6 +571,15 @@ _LIGER = {
                      "timed backwards see drifting values (the same bytes move)"),
     "apply_rotary": _liger("liger_kernel.transformers.rope.liger_rotary_pos_emb", _rope_call,
                            "liger_rotary_pos_emb rotates q and k in place"),
+    # liger_fused_linear_cross_entropy(input, weight, target, bias=None, ..., ignore_index=-100,
+    # ..., reduction="mean") returns the loss alone unless z-loss or accuracy are asked for.
+    "linear_cross_entropy": _liger("liger_kernel.transformers.functional.liger_fused_linear_cross_entropy",
+                                   lambda fn: lambda x, w, target: fn(x, w, target, ignore_index=-100,
+                                                                      reduction="mean"),
+                                   "liger_fused_linear_cross_entropy: computes the input and weight gradients in "
+                                   "its forward (chunks of tokens) and only scales them in its backward (a repeated "
+                                   "backward, as the backward mode times, recomputes them once, then reuses them), "
+                                   "so compare forward+backward"),
 }
 
 _HEADS = lambda m: {k: m[k] for k in ("hq", "hk", "d")}  # noqa: E731
@@ -566,6 +612,17 @@ OPS = [
            ("llama3-8b", "smollm2-135m"), _attention_extras(causal=False), modes=("forward",), sweep="decode",
            note="one query token over a KV cache of L positions (the tokens column), inference: "
                 "(2 Hq D + 2 Hk L D)s bytes: read q, K, V; write o; compared with the copy bandwidth."),
+    OpSpec("linear_cross_entropy", "fused_linear_cross_entropy", "fused_linear_cross_entropy", _lce_call,
+           _build_lce, _work_lce, lambda m: {"hidden": m["hidden"], "vocab": m["vocab"]},
+           ("llama3-8b", "llama2-7b", "smollm2-135m"), {"liger": _LIGER["linear_cross_entropy"]}, sweep="lce",
+           memory_vs="eager",
+           note="LM head and loss: mean cross-entropy of x (N, H) W^T (V, H) over N targets (N/16 ignored, -100), "
+                "in float32 from half-precision inputs; gradients of x and W. Work: the matrix products, "
+                "forward 2NVH FLOP (the logits), backward 4NVH (dx and dW), compared with the bf16 matmul "
+                "rate. Eager materialises the (N, V) logits (bf16 and float32); a fused provider may compute "
+                "the gradients in its forward, so forward+backward is the figure to compare. Peak memory "
+                "(the last figure of each cell) is the target: ours <= 1/4 of eager's at 8k tokens "
+                "(ours' ratio listed under the table)."),
     OpSpec("varlen_attention", "flash_attention", "varlen_attention", _varlen_call, _build_varlen, _work_varlen,
            _HEADS, ("llama3-8b", "smollm2-135m"),
            {"eager": _varlen_eager, "flash-attn": _flash_attn_varlen, "sdpa-padded": _sdpa_padded,
@@ -598,7 +655,7 @@ def provider_notes() -> dict:
                          "compile backwards with torch._functorch.config.donated_buffer=False so that a "
                          "backward can be timed alone (retain_graph)",
         "liger": "Liger-Kernel's Triton ops (LigerRMSNormFunction, LigerFusedAddRMSNormFunction, "
-                 "LigerSiLUMulFunction, liger_rotary_pos_emb)",
+                 "LigerSiLUMulFunction, liger_rotary_pos_emb, liger_fused_linear_cross_entropy)",
         "sdpa-flash": "torch SDPA under sdpa_kernel(SDPBackend.FLASH_ATTENTION)",
         "sdpa-cudnn": "torch SDPA under sdpa_kernel(SDPBackend.CUDNN_ATTENTION)",
         "flash-attn": "flash_attn.flash_attn_func (varlen_attention: flash_attn_varlen_func)",
@@ -765,8 +822,25 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
     return cycling(sets, backward if mode == "backward" else forward_backward), sets
 
 
+def _memory_ratios(rs: list, other: str) -> None:
+    """Ours' peak memory over ``other``'s, mode by mode, in ``extra["peak_mem_vs_<other>"]`` and the
+    note of ours' records (so the markdown lists it under the table) and in the log: the figure a
+    fused op is judged by.  Nothing where either has no peak (the CPU allocator keeps none)."""
+    by = {(r.provider, r.mode): r for r in rs if r.status == "ok"}
+    for mode in dict.fromkeys(r.mode for r in rs):
+        ours, base = by.get(("ours", mode)), by.get((other, mode))
+        if ours is None or base is None or not ours.peak_mem_delta_bytes or not base.peak_mem_delta_bytes:
+            continue
+        ratio = ours.peak_mem_delta_bytes / base.peak_mem_delta_bytes
+        ours.extra[f"peak_mem_vs_{other}"] = ratio
+        line = f"peak memory {ratio:.2f}x {other}'s at {ours.shape} T={ours.tokens} {ours.dtype}"
+        ours.note = "; ".join(filter(None, (ours.note, line)))
+        say(f"ops {ours.op} [{mode}] ours: {line}")
+
+
 def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records: list) -> None:
     trains = spec.modes != ("forward",)
+    first = len(records)  # this case's records are records[first:]
     dtype = DTYPE_NAMES[case.dtype]
 
     def build(i, grad):
@@ -820,6 +894,8 @@ def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records
             say(r.describe())
     del reference_out
     free_memory()
+    if spec.memory_vs:
+        _memory_ratios(records[first:], spec.memory_vs)
 
 
 def run(settings: Settings, limits: dict, records: list, progress=None) -> None:

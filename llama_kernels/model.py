@@ -4,8 +4,12 @@ Module and parameter names follow Hugging Face transformers (``embed_tokens``, `
 .q_proj``, ``input_layernorm``, ...), so a transformers checkpoint loads by stripping its ``model.``
 prefix.  Every op comes from :mod:`llama_kernels.reference` through a class attribute, an *op slot*
 (``RMSNorm.rms_norm``, ``MLP.swiglu``, ``Attention.apply_rotary``, ``Attention.attention``,
-``Attention.decode_attention``), which :func:`llama_kernels.apply_kernels` overrides with the Triton
-kernels.
+``Attention.decode_attention``, ``Llama.cross_entropy``), which :func:`llama_kernels.apply_kernels`
+overrides with the Triton kernels.
+
+:meth:`Llama.loss` is the training objective: the LM head and the next-token cross-entropy in one
+op (``Llama.cross_entropy``), so that the fused kernel never materialises the ``(tokens, vocab)``
+logits; :meth:`Llama.forward` and it share :meth:`Llama.hidden_states`, the body up to the final norm.
 
 Generation runs each new token through :meth:`Llama.forward` with an ``int`` ``start_pos`` (the
 cache is sliced to its filled part), or, for ``generate(..., cuda_graphs=True)``, through a
@@ -97,6 +101,9 @@ class LlamaConfig:
             rope_scaling=rope if rope_type == "llama3" else None,
         )
 
+
+# The label that Llama.loss ignores (PyTorch's and transformers' default ignore_index).
+IGNORE_INDEX = -100
 
 # model_types whose math is this model's (Mistral: only without a sliding window, checked below).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -289,7 +296,12 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LLaMA: ``model(input_ids) -> logits (B, T, vocab)``."""
+    """Decoder-only LLaMA: ``model(input_ids) -> logits (B, T, vocab)``; ``model.loss(input_ids)``
+    -> the mean next-token cross-entropy."""
+
+    # op slot: LM head + cross-entropy in one call, (hidden, weight, target, bias=None, *,
+    # ignore_index=-100, reduction="mean", label_smoothing=0.0) -> float32 loss
+    cross_entropy = staticmethod(reference.fused_linear_cross_entropy)
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -323,6 +335,11 @@ class Llama(nn.Module):
         attention reads the whole cache buffer, masked by lengths computed on the device), as
         capturing it in a CUDA graph requires; see :class:`StaticDecodeStep`.
         """
+        return self.lm_head(self.hidden_states(input_ids, cache, start_pos))
+
+    def hidden_states(self, input_ids, cache: KVCache | None = None, start_pos: int | torch.Tensor = 0):
+        """The final normed hidden states ``(B, T, hidden_size)`` of ``input_ids (B, T)``: what
+        ``lm_head`` reads.  Arguments as for :meth:`forward`, which is ``lm_head(hidden_states(...))``."""
         _check_input_ids(input_ids)
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)
@@ -346,7 +363,30 @@ class Llama(nn.Module):
         for layer in self.layers:
             x, residual = layer(x, residual, cos, sin, cache, start_pos, cache_seqlens)
         x, _ = self.norm(x, residual)
-        return self.lm_head(x)
+        return x
+
+    def loss(self, input_ids, labels=None):
+        """Mean next-token cross-entropy (float32) of ``input_ids (B, T)``, a scalar tensor.
+
+        ``labels`` (an integer tensor of ``input_ids``' shape) defaults to ``input_ids``; position
+        ``t`` is scored against ``labels[:, t + 1]``, the shift done here as transformers'
+        ``ForCausalLMLoss`` does it (so labels are passed unshifted, as to a ``*ForCausalLM``), and
+        positions labelled ``-100`` are ignored.  The LM head and the loss are one op, the
+        ``cross_entropy`` slot, so the patched model never materialises the logits.
+        """
+        _check_input_ids(input_ids)  # first, so that labels are compared with a valid input_ids
+        if labels is None:
+            labels = input_ids
+        else:
+            _check_labels(labels, input_ids)
+        hidden = self.hidden_states(input_ids)
+        # Pad on the right with the ignored label, then drop the first: the last position has no
+        # next token to predict, and the result keeps the (B, T) shape of `hidden`'s leading dims.
+        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        # The op wants int64 targets on the hidden states' device (labels may be int32, or on the
+        # host as a data loader leaves them: transformers' loss moves them too).
+        shifted = shifted.to(device=hidden.device, dtype=torch.long)
+        return self.cross_entropy(hidden, self.lm_head.weight, shifted, ignore_index=IGNORE_INDEX)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
@@ -488,6 +528,19 @@ def _check_input_ids(input_ids) -> None:
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one sequence of at least one token, got shape "
                          f"{tuple(input_ids.shape)}")
+
+
+def _check_labels(labels, input_ids) -> None:
+    """An integer tensor of ``input_ids``' shape (``IGNORE_INDEX`` marks positions not scored)."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (token ids, {IGNORE_INDEX} to ignore), got {labels.dtype}")
+    if labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels must have input_ids' shape {tuple(input_ids.shape)} (they are shifted inside), "
+            f"got {tuple(labels.shape)}"
+        )
 
 
 def _check_sampling(temperature, top_k) -> None:

@@ -15,7 +15,8 @@ about them and about modules on a device where no kernel runs, and :func:`kernel
 only the modules that really run a kernel.
 
 * The reference model (:mod:`llama_kernels.model`) exposes its ops as class attributes (*op slots*),
-  so its rows just point the slots at the kernels.
+  so its rows just point the slots at the kernels (``Llama.cross_entropy``, the LM head and loss of
+  ``Llama.loss``, included: the top-level ``Llama`` gets a patched subclass too).
 * transformers' ``LlamaForCausalLM``/``LlamaModel`` (5.x) rows override ``forward`` of
   ``LlamaRMSNorm`` and ``LlamaMLP``.  Attention goes through transformers' own extension points
   rather than a copied forward: :mod:`llama_kernels.hf_attention` registers an attention function
@@ -24,6 +25,11 @@ only the modules that really run a kernel.
   cannot express go to transformers' SDPA function with SDPA's own mask), the attention row
   switches the model to it, and ``apply_rotary_pos_emb`` is routed to the RoPE kernel while a
   patched ``LlamaAttention`` runs.
+* The cross-entropy row overrides ``LlamaForCausalLM.forward`` with one function written for every
+  ``*ForCausalLM`` of the family (:mod:`llama_kernels.hf_loss`): in training mode, with ``labels``
+  and transformers' standard loss, it runs the base model with the arguments the original forward
+  would give it and computes the loss with ``fused_linear_cross_entropy`` from the last hidden
+  states (``logits=None``); every other call runs the original forward.
 """
 from __future__ import annotations
 
@@ -40,12 +46,13 @@ from . import model as reference_model
 from .ops.common import KernelFallbackWarning, triton_runs_on
 from .ops import attention as attention_kernels, rope as rope_kernel
 from .ops.attention import flash_attention
+from .ops.cross_entropy import fused_linear_cross_entropy
 from .ops.decode import flash_decode
 from .ops.rms_norm import MAX_HIDDEN as RMS_NORM_MAX_HIDDEN, rms_norm
 from .ops.rope import apply_rotary
 from .ops.swiglu import swiglu
 
-FLAGS = ("rms_norm", "swiglu", "rope", "attention")
+FLAGS = ("rms_norm", "swiglu", "rope", "attention", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ def reference_model_table() -> list[Replacement]:
         Replacement("attention", reference_model.Attention, {"attention": staticmethod(flash_attention),
                                                              "decode_attention": staticmethod(flash_decode)},
                     _attention_head_dim_unsupported),
+        Replacement("cross_entropy", reference_model.Llama,
+                    {"cross_entropy": staticmethod(fused_linear_cross_entropy)}),
     ]
 
 
@@ -115,14 +124,18 @@ def _patched_class(base: type, rows: list[Replacement]) -> type:
 
 def __getattr__(name: str):
     """Patched classes by their qualified name (``RMSNorm__patched__rms_norm``), for unpickling."""
-    base_name, marker, *kernels = name.split("__")
-    if marker == "patched":
-        rows = reference_model_table()
+    base_name, *rest = name.split("__")
+    if len(rest) >= 2 and rest[0] == "patched":
+        kernels = set(rest[1:])
+        tables = [reference_model_table]
         if base_name.startswith("Llama"):
-            rows += hf_table()[0]
-        rows = [r for r in rows if r.target.__name__ == base_name and r.flag in kernels]
-        if rows and {r.flag for r in rows} == set(kernels):
-            return _patched_class(rows[0].target, rows)
+            # transformers' classes (LlamaRMSNorm, ...), imported only when the reference model's
+            # own (Llama itself) do not match: unpickling the reference model needs no transformers.
+            tables.append(lambda: hf_table()[0])
+        for table in tables:
+            rows = [r for r in table() if r.target.__name__ == base_name and r.flag in kernels]
+            if rows and {r.flag for r in rows} == kernels:
+                return _patched_class(rows[0].target, rows)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -182,6 +195,8 @@ def hf_table() -> tuple[list[Replacement], callable]:
     import transformers
     from transformers.models.llama import modeling_llama as llama
 
+    from . import hf_loss
+
     major = int(transformers.__version__.split(".")[0])
     if major not in SUPPORTED_TRANSFORMERS:
         raise RuntimeError(
@@ -195,6 +210,8 @@ def hf_table() -> tuple[list[Replacement], callable]:
         Replacement("rope", llama.LlamaAttention, {"forward": _hf_attention_forward}, _rope_head_dim_unsupported),
         Replacement("attention", llama.LlamaAttention, {"forward": _hf_attention_forward},
                     _attention_head_dim_unsupported),
+        Replacement("cross_entropy", llama.LlamaForCausalLM,
+                    {"forward": hf_loss.causal_lm_forward(llama.LlamaForCausalLM)}, hf_loss.lm_head_unsupported),
     ]
     return rows, _hf_finish
 
@@ -228,9 +245,8 @@ def _table_for(model: torch.nn.Module):
     """``(rows, finish)`` for ``model``'s kind; ``finish(model, enabled)`` may be None."""
     if any(isinstance(m, reference_model.Llama) for m in model.modules()):
         return reference_model_table(), None
-    if type(model).__module__.startswith("transformers.") and type(model).__name__ in (
-        "LlamaForCausalLM", "LlamaModel"
-    ):
+    base = original_class(model)  # the model itself is patched (cross_entropy) from a first call
+    if base.__module__.startswith("transformers.") and base.__name__ in ("LlamaForCausalLM", "LlamaModel"):
         return hf_table()
     raise TypeError(
         f"model must be a llama_kernels.model.Llama or a transformers LlamaForCausalLM/LlamaModel, "
@@ -239,13 +255,17 @@ def _table_for(model: torch.nn.Module):
 
 
 def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
-                  attention: bool = True):
+                  attention: bool = True, cross_entropy: bool = True):
     """Patch ``model`` in place to run the Triton kernels; returns ``model``.
 
     Works on :class:`llama_kernels.model.Llama` and on transformers ``LlamaForCausalLM`` /
     ``LlamaModel`` instances (weights kept).  Each flag turns one kernel family on or off; calling
     again with other flags re-patches from the original classes (``apply_kernels(m, rms_norm=False,
-    swiglu=False, rope=False, attention=False)`` restores the eager model).
+    swiglu=False, rope=False, attention=False, cross_entropy=False)`` restores the eager model).
+
+    ``cross_entropy`` fuses the LM head with the loss: ``Llama.loss`` of the reference model, and a
+    transformers ``LlamaForCausalLM`` called with ``labels`` in training mode, which then returns
+    the loss with ``logits=None`` (eval mode, and calls without labels, keep the logits).
 
     A module the kernels cannot take (e.g. an attention head dim that is not a multiple of 16, an
     MLP whose activation is not SiLU) keeps its eager code for that family, and one warning lists
@@ -253,7 +273,8 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    enabled = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "attention": attention}
+    enabled = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "attention": attention,
+               "cross_entropy": cross_entropy}
     for name, value in enabled.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")

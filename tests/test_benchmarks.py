@@ -107,6 +107,124 @@ def test_smoke_run_covers_every_op_and_provider(smoke_run):
     assert any(r["suite"] == "model" and r["provider"] == "eager" and r["status"] == "ok" for r in records)
 
 
+def test_smoke_run_measures_the_lm_head_and_loss(smoke_run):
+    """linear_cross_entropy (issue 15): every provider and mode at the smoke sweep's own token counts,
+    the matrix products' FLOP as its work, ours checked against eager (ours is the reference of
+    the others, so its check is the one that must pass), and its tables in the markdown."""
+    rc, out = smoke_run
+    spec = next(s for s in OPS if s.name == "linear_cross_entropy")
+    records = [r for r in _records(out) if r["op"] == spec.name]
+    providers = {"ours", "eager", "torch.compile", "liger"}
+    assert {(r["provider"], r["mode"]) for r in records} == {(p, m) for p in providers for m in spec.modes}
+    tokens = bench_ops.SWEEPS["smoke"]["lce"]
+    assert {(r["tokens"], r["dtype"]) for r in records} == {(n, "bf16") for n in tokens} | {(16, "fp16")}
+    factor = {"forward": 2, "backward": 4, "forward+backward": 6}
+    allowed = {"eager": ("ok",), "ours": ("ok", "missing"), "liger": ("ok", "missing"), "torch.compile": ("skipped",)}
+    for r in records:
+        n, h, v = r["tokens"], r["dims"]["hidden"], r["dims"]["vocab"]
+        assert (h, v) == (bench_ops.MODELS["smoke"]["hidden"], bench_ops.MODELS["smoke"]["vocab"])
+        assert r["work_unit"] == "FLOP" and r["work"] == factor[r["mode"]] * n * v * h
+        # eager "ok" beside ours "ok": ours' loss and gradients passed the check against eager's
+        assert r["status"] in allowed[r["provider"]], r
+    md = next(out.glob("*.md")).read_text()
+    for mode in spec.modes:
+        assert f"## ops: {spec.name}, {mode}" in md
+    assert "Peak memory (the last figure of each cell)" in md
+    assert list(out.glob(f"*-ops-{spec.name}.png"))
+
+
+def test_lce_inputs_have_realistic_logits_and_ignored_targets():
+    import torch
+
+    from benchmarks.bench_ops import LCE_IGNORED, MODELS, Case, _build_lce
+
+    case = Case("smoke", MODELS["smoke"], 40, torch.bfloat16, torch.device("cpu"))
+    inp = _build_lce(case, torch.Generator().manual_seed(1000), True)
+    x, w, target = inp.args
+    assert inp.leaves == (x, w) and x.requires_grad and w.requires_grad and x.dtype == w.dtype == torch.bfloat16
+    assert w.shape == (MODELS["smoke"]["vocab"], MODELS["smoke"]["hidden"]) and target.dtype == torch.int64
+    logits = x.detach().float() @ w.detach().float().T
+    assert 0.8 < logits.std().item() < 1.25  # a softmax neither flat nor one-hot; never zeros
+    ignored = target == -100
+    assert ignored.sum().item() == max(1, round(40 * LCE_IGNORED))
+    assert 0 <= target[~ignored].min() and target[~ignored].max() < MODELS["smoke"]["vocab"]
+    again = _build_lce(case, torch.Generator().manual_seed(1000), False).args
+    assert all(torch.equal(a, b) for a, b in zip((x, w, target), again))  # fixed seeds: every provider alike
+
+
+def test_memory_ratio_of_ours_over_eager_is_listed_with_ours():
+    from benchmarks.bench_ops import _memory_ratios
+    from benchmarks.common import Record
+
+    def record(provider, mode, delta, status="ok"):
+        r = Record("ops", "linear_cross_entropy", mode, provider, "llama3-8b", {}, 8192, "bf16", status=status)
+        r.peak_mem_delta_bytes = delta
+        return r
+
+    rs = [record("ours", "forward", 1 << 30), record("eager", "forward", 4 << 30), record("liger", "forward", 1 << 29),
+          record("ours", "backward", None), record("eager", "backward", 4 << 30),  # no peak (CPU): nothing
+          record("ours", "forward+backward", 1 << 30), record("eager", "forward+backward", 0, status="oom")]
+    _memory_ratios(rs, "eager")
+    assert rs[0].extra == {"peak_mem_vs_eager": 0.25}
+    assert rs[0].note == "peak memory 0.25x eager's at llama3-8b T=8192 bf16"
+    assert all(not r.extra and r.note is None for r in rs[1:])
+
+
+def test_model_train_step_takes_each_models_own_loss_path(monkeypatch):
+    """The training step calls the model's loss path, so that eager and patched compare like with
+    like: the reference model's ``model.loss(ids)`` (its ``cross_entropy`` op slot, the LM head
+    and the shifted next-token loss in one call), transformers' ``model(..., labels=ids).loss``."""
+    import contextlib
+    import types
+
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.common import make_settings
+    from llama_kernels import model as llama_model
+    from llama_kernels import reference
+
+    settings = make_settings("smoke", torch.device("cpu"), False)
+    cfg = bench_model._config(settings)
+    calls = []
+
+    def spy(hidden, weight, target, *args, **kwargs):
+        calls.append((tuple(hidden.shape), tuple(target.shape)))
+        return reference.fused_linear_cross_entropy(hidden, weight, target, *args, **kwargs)
+
+    monkeypatch.setattr(llama_model.Llama, "cross_entropy", staticmethod(spy))
+    runner = bench_model.providers(cfg, settings)["eager"](contextlib.ExitStack())
+    ids = bench_model._ids(cfg, 16, settings.device, 3)
+    loss = runner.loss(ids)
+    assert calls == [((1, 16, cfg["hidden_size"]), (1, 16))]
+    with torch.no_grad():
+        logits = runner.logits(ids)
+    want = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    assert loss.item() == pytest.approx(want.item(), rel=1e-3)
+
+    seen = []
+
+    class FakeHF(torch.nn.Module):
+        generation_config = types.SimpleNamespace()
+
+        def forward(self, **kwargs):
+            seen.append(kwargs)
+            return types.SimpleNamespace(loss=torch.tensor(1.0), logits=None)
+
+    assert bench_model.HFRunner(FakeHF()).loss(ids).item() == 1.0
+    assert seen[0]["labels"] is ids and seen[0]["input_ids"] is ids
+
+
+def test_smoke_model_train_checks_the_training_mode_loss(smoke_run):
+    _, out = smoke_run
+    train = {r["provider"]: r for r in _records(out) if r["suite"] == "model" and r["op"] == "train"}
+    for family, providers in (("eager", ("eager", "ours")), ("hf", ("hf", "hf+ours"))):
+        ref = train[family]["extra"]["train_loss"]
+        for p in providers:
+            if train[p]["status"] in ("ok", "mismatch"):
+                assert train[p]["extra"]["train_loss"] == pytest.approx(ref, rel=bench_model.LOSS_TOLERANCE)
+
+
 def test_smoke_decode_without_cuda_skips_the_graph_figure(smoke_run):
     """No CUDA: the CUDA-graph decode figure is skipped with its reason (never timed without a graph),
     the no-graph one is measured; transformers' decode says it is not graph-captured."""

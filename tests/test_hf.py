@@ -12,7 +12,7 @@ from llama_kernels.patch import kernel_summary
 from helpers import max_error
 
 transformers = pytest.importorskip("transformers")
-ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False)
+ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False, cross_entropy=False)
 
 
 def relative_error(a, b):
@@ -78,7 +78,7 @@ def test_tiny_hf_generation_dynamic_static_and_padded(tiny, device):
 def test_tiny_hf_flags_print_and_restore(tiny):
     eager_classes = [type(m) for m in tiny.modules()]
     lk.apply_kernels(tiny, swiglu=False)
-    assert kernel_summary(tiny) == {"rms_norm": 5, "swiglu": 0, "rope": 2, "attention": 2}
+    assert kernel_summary(tiny) == {"rms_norm": 5, "swiglu": 0, "rope": 2, "attention": 2, "cross_entropy": 1}
     assert "kernels=[rms_norm]" in repr(tiny) and "kernels=[attention, rope]" in repr(tiny)
     assert tiny.config._attn_implementation == "llama_kernels"
     lk.apply_kernels(tiny, **ALL_OFF)
@@ -114,7 +114,7 @@ def smollm2(device):
 
 def test_smollm2_logits_and_kernels_ran(smollm2, device):
     model, patched, tok = smollm2
-    assert kernel_summary(patched) == {"rms_norm": 61, "swiglu": 30, "rope": 30, "attention": 30}
+    assert kernel_summary(patched) == {"rms_norm": 61, "swiglu": 30, "rope": 30, "attention": 30, "cross_entropy": 1}
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids.to(device)
     with torch.no_grad():
         LAUNCHES.clear()
@@ -187,7 +187,7 @@ def test_tiny_hf_unsupported_modules_stay_eager(device):
     assert len(caught) == 1
     message = str(caught[0].message)
     assert "2 x LlamaMLP with hidden_act 'gelu'" in message and "2 x LlamaAttention with head_dim 24" in message
-    assert kernel_summary(patched) == {"rms_norm": 5, "swiglu": 0, "rope": 2, "attention": 0}
+    assert kernel_summary(patched) == {"rms_norm": 5, "swiglu": 0, "rope": 2, "attention": 0, "cross_entropy": 1}
     ids = torch.randint(1, 120, (2, 11), device=device)
     with torch.no_grad():
         LAUNCHES.clear()
@@ -211,7 +211,7 @@ def test_tiny_hf_accelerate_hooks_keep_the_kernels(tiny, device):
     add_hook_to_module(model.model.layers[0].mlp, AlignDevicesHook(execution_device=device))
     assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"
     lk.apply_kernels(model)
-    assert kernel_summary(model) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
+    assert kernel_summary(model) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "cross_entropy": 1}
     with torch.no_grad():
         LAUNCHES.clear()
         assert relative_error(model(ids).logits, expected) <= 1e-4

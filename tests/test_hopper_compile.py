@@ -28,5 +28,5 @@ def test_every_kernel_compiles_for_sm90():
         "rope_kernel", "attention_fwd_kernel", "attention_fwd_tma_kernel", "attention_bwd_preprocess_kernel",
         "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_fused_kernel",
         "attention_bwd_reduce_kernel", "attention_decode_split_kernel",
-        "attention_decode_combine_kernel",
+        "attention_decode_combine_kernel", "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel",
     }

@@ -12,7 +12,7 @@ from helpers import max_error
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False)
+ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False, cross_entropy=False)
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_idempotent_and_reversible(model):
     classes = [type(m) for m in model.modules()]
     assert lk.apply_kernels(model) is model
     assert [type(m) for m in model.modules()] == classes
-    assert kernel_summary(model) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2}
+    assert kernel_summary(model) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 2, "cross_entropy": 1}
     assert "kernels=[rms_norm]" in repr(model) and "kernels=[attention, rope]" in repr(model)
     lk.apply_kernels(model, swiglu=False)
     assert kernel_summary(model)["swiglu"] == 0 and kernel_summary(model)["rms_norm"] == 5
@@ -138,7 +138,7 @@ def test_unsupported_head_dim_runs_eagerly_with_one_warning(head_dim, device):
     with pytest.warns(KernelFallbackWarning, match=f"2 x Attention with head_dim {head_dim}") as caught:
         patched = lk.apply_kernels(copy.deepcopy(model))
     assert len(caught) == 1
-    assert kernel_summary(patched) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 0}
+    assert kernel_summary(patched) == {"rms_norm": 5, "swiglu": 2, "rope": 2, "attention": 0, "cross_entropy": 1}
     ids = torch.randint(0, 97, (2, 9), device=device)
     LAUNCHES.clear()
     logits, grads = _loss_and_grads(model, ids)
@@ -157,10 +157,10 @@ def test_kernel_summary_counts_only_modules_that_run_kernels(model, monkeypatch)
 
     patched = lk.apply_kernels(model)
     patched.layers[1].to("meta")
-    assert kernel_summary(patched) == {"rms_norm": 3, "swiglu": 1, "rope": 1, "attention": 1}
+    assert kernel_summary(patched) == {"rms_norm": 3, "swiglu": 1, "rope": 1, "attention": 1, "cross_entropy": 1}
     with pytest.warns(KernelFallbackWarning, match="1 module\\(s\\) on meta") as caught:
         lk.apply_kernels(patched)
     assert len(caught) == 1
     monkeypatch.setattr(common, "INTERPRET", False)
     if next(model.parameters()).device.type == "cpu":
-        assert kernel_summary(patched) == dict.fromkeys(("rms_norm", "swiglu", "rope", "attention"), 0)
+        assert kernel_summary(patched) == dict.fromkeys(lk.patch.FLAGS, 0)
