@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from . import reference
 from .ops.cross_entropy import fused_linear_cross_entropy
 
 
@@ -153,13 +154,12 @@ def _slice_logits_to_keep(hidden, logits_to_keep):
 
 
 def _causal_lm_loss(hidden, lm_head, labels, /, *, num_items_in_batch=None, ignore_index=-100,
-                       shift_labels=None, **_):
+                    shift_labels=None, **_):
     """transformers' ``ForCausalLMLoss(lm_head(hidden), labels, ...)`` with the fused op: labels
     shifted left (unless ``shift_labels`` is given), ``ignore_index`` ignored, the mean, or the sum
     divided by ``num_items_in_batch`` when given (as ``fixed_cross_entropy`` does)."""
     if shift_labels is None:
-        # Position t predicts token t + 1; the last position has no next token.
-        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = reference.next_token_labels(labels, ignore_index)
     # ForCausalLMLoss flattens logits and labels (view(-1, vocab), view(-1)) and moves the labels
     # to the logits' device.
     reduction = "mean" if num_items_in_batch is None else "sum"

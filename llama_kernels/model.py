@@ -380,9 +380,8 @@ class Llama(nn.Module):
         else:
             _check_labels(labels, input_ids)
         hidden = self.hidden_states(input_ids)
-        # Pad on the right with the ignored label, then drop the first: the last position has no
-        # next token to predict, and the result keeps the (B, T) shape of `hidden`'s leading dims.
-        shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+        # Keeps the (B, T) shape of `hidden`'s leading dims; the last position is ignored.
+        shifted = reference.next_token_labels(labels, IGNORE_INDEX)
         # The op wants int64 targets on the hidden states' device (labels may be int32, or on the
         # host as a data loader leaves them: transformers' loss moves them too).
         shifted = shifted.to(device=hidden.device, dtype=torch.long)

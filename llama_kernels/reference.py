@@ -150,6 +150,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_s
     return torch.cat(pieces, dim=2) if pieces else zeros(0)
 
 
+def next_token_labels(labels, ignore_index=-100):
+    """transformers' causal-LM label shift: position ``t`` is scored against ``labels[..., t + 1]``,
+    the last position (no next token) gets ``ignore_index``; same shape as ``labels``."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100, reduction="mean",
                                label_smoothing=0.0):
     """``F.cross_entropy((hidden @ weight.T + bias).float(), target, ...)``: the LM head and its loss

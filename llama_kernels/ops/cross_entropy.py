@@ -160,6 +160,12 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def _matmul_operand(hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` as :func:`_matmul_f32` will widen it anyway: float32 on the CPU, once per call
+    rather than once per chunk; unchanged on CUDA, where cuBLAS takes the half-precision input."""
+    return hidden.float() if not hidden.is_cuda and hidden.dtype != torch.float32 else hidden
+
+
 def _logits(hidden, weight, v0, v1):
     """Columns ``v0:v1`` of ``hidden @ weight.T`` in float32 (``N x (v1 - v0)``, contiguous)."""
     return _matmul_f32(hidden, weight[v0:v1].t())
@@ -210,8 +216,9 @@ def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: O
     stats[1].zero_()
     stats[2].fill_(float("nan"))  # stays NaN for a target no chunk holds
     stats[3].zero_()
+    hidden_mm = _matmul_operand(hidden)
     for v0, v1 in _chunks(n, vocab):
-        z = _logits(hidden, weight, v0, v1)
+        z = _logits(hidden_mm, weight, v0, v1)
         block_m, block_v, num_warps = _fwd_config(n, v1 - v0)
         b, stride_b = _bias_args(bias, v0)
         cross_entropy_fwd_kernel[(triton.cdiv(n, block_m),)](
@@ -253,8 +260,7 @@ def linear_cross_entropy_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: t
     if n == 0:
         d_hidden.zero_(), d_weight.zero_(), d_bias.zero_()
         return d_hidden, d_weight, d_bias
-    on_cpu = not hidden.is_cuda
-    hidden_mm = hidden.float() if on_cpu and hidden.dtype != torch.float32 else hidden  # once, not per chunk
+    hidden_mm = _matmul_operand(hidden)
     d_hidden_f32 = None
     for v0, v1 in _chunks(n, vocab):
         z = _logits(hidden_mm, weight, v0, v1)
@@ -269,8 +275,8 @@ def linear_cross_entropy_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: t
         count_launch(cross_entropy_bwd_kernel)
         del z
         if need_weight:
-            if on_cpu and dz.dtype != torch.float32:
-                d_weight[v0:v1] = _matmul_f32(dz.t(), hidden_mm)  # one rounding, as cuBLAS's
+            if hidden_mm is not hidden:  # widened on the CPU: round the float32 product once
+                d_weight[v0:v1] = _matmul_f32(dz.t(), hidden_mm)  # as cuBLAS rounds
             else:
                 torch.mm(dz.t(), hidden, out=d_weight[v0:v1])
         if need_hidden:
