@@ -2,8 +2,10 @@
 
 Public API::
 
-    rms_norm(x, weight, eps=1e-6, residual=None)
+    rms_norm(x, weight, eps=1e-6, residual=None, *, offset=0.0, casting="llama")
+                                                    (Gemma: offset=1.0, casting="gemma")
     swiglu(gate, up)
+    geglu(gate, up)                                  (gelu_tanh(gate) * up: Gemma's MLP)
     apply_rotary(q, k, cos, sin, interleaved=False)
     flash_attention(q, k, v, causal=True, sm_scale=None, *, cu_seqlens_q=None, cu_seqlens_k=None,
                     max_seqlen_q=None, max_seqlen_k=None)             (packed sequences: varlen)
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "rms_norm": ".ops.rms_norm",
     "swiglu": ".ops.swiglu",
+    "geglu": ".ops.swiglu",
     "apply_rotary": ".ops.rope",
     "flash_attention": ".ops.attention",
     "flash_decode": ".ops.decode",

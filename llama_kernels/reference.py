@@ -11,23 +11,35 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None):
+def rms_norm(x, weight, eps=1e-6, residual=None, *, offset=0.0, casting="llama"):
     """``weight * (x * rsqrt(mean(x**2, -1) + eps))``, statistics in float32, output in ``x.dtype``.
 
     With ``residual``: ``h = x + residual`` (rounded to ``x.dtype``) and returns ``(rms_norm(h), h)``.
+    ``offset``: scale by ``offset + weight``, formed in float32 (Gemma: 1).  ``casting="llama"``
+    rounds the normalised row to ``x.dtype`` before scaling (``LlamaRMSNorm``); ``"gemma"`` scales in
+    float32 and rounds once (``GemmaRMSNorm``, ``Gemma3RMSNorm``).
     """
     if residual is not None:
         h = x + residual
-        return rms_norm(h, weight, eps), h
+        return rms_norm(h, weight, eps, offset=offset, casting=casting), h
     stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     xf = x.to(stats_dtype)
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * normed.to(x.dtype)).to(x.dtype)
+    if casting == "gemma":
+        return (normed * (offset + weight.to(stats_dtype))).to(x.dtype)
+    scale = weight if offset == 0 else offset + weight.to(stats_dtype)
+    return (scale * normed.to(x.dtype)).to(x.dtype)
 
 
 def swiglu(gate, up):
     """``silu(gate) * up`` (the LLaMA MLP activation), in the input dtype."""
     return F.silu(gate) * up
+
+
+def geglu(gate, up):
+    """``gelu_tanh(gate) * up`` (Gemma's MLP activation: transformers' ``gelu_pytorch_tanh``, i.e.
+    ``F.gelu(gate, approximate="tanh")``), in the input dtype."""
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def rotate_half(x):
@@ -61,22 +73,31 @@ def rotary_cos_sin(positions, inv_freq, dtype, attention_scaling=1.0):
     return (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)
 
 
-def causal_mask(tq, tk, device):
-    """Boolean ``(tq, tk)`` mask, True where query ``i`` may see key ``j``: ``j <= i + tk - tq``."""
+def causal_mask(tq, tk, device, window=None):
+    """Boolean ``(tq, tk)`` mask, True where query ``i`` may see key ``j``: ``j <= i + tk - tq``,
+    and with ``window`` (sliding-window attention, transformers' ``kv_idx > q_idx - window`` with
+    bottom-right positions) also ``j > i + tk - tq - window``: the ``window`` most recent keys."""
     i = torch.arange(tq, device=device)[:, None]
     j = torch.arange(tk, device=device)[None, :]
-    return j <= i + (tk - tq)
+    visible = j <= i + (tk - tq)
+    if window is not None:
+        visible = visible & (j > i + (tk - tq) - window)
+    return visible
 
 
-def _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty):
+def _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty, softcap=None):
     """GQA softmax attention; ``visible`` (broadcastable to the scores, or None) marks the keys each
     query sees.  Scores and ``p @ v`` in the input dtype, the softmax in float32; with
-    ``rows_may_be_empty`` a query that sees no key gets zeros (softmax over no key is NaN)."""
+    ``rows_may_be_empty`` a query that sees no key gets zeros (softmax over no key is NaN).
+    ``softcap`` squashes the scaled scores to ``softcap * tanh(scores / softcap)`` before the mask
+    and the softmax, in the input dtype (transformers' Gemma 2 eager attention)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if visible is not None:
         scores = scores.masked_fill(~visible, float("-inf"))
     softmax_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -86,19 +107,25 @@ def _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty):
     return torch.matmul(p.to(q.dtype), v)
 
 
-def attention(q, k, v, causal=True, sm_scale=None):
+def attention(q, k, v, causal=True, sm_scale=None, window=None, softcap=None):
     """Softmax attention with grouped-query heads, the math of transformers' eager attention.
 
     ``q (B, Hq, Tq, D)``, ``k, v (B, Hk, Tk, D)``, ``Hq % Hk == 0``; query head ``h`` reads KV head
     ``h // (Hq // Hk)``.  Causal masking is aligned bottom-right (``j <= i + Tk - Tq``).  Scores and
     ``p @ v`` are computed in the input dtype, the softmax in float32.  A query row that sees no key
-    (``Tq > Tk``, causal) gets zeros.
+    (``Tq > Tk``, causal) gets zeros.  ``window`` (causal only) keeps the ``window`` most recent
+    visible keys, ``j > i + Tk - Tq - window``; ``softcap`` turns the scaled scores into
+    ``softcap * tanh(scores / softcap)`` (Gemma 2).
     """
-    visible = causal_mask(q.shape[2], k.shape[2], q.device) if causal else None
-    return _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty=causal and q.shape[2] > k.shape[2])
+    if window is not None and not causal:
+        raise ValueError("window (sliding-window attention) needs causal=True")
+    visible = causal_mask(q.shape[2], k.shape[2], q.device, window) if causal else None
+    return _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty=causal and q.shape[2] > k.shape[2],
+                             softcap=softcap)
 
 
-def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=None, cache_leftpad=None):
+def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=None, cache_leftpad=None,
+                                 window=None, softcap=None):
     """``attention`` of ``q (B, Hq, Tq, D)`` over the first ``cache_seqlens[b]`` keys of each row of
     a preallocated cache ``k_cache, v_cache (B, Hk, Tmax, D)``: the eager twin of
     ``ops.decode.flash_decode``.
@@ -106,9 +133,10 @@ def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=No
     Row ``b`` holds ``L_b`` keys (clamped to ``[0, Tmax]``) and its queries are the last ``Tq`` of
     them: query ``i`` sees key ``j <= i + L_b - Tq`` (causal, bottom-right relative to ``L_b``); a
     query that sees no key gets zeros.  With ``cache_leftpad (B,)`` row ``b``'s first
-    ``cache_leftpad[b]`` keys are padding (a left-padded batch) and stay invisible too.  The mask
-    is built on the device from the lengths (no host synchronisation), so a CUDA graph can capture
-    this op too.  Precision as in ``attention``.
+    ``cache_leftpad[b]`` keys are padding (a left-padded batch) and stay invisible too.  With
+    ``window`` query ``i`` (at slot ``L_b - Tq + i``) sees only keys ``j > L_b - Tq + i - window``;
+    ``softcap`` as in ``attention``.  The mask is built on the device from the lengths (no host
+    synchronisation), so a CUDA graph can capture this op too.  Precision as in ``attention``.
     """
     seq_q, seq_k = q.shape[2], k_cache.shape[2]
     lengths = cache_seqlens.to(torch.long).clamp(0, seq_k).view(-1, 1, 1, 1)
@@ -117,16 +145,20 @@ def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=No
     visible = j <= i + (lengths - seq_q)  # (B, 1, Tq, Tmax); implies j < L_b since i < Tq
     if cache_leftpad is not None:
         visible = visible & (j >= cache_leftpad.to(torch.long).view(-1, 1, 1, 1))
-    return _masked_attention(q, k_cache, v_cache, visible, sm_scale, rows_may_be_empty=True)
+    if window is not None:
+        visible = visible & (j > i + (lengths - seq_q) - window)
+    return _masked_attention(q, k_cache, v_cache, visible, sm_scale, rows_may_be_empty=True, softcap=softcap)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_scale=None):
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_scale=None, window=None,
+                     softcap=None):
     """``attention`` of packed sequences: the eager twin of ``flash_attention(..., cu_seqlens_q=...)``.
 
     ``q (1, Hq, total_q, D)``, ``k, v (1, Hk, total_k, D)``; pair ``i`` attends
     ``q[:, :, cu_q[i]:cu_q[i+1]]`` to ``k, v[:, :, cu_k[i]:cu_k[i+1]]`` only (``cu_seqlens_k``
-    defaults to ``cu_seqlens_q``), causal bottom-right within the pair.  Query rows outside every
-    sequence, and queries that see no key, get zeros.  Reads the offsets on the host.
+    defaults to ``cu_seqlens_q``), causal bottom-right within the pair (``window`` and ``softcap``
+    as in ``attention``, within the pair too).  Query rows outside every sequence, and queries that
+    see no key, get zeros.  Reads the offsets on the host.
     """
     cu_q = cu_seqlens_q.tolist()
     cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
@@ -141,7 +173,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_s
             pieces.append(zeros(q0 - row))
         if q1 > q0:
             if k1 > k0:
-                pieces.append(attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal, sm_scale))
+                pieces.append(attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal, sm_scale,
+                                        window, softcap))
             else:
                 pieces.append(zeros(q1 - q0))
         row = max(row, q1)

@@ -13,7 +13,9 @@ copies), the shapes of its wgmma instructions (``wgmma n128 x4``: m64n128k16) an
 warp specialisation split it into warpgroups with their own register budgets (setmaxnreg).
 Besides the launchers' own choices, every autotuning candidate of the attention kernels
 (``attention_launch.CONFIGS``) is compiled in bfloat16 at head dims 64, 128 and 256, for both
-backward schedules, with the TMA forward, and on packed (varlen) sequences.
+backward schedules, with the TMA forward, and on packed (varlen) sequences, and at 128 also with a
+sliding window and a softcap (the WINDOW and SOFTCAP specialisations; the launchers' own choices
+for them are compiled in bfloat16 at D = 64 and 128, dense and packed, decode included).
 
 It exits 1 when a kernel needs more shared memory than an H100 has, or spills registers in half
 precision: the memory-bound kernels (RMSNorm, SwiGLU, RoPE) must run at copy bandwidth, and the
@@ -127,24 +129,72 @@ def compile_attention_candidates(lk):
     attention_fwd.USE_TMA = True
     try:
         for index in range(max(len(c) for c in attention_launch.CONFIGS.values())):
-            attention_launch.candidates = lambda kind, block_d, size, varlen=False: [
-                every(kind, block_d, size, varlen)[min(index, len(every(kind, block_d, size, varlen)) - 1)]]
+            attention_launch.candidates = lambda kind, block_d, size, varlen=False, softcap=False: [
+                every(kind, block_d, size, varlen, softcap)[
+                    min(index, len(every(kind, block_d, size, varlen, softcap)) - 1)]]
             for d in (64, 128, 256):
-                for deterministic, varlen in itertools.product((False, True), (False, True)):
+                # Sliding window + softcap (WINDOW, SOFTCAP: the most registers) at D = 128, dense.
+                options = ({}, {"window": 32, "softcap": 50.0}) if d == 128 else ({},)
+                for deterministic, varlen, extra in itertools.product((False, True), (False, True), options):
+                    if extra and varlen:
+                        continue
                     current_case = (f"D {d}, 32/8 heads{', det' if deterministic else ''}"
-                                    f"{', varlen' if varlen else ''}")
+                                    f"{', varlen' if varlen else ''}{', w32 cap50' if extra else ''}")
                     q, k, v = (torch.randn(1, 256, h, d, dtype=torch.bfloat16).requires_grad_()
                                for h in (32, 8, 8))
                     torch.use_deterministic_algorithms(deterministic)
                     packed = dict(cu_seqlens_q=torch.tensor([0, 100, 256], dtype=torch.int32),
                                   max_seqlen_q=156, max_seqlen_k=156) if varlen else {}
                     o = lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           **packed)
+                                           **packed, **extra)
                     torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
     finally:
         torch.use_deterministic_algorithms(False)
         attention_launch.candidates = every
         attention_fwd.USE_TMA = None
+
+
+def compile_window_softcap(lk, backward, d, dtype, q, k, v, cache):
+    """The sliding-window (WINDOW) and softcap (SOFTCAP) specialisations of every attention
+    kernel: forward (portable, and TMA in half precision), both backward schedules, packed
+    sequences, the decode path and flash_decode; both options together (the most registers), and
+    each alone for the dense training kernels at D = 128."""
+    global current_case
+    from llama_kernels.ops import attention_fwd
+
+    options = [(32, 50.0)] + ([(32, None), (None, 50.0)] if d == 128 else [])
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    for window, softcap in options:
+        extra = dict(window=window, softcap=softcap)
+        current_case = f"D {d}, 8/2 heads, w{window} cap{softcap}"
+        for deterministic, tma in ((False, False), (True, dtype != torch.float32)):
+            torch.use_deterministic_algorithms(deterministic)
+            attention_fwd.USE_TMA = tma or None
+            try:
+                backward([lk.flash_attention(qt, kt, vt, **extra)], (q, k, v))
+            finally:
+                torch.use_deterministic_algorithms(False)
+                attention_fwd.USE_TMA = None
+    extra = dict(window=32, softcap=50.0)
+    current_case = f"D {d}, 8/2 heads, w32 cap50, varlen"
+    cu = torch.tensor([0, 100, 128], dtype=torch.int32)
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            backward([lk.flash_attention(qt, kt, vt, cu_seqlens_q=cu, max_seqlen_q=100, max_seqlen_k=100,
+                                         **extra)], (q, k, v))
+        finally:
+            torch.use_deterministic_algorithms(False)
+    current_case = f"D {d}, 8/2 heads, w32 cap50, decode"
+    with torch.no_grad():
+        lk.flash_attention(torch.randn(2, 8, 1, d, dtype=dtype), cache, cache, **extra)
+        lk.flash_decode(torch.randn(2, 8, 1, d, dtype=dtype), cache, cache,
+                        torch.tensor([100, 4000], dtype=torch.int32),
+                        cache_leftpad=torch.tensor([0, 7], dtype=torch.int32), **extra)
+        lk.flash_attention(torch.randn(1, 8, 2, d, dtype=dtype), cache[:1, :, :4000], cache[:1, :, :4000],
+                           cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
+                           cu_seqlens_k=torch.tensor([0, 100, 4000], dtype=torch.int32),
+                           max_seqlen_q=1, max_seqlen_k=3900, **extra)
 
 
 def main():
@@ -176,10 +226,24 @@ def main():
             w = torch.ones(hidden, dtype=dtype, requires_grad=True)
             backward([lk.rms_norm(x, w)], (x, w))
             backward(lk.rms_norm(x, w, residual=r), (x, w, r))
+            current_case = f"hidden {hidden} gemma"  # Gemma's (1 + w), one rounding, float32 weight
+            w32 = torch.zeros(hidden, dtype=torch.float32, requires_grad=True)
+            backward([lk.rms_norm(x, w32, offset=1.0, casting="gemma")], (x, w32))
+            backward(lk.rms_norm(x, w32, residual=r, offset=1.0, casting="gemma"), (x, w32, r))
+        for d in (64, 128, 256):  # per-head q/k norms: Qwen3's (B, T, H, D), Gemma 3's (B, H, T, D)
+            current_case = f"q/k norm D {d}"
+            q = grad(torch.randn(2, 16, 8, d, dtype=dtype))[0]
+            w = torch.ones(d, dtype=dtype, requires_grad=True)
+            backward([lk.rms_norm(q, w)], (q, w))
+            backward([lk.rms_norm(q.transpose(1, 2), w, offset=1.0, casting="gemma")], (q, w))
         for width in (11008, 14336):  # LLaMA-2-7B, LLaMA-3-8B
             current_case = f"width {width}"
             gate, up = grad(*torch.randn(2, 16, width, dtype=dtype).unbind(0))
             backward([lk.swiglu(gate, up)], (gate, up))
+        for width in (9216, 16384):  # GeGLU: Gemma 2 2B, Gemma 7B
+            current_case = f"geglu width {width}"
+            gate, up = grad(*torch.randn(2, 16, width, dtype=dtype).unbind(0))
+            backward([lk.geglu(gate, up)], (gate, up))
         for bias, smoothing in ((False, 0.0), (True, 0.1)):  # LLaMA-3's vocabulary (H is immaterial)
             current_case = f"vocab 128256{' bias' if bias else ''}{' smoothing' if smoothing else ''}"
             h, w = grad(torch.randn(16, 64, dtype=dtype), torch.randn(128256, 64, dtype=dtype))
@@ -216,6 +280,8 @@ def main():
                                    cu_seqlens_q=torch.tensor([0, 1, 2], dtype=torch.int32),
                                    cu_seqlens_k=torch.tensor([0, 100, 4000], dtype=torch.int32),
                                    max_seqlen_q=1, max_seqlen_k=3900)
+            if dtype == torch.bfloat16 and d != 96:  # the registers of float16's; 96 pads to 128
+                compile_window_softcap(lk, backward, d, dtype, q, k, v, cache)
 
     current_dtype = "bfloat16"
     compile_attention_candidates(lk)

@@ -69,6 +69,8 @@ def test_fp16_rms_norm_near_fp16_max(device):
 
 
 def test_attention_large_logits_finite_and_accurate(device):
+    # Seeded: the inputs must not depend on which tests ran before on this xdist worker.
+    torch.manual_seed(0)
     q = torch.randn(1, 2, 20, 64, device=device) * 12.0  # scores ~ 1e4 after scaling
     k = torch.randn(1, 2, 20, 64, device=device) * 12.0
     v = torch.randn(1, 2, 20, 64, device=device)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from llama_kernels import reference, swiglu
+from llama_kernels import geglu, reference, swiglu
 from llama_kernels.ops.common import LAUNCHES
-from llama_kernels.ops.swiglu import swiglu_bwd, swiglu_fwd
-from helpers import DTYPES, check_against_oracle
+from llama_kernels.ops.swiglu import geglu_bwd, geglu_fwd, swiglu_bwd, swiglu_fwd
+from helpers import DTYPES, assert_like_eager, check_against_oracle
 
 # LLaMA intermediate sizes (small model, odd width, 7B, 8B); few rows: the interpreter is slow.
 WIDTHS = {1000: 7, 1536: 5, 11008: 3, 14336: 2}
@@ -28,14 +28,16 @@ def test_swiglu_matches_oracle(dtype, width, device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fused_projection_halves(dtype, device):
+@pytest.mark.parametrize("name", ["swiglu", "geglu"])
+def test_fused_projection_halves(name, dtype, device):
     """``gate, up = gu.chunk(2, -1)``: strided halves of one buffer, gradients flow back into ``gu``."""
     gu = torch.randn(2, 3, 2 * 1536, device=device).to(dtype) * 2
+    op, twin = {"swiglu": (swiglu, reference.swiglu), "geglu": (geglu, reference.geglu)}[name]
 
     def halves(fn):
         return lambda gu: fn(*gu.chunk(2, -1))
 
-    check_against_oracle("swiglu halves", halves(swiglu), halves(reference.swiglu), [gu])
+    check_against_oracle(f"{name} halves", halves(op), halves(twin), [gu])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -148,3 +150,151 @@ def test_inputs_of_different_dtypes_promote(gate_dtype, up_dtype, device):
     up = torch.randn(7, 300, device=device).to(up_dtype)
     (y,) = check_against_oracle("swiglu mixed dtypes", swiglu, reference.swiglu, [gate, up])
     assert y.dtype == torch.promote_types(gate_dtype, up_dtype)
+
+
+# ---- GeGLU: gelu_tanh(gate) * up (Gemma's MLP), the same kernels with the activation switched.
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7, 1000), (3, 777), (2, 1, 16384)])
+def test_geglu_matches_oracle(dtype, shape, device):
+    LAUNCHES.clear()
+    gate, up = _inputs(shape, dtype, device)
+    check_against_oracle("geglu", geglu, reference.geglu, [gate, up])
+    assert LAUNCHES["swiglu_fwd_kernel"] == 1 and LAUNCHES["swiglu_bwd_kernel"] == 1
+
+
+def test_geglu_odd_sizes_and_strided_inputs(device):
+    base = torch.randn(6, 4, 2200, device=device, dtype=torch.float16) * 3
+    cases = {
+        "one element": (base[0, 0, :1], base[0, 1, :1]),
+        "one token, odd width": (base[:1, 0, :13], base[1:2, 0, 100:113]),
+        "1-D odd": (base[0, 0, :999], base[1, 1, 1:1000]),
+        "transposed": (base[..., :1000].transpose(0, 1), base[..., 1100:2100].transpose(0, 1)),
+        "strided columns": (base[:2, :, 0:2000:2], base[2:4, :, 1:2001:2]),
+    }
+    for name, (gate, up) in cases.items():
+        check_against_oracle(f"geglu {name}", geglu, reference.geglu, [gate, up])
+
+
+def test_geglu_whole_range_and_saturated_gate(device):
+    """Every regime of gelu_tanh: the left tail (where 1 + tanh cancels in the textbook form),
+    around 0, and |gate| up to 100 (10^4 in fp16, 1e30 in float32: g^3 overflows): finite, no NaN."""
+    for dtype, high in [(torch.float32, 100.0), (torch.bfloat16, 100.0), (torch.float16, 10000.0)]:
+        gate = torch.linspace(-high, high, 1001, device=device).to(dtype)[None]
+        up = torch.rand(gate.shape, device=device).to(dtype) * 2 - 1
+        check_against_oracle(f"geglu saturated {dtype}", geglu, reference.geglu, [gate, up])
+    gate = torch.linspace(-8, 8, 1001, device=device)[None]
+    up = torch.rand(gate.shape, device=device) * 2 - 1
+    check_against_oracle("geglu [-8, 8]", geglu, reference.geglu, [gate, up])
+    huge = torch.tensor([[-1e30, -1e20, 1e20, 1e30]], device=device, requires_grad=True)
+    y = geglu(huge, torch.ones_like(huge))
+    (d_gate,) = torch.autograd.grad(y.sum(), huge)
+    assert torch.equal(y.detach(), torch.tensor([[0.0, 0.0, 1e20, 1e30]], device=device))
+    assert torch.equal(d_gate, torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_geglu_equals_transformers_activation(dtype, device):
+    """``ACT2FN["gelu_pytorch_tanh"](g) * u``, Gemma's MLP: by the 2x rule with it as the eager twin,
+    forward and backward, and in half precision equal to it almost everywhere outside the left tail
+    (the activation is rounded to gate's dtype first, as there, and only float32 rounding differs;
+    below gate = -2 its ``1 + tanh`` cancels, ours does not: the float64 oracle judges there)."""
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN["gelu_pytorch_tanh"]
+
+    def hf(gate, up):
+        return act(gate) * up
+
+    gate, up = _inputs((9, 1000), dtype, device)
+    if dtype != torch.float32:
+        assert (geglu(gate, up) == hf(gate, up))[gate > -2].float().mean() > 0.99
+    check_against_oracle("geglu vs transformers", geglu, hf, [gate, up])
+
+
+@pytest.mark.parametrize("gate_dtype,up_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
+def test_geglu_inputs_of_different_dtypes_promote(gate_dtype, up_dtype, device):
+    gate = (torch.randn(7, 300, device=device) * 3).to(gate_dtype)
+    up = torch.randn(7, 300, device=device).to(up_dtype)
+    (y,) = check_against_oracle("geglu mixed dtypes", geglu, reference.geglu, [gate, up])
+    assert y.dtype == torch.promote_types(gate_dtype, up_dtype)
+
+
+def test_geglu_under_autocast(device):
+    """The MLP under autocast: bfloat16 projections in, the dtype eager gives out, the 2x rule."""
+    x = torch.randn(5, 64, device=device)
+    proj = torch.nn.Linear(64, 2 * 200, bias=False).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        gate, up = proj(x).chunk(2, -1)
+        y, eager = geglu(gate, up), reference.geglu(gate, up)
+    oracle = reference.geglu(*(t.double() for t in (gate, up)))
+    assert y.dtype == eager.dtype == torch.bfloat16
+    assert_like_eager("geglu autocast", y, oracle, eager)
+
+
+def test_geglu_layout_no_copies_and_launches(device, monkeypatch):
+    gu = torch.randn(4, 2 * 1000, device=device, dtype=torch.bfloat16, requires_grad=True)
+    gate, up = gu.chunk(2, -1)
+    for method in ("contiguous", "clone"):
+        monkeypatch.setattr(torch.Tensor, method, lambda *a, **k: pytest.fail(f"geglu called {method}"))
+    LAUNCHES.clear()
+    y = geglu(gate, up)
+    d_gate, d_up = torch.autograd.grad(y, (gate, up), torch.ones_like(y))
+    monkeypatch.undo()
+    assert dict(LAUNCHES) == {"swiglu_fwd_kernel": 1, "swiglu_bwd_kernel": 1}
+    assert y.is_contiguous() and y.shape == gate.shape and y.dtype == gate.dtype
+    assert d_gate.is_contiguous() and d_up.is_contiguous()
+
+
+@pytest.mark.parametrize("shape", [(0, 1000), (3, 0)])
+def test_geglu_empty_inputs(shape, device):
+    LAUNCHES.clear()
+    gate = torch.randn(shape, device=device, requires_grad=True)
+    up = torch.randn(shape, device=device, requires_grad=True)
+    y = geglu(gate, up)
+    y.sum().backward()
+    assert y.shape == gate.grad.shape == up.grad.shape == shape
+    assert sum(LAUNCHES.values()) == 0
+
+
+def test_geglu_bad_arguments(device):
+    x = torch.randn(2, 8, device=device)
+    LAUNCHES.clear()
+    with pytest.raises(TypeError, match="gate must be a torch.Tensor"):
+        geglu([1.0], x)
+    with pytest.raises(TypeError, match="up must have dtype.*int32"):
+        geglu(x, x.int())
+    with pytest.raises(TypeError, match="gate must have dtype.*float64"):
+        geglu(x.double(), x.double())
+    with pytest.raises(ValueError, match=r"up must have the shape of gate \(2, 8\), got \(2, 4\)"):
+        geglu(x, x[:, :4])
+    with pytest.raises(ValueError, match="up must have the same device as gate"):
+        geglu(x, torch.empty(2, 8, device="meta"))
+    assert not LAUNCHES
+
+
+def test_geglu_eager_fallback(device, monkeypatch):
+    from llama_kernels.ops import swiglu as module
+
+    gate, up = _inputs((3, 64), torch.float32, device)
+    monkeypatch.setattr(module, "use_triton", lambda op, device: False)
+    LAUNCHES.clear()
+    torch.testing.assert_close(geglu(gate, up), reference.geglu(gate, up), rtol=0, atol=0)
+    assert not LAUNCHES
+
+
+def test_geglu_custom_ops_and_torch_compile(device):
+    gate, up = _inputs((3, 2, 64), torch.bfloat16, device)
+    torch.library.opcheck(geglu_fwd.op, (gate, up))
+    torch.library.opcheck(geglu_fwd.op, (gate, up.float()))
+    torch.library.opcheck(geglu_bwd.op, (torch.randn_like(gate), gate, up))
+
+    def mlp_activation(gu):
+        return geglu(*gu.chunk(2, -1)) * 2
+
+    gu = torch.randn(5, 2 * 96, device=device, requires_grad=True)
+    compiled = torch.compile(mlp_activation, backend="aot_eager", fullgraph=True)
+    (d_compiled,) = torch.autograd.grad(compiled(gu).sum(), gu)
+    (d_eager,) = torch.autograd.grad(mlp_activation(gu).sum(), gu)
+    torch.testing.assert_close(compiled(gu), mlp_activation(gu), rtol=0, atol=0)
+    torch.testing.assert_close(d_compiled, d_eager, rtol=0, atol=0)

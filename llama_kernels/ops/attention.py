@@ -29,6 +29,21 @@ tiles of every sequence (``attention_tiles.varlen_tile`` finds a program's seque
 device), so uneven lengths cost what their tiles cost; the kernels are the same, with the
 sequence's first rows added to the pointers and its lengths in place of ``Tq, Tk``.
 
+Sliding window (``window = W``, causal only, transformers' ``kv_idx > q_idx - W``): query ``i``
+sees key ``j`` iff ``i + (Tk - Tq) - W < j <= i + (Tk - Tq)``, the ``W`` most recent keys it may
+see causally.  For the query tile ``[m0, m0 + BLOCK_M)`` the key range starts at the tile holding
+``max(0, m0 + (Tk - Tq) - W + 1)`` (its first row's first key; tiles further left are never
+visited), and key tiles below ``m0 + BLOCK_M + (Tk - Tq) - W`` (its last row's first key) straddle
+the window's edge and are masked like the diagonal ones.  For the key tile ``[n0, n0 + BLOCK_N)``
+(dK/dV) the query range ends before ``n0 + BLOCK_N - 1 - (Tk - Tq) + W``.  A window ``>= Tk``
+hides nothing and compiles out.
+
+Softcap (``softcap = C``, Gemma 2): the scaled scores become ``C tanh(sm_scale s / C)`` before the
+softmax.  The kernels apply it to the raw scores with ``cap = C / sm_scale``,
+``u = cap tanh(s / cap)``, and then run the softmax of ``sm_scale u`` as above (same ``c``, so
+the row stats stay in the same units).  Backward: ``du/ds = 1 - tanh^2(s / cap) = 1 - (u /
+cap)^2``, so ``dS`` below is multiplied by it, elementwise, before ``dQ`` and ``dK``.
+
 A row that sees no key (causal with ``Tq > Tk``) ends with ``l = 0``: it outputs zeros and stores
 ``m = +inf``, so every probability the backward recomputes for it is ``2^(s - inf) = 0``.
 
@@ -82,7 +97,14 @@ from .. import reference
 from . import decode
 from .attention_bwd import attention_bwd
 from .attention_fwd import attention_fwd
-from .attention_tiles import MAX_HEAD_DIM, supports_head_dim, validate_attention, validate_varlen
+from .attention_tiles import (
+    MAX_HEAD_DIM,
+    effective_window,
+    supports_head_dim,
+    validate_attention,
+    validate_varlen,
+    validate_window_softcap,
+)
 from .common import autocast_inputs, use_triton
 
 __all__ = ["flash_attention", "FlashAttentionFunction", "supports_head_dim", "MAX_HEAD_DIM"]
@@ -90,29 +112,30 @@ __all__ = ["flash_attention", "FlashAttentionFunction", "supports_head_dim", "MA
 
 class FlashAttentionFunction(torch.autograd.Function):
     """Autograd of ``flash_attention``: saves q, k, v, o and the float32 softmax row stats (and
-    the offsets of packed sequences)."""
+    the offsets of packed sequences, the window and the softcap: 0 is off)."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, sm_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-                max_seqlen_q=0, max_seqlen_k=0):
+                max_seqlen_q=0, max_seqlen_k=0, window=0, softcap=0.0):
         if cu_seqlens_k is None:  # the same offsets (passed once: Dynamo refuses duplicates)
             cu_seqlens_k = cu_seqlens_q
         varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        o, stats = attention_fwd(q, k, v, causal, sm_scale, *varlen)
+        o, stats = attention_fwd(q, k, v, causal, sm_scale, *varlen, window, softcap)
         ctx.save_for_backward(q, k, v, o, stats, cu_seqlens_q, cu_seqlens_k)
         ctx.causal, ctx.sm_scale, ctx.max_seqlens = causal, sm_scale, (max_seqlen_q, max_seqlen_k)
+        ctx.window, ctx.softcap = window, softcap
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, stats, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         dq, dk, dv = attention_bwd(do, q, k, v, o, stats, ctx.causal, ctx.sm_scale, cu_seqlens_q,
-                                   cu_seqlens_k, *ctx.max_seqlens)
-        return dq, dk, dv, None, None, None, None, None, None
+                                   cu_seqlens_k, *ctx.max_seqlens, ctx.window, ctx.softcap)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def flash_attention(q, k, v, causal=True, sm_scale=None, *, cu_seqlens_q=None, cu_seqlens_k=None,
-                    max_seqlen_q=None, max_seqlen_k=None):
+                    max_seqlen_q=None, max_seqlen_k=None, window=None, softcap=None):
     """Scaled dot-product attention with grouped-query heads, in O(T) memory.
 
     ``q (B, Hq, Tq, D)``, ``k, v (B, Hk, Tk, D)`` with ``Hq % Hk == 0`` (query head ``h`` reads KV
@@ -133,6 +156,15 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, *, cu_seqlens_q=None, c
     sequence) avoid a host synchronisation; without them the offsets are read once on the host
     and checked (non-decreasing, within the tensors).  Sequences may be empty or have no keys.
 
+    ``window`` (int >= 1, ``causal=True`` only): sliding-window attention as transformers defines
+    it (Mistral, Gemma 2/3 local layers): query ``i`` sees only the ``window`` most recent keys it
+    may see causally, itself included: ``i + Tk - Tq - window < j <= i + Tk - Tq`` (within each
+    pair when packed).  Key tiles left of a query tile's window are never read.  ``softcap``
+    (float > 0, Gemma 2): the scores ``sm_scale * q k^T`` become ``softcap * tanh(scores /
+    softcap)`` before the softmax (differentiated through).  Both default to ``None``: off, and
+    the kernels compile without them.  Every path (forward, both backwards, packed sequences,
+    decode) honours them.
+
     When no gradient is needed and the queries of one KV group are few
     (``Tq * Hq / Hk <= decode.DECODE_MAX_ROWS``, or ``max_seqlen_q * Hq / Hk`` packed, i.e.
     generation), the split-KV decode kernels of ``decode.py`` run instead of the training kernels.
@@ -149,26 +181,34 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, *, cu_seqlens_q=None, c
     q, k, v = autocast_inputs(q, k, v)
     varlen = cu_seqlens_q is not None
     sm_scale = validate_attention(q, k, v, causal, sm_scale, allow_empty_keys=varlen)
+    window, softcap = validate_window_softcap(window, softcap, causal)
     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = validate_varlen(
         q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if not use_triton("flash_attention", q.device):
+    if not use_triton("flash_attention", q.device) or (
+            q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0):
+        # No Triton here (the warning was given), or nothing to launch: the eager op returns the
+        # (differentiable) result.
+        eager_options = (window or None, softcap or None)
         if varlen:
-            return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
-        return reference.attention(q, k, v, causal, sm_scale)
-    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0 or k.shape[2] == 0:
-        # Nothing to launch; the eager op returns the (differentiable) empty or zero result.
-        if varlen:
-            return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale)
-        return reference.attention(q, k, v, causal, sm_scale)
+            return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale,
+                                              *eager_options)
+        return reference.attention(q, k, v, causal, sm_scale, *eager_options)
+    # A window at least as long as the longest key range hides nothing: compile it out.
+    window = effective_window(window, max_seqlen_k if varlen else k.shape[2])
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     group = q.shape[1] // k.shape[1]
     if decode.use_decode(max_seqlen_q if varlen else q.shape[2], group, needs_grad):
         if varlen:
             return decode.attention_decode_varlen(q, k, v, causal, sm_scale, cu_seqlens_q,
-                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-        return decode.attention_decode(q, k, v, causal, sm_scale)
+                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  window, softcap)
+        return decode.attention_decode(q, k, v, causal, sm_scale, None, None, window, softcap)
     if varlen:
         return FlashAttentionFunction.apply(
             q, k, v, causal, sm_scale, cu_seqlens_q,
-            None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+            None if cu_seqlens_k is cu_seqlens_q else cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            window, softcap)
+    if window or softcap:
+        return FlashAttentionFunction.apply(q, k, v, causal, sm_scale, None, None, 0, 0, window,
+                                            softcap)
     return FlashAttentionFunction.apply(q, k, v, causal, sm_scale)

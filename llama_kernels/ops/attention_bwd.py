@@ -13,6 +13,14 @@ Math in ``attention.py``'s docstring.  Two schedules:
   (one program per query tile, like the forward) and ``attention_bwd_dkdv_kernel``: 7 matmuls
   per tile pair (dQ recomputes S and dP) but no atomics, bitwise reproducible.
 
+Sliding window (``WINDOW``, causal): the dQ kernel visits the key tiles of the forward's range
+(``window_key_bounds``); a dK/dV program for the key tile ``[n0, n0 + BLOCK_N)`` visits only the
+query tiles below ``n0 + BLOCK_N - 1 - (Tk - Tq) + window`` (the last query whose window reaches
+the tile), and masks those that straddle the window's edge (from ``n0 - BLOCK_M + 1 - (Tk - Tq) +
+window`` on) as well as the diagonal ones.  Softcap (``SOFTCAP``): ``S`` is recomputed capped,
+``u = cap tanh(s / cap)``, and ``dS`` is multiplied by ``du/ds = 1 - tanh^2`` before it meets
+``K`` or ``Q``.
+
 Half precision first runs ``attention_bwd_preprocess_kernel`` (``Delta = rowsum(dO * O)``).
 float32 sums ``Delta = rowsum(P * dP)`` in a first pass of the dQ kernel instead, over the very
 ``P`` and ``dP`` tiles the gradients use, so ``dP - Delta`` cancels exactly where a row's softmax
@@ -42,6 +50,7 @@ import triton.language as tl
 from .attention_launch import autotuned, bucket, grid_tiles, launch
 from .attention_tiles import (
     LOG2E,
+    capped_scores,
     causal_key_bounds,
     common_consts,
     dot_operand,
@@ -49,9 +58,11 @@ from .attention_tiles import (
     load_tile,
     query_tile_program,
     sequence_rows,
+    softcap_arg,
     softmax_log_prob,
     store_tile,
     varlen_tile,
+    window_key_bounds,
 )
 from .common import INTERPRET, compilable, count_launch, num_sms
 
@@ -97,8 +108,10 @@ def _key_tile_program(
     dk_sb, dk_sh, dk_st, dk_sd,
     dv_sb, dv_sh, dv_st, dv_sd,
     num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
+    window, softcap,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     FUSED_DQ: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Grid (B * Hk * splits, key tiles).  DK/DV have Hk * splits "heads": head kvh * splits + split
@@ -147,6 +160,14 @@ def _key_tile_program(
     else:
         lo = 0
         diag_end = tl.where(start_n + BLOCK_N <= seq_k, 0, seq_q)
+    hi = seq_q
+    window_start = 0
+    if WINDOW:
+        # Query i sees key j only if i < j - offset + window: past the tile's last key's last
+        # query nothing sees this tile; from window_start on a query tile's last row may have
+        # some key of this tile left of its window (masked).
+        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - offset + window, 0), seq_q)
+        window_start = start_n - BLOCK_M + 1 - offset + window
     q_offs = offs_m[:, None] * q_st + offs_d[None, :] * q_sd
     do_offs = offs_m[:, None] * do_st + offs_d[None, :] * do_sd
 
@@ -156,7 +177,7 @@ def _key_tile_program(
         q_base = Q + b * q_sb + h64 * q_sh + q0 * q_st
         do_base = DO + b * do_sb + h64 * do_sh + q0 * do_st
         dq_base = DQ_ACC + row_base * BLOCK_D  # dense (B, Hq, Tq, BLOCK_D) float32
-        for start_m in range(lo, seq_q, BLOCK_M):
+        for start_m in range(lo, hi, BLOCK_M):
             start_m = tl.multiple_of(start_m, BLOCK_M)
             queries = start_m + offs_m
             rows_in = queries < seq_q
@@ -169,17 +190,28 @@ def _key_tile_program(
             delta = tl.load(DELTA + row_base + queries, mask=rows_in, other=0.0)
             # Transposed tiles: rows are keys, columns queries; the row stats broadcast along rows.
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            s_t, tanh_t = capped_scores(s_t, softcap, SOFTCAP)
             x_t = softmax_log_prob(s_t, m[None, :], log2_l[None, :], qk_scale, RAW_MAX)
-            if start_m < diag_end:
+            needs_mask = start_m < diag_end
+            if WINDOW:
+                needs_mask = needs_mask | (start_m >= window_start)
+            if needs_mask:
                 # Mask the exponent, not P: a hidden score may exceed m and overflow 2^x.  Causal,
                 # the diagonal also hides the padding keys of a ragged key tile.
                 if CAUSAL:
                     visible = keys[:, None] <= queries[None, :] + (seq_k - seq_q)
+                    if WINDOW:
+                        visible = visible & (keys[:, None] > queries[None, :] + (seq_k - seq_q - window))
                 else:
                     visible = keys_in[:, None]
                 x_t = tl.where(visible, x_t, float("-inf"))
             p_t = tl.exp2(x_t)
-            dv = tl.dot(dot_operand(p_t, DTYPE, DOT_IN_FP32), do, dv, input_precision=PRECISION)
+            p_op = dot_operand(p_t, DTYPE, DOT_IN_FP32)
+            if SOFTCAP:
+                # Chain through the cap (du/ds = 1 - tanh^2), folded into P now so that one
+                # float32 tile, not P and tanh, stays live across the dP matmul.
+                p_t = p_t * (1.0 - tanh_t * tanh_t)
+            dv = tl.dot(p_op, do, dv, input_precision=PRECISION)
             dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             ds_t = dot_operand(p_t * (dp_t - delta[None, :]), DTYPE, DOT_IN_FP32)
             dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
@@ -203,9 +235,11 @@ def attention_bwd_dkdv_kernel(
     q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
     do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
     num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
+    window, softcap,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     _key_tile_program(
@@ -213,8 +247,9 @@ def attention_bwd_dkdv_kernel(
         q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
         do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
         num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
-        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, False, VARLEN, BLOCK_M,
-        BLOCK_N,
+        window, softcap,
+        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, WINDOW, SOFTCAP, False,
+        VARLEN, BLOCK_M, BLOCK_N,
     )
 
 
@@ -224,9 +259,11 @@ def attention_bwd_fused_kernel(
     q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
     do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
     num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
+    window, softcap,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     _key_tile_program(
@@ -234,8 +271,9 @@ def attention_bwd_fused_kernel(
         q_sb, q_sh, q_st, q_sd, k_sb, k_sh, k_st, k_sd, v_sb, v_sh, v_st, v_sd,
         do_sb, do_sh, do_st, do_sd, dk_sb, dk_sh, dk_st, dk_sd, dv_sb, dv_sh, dv_st, dv_sd,
         num_kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale, stats_plane,
-        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, True, VARLEN, BLOCK_M,
-        BLOCK_N,
+        window, softcap,
+        CAUSAL, HEAD_DIM, BLOCK_D, PAD_D, DOT_IN_FP32, PRECISION, RAW_MAX, WINDOW, SOFTCAP, True,
+        VARLEN, BLOCK_M, BLOCK_N,
     )
 
 
@@ -271,27 +309,64 @@ def attention_bwd_reduce_kernel(
 
 @triton.jit
 def _dq_key_range(dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, hi,
-                  offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, DELTA_PASS: tl.constexpr,
+                  offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap,
+                  DELTA_PASS: tl.constexpr,
                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                   PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                  PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
+                  PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                  WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
     # Over the key tiles [lo, hi): accumulate dQ, or (DELTA_PASS) Delta = rowsum(P * dP).
     d_in = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         k, v, s, visible = key_tile_scores(
             q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in, seq_q,
-            seq_k, MASK, CAUSAL, PAD_D, DOT_IN_FP32, PRECISION,
+            seq_k, window, MASK, CAUSAL, PAD_D, DOT_IN_FP32, PRECISION, WINDOW,
         )
+        s, tanh_s = capped_scores(s, softcap, SOFTCAP)
         x = softmax_log_prob(s, m[:, None], log2_l[:, None], qk_scale, RAW_MAX)
         if MASK:
             x = tl.where(visible, x, float("-inf"))
         p = tl.exp2(x)
+        if SOFTCAP and not DELTA_PASS:
+            # Chain through the cap (du/ds = 1 - tanh^2), folded into P before the dP matmul
+            # (one float32 tile live across it, as without the cap).
+            p = p * (1.0 - tanh_s * tanh_s)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if DELTA_PASS:
             delta += tl.sum(p * dp, 1)
         else:
             ds = p * (dp - delta[:, None])
             dq = tl.dot(dot_operand(ds, DTYPE, DOT_IN_FP32), k, dq, input_precision=PRECISION)
+    return dq, delta
+
+
+@triton.jit
+def _dq_key_ranges(dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, lo,
+                   full_lo, full_hi, hi, offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, window,
+                   softcap, DELTA_PASS: tl.constexpr, CAUSAL: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, DTYPE: tl.constexpr,
+                   DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+                   BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    # The three key ranges of a query tile (see attention_bwd_dq_kernel), masked where needed.
+    if WINDOW:
+        dq, delta = _dq_key_range(
+            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, full_lo,
+            offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap, DELTA_PASS,
+            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+            WINDOW, SOFTCAP,
+        )
+    dq, delta = _dq_key_range(
+        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_lo, full_hi,
+        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap, DELTA_PASS,
+        False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        WINDOW, SOFTCAP,
+    )
+    dq, delta = _dq_key_range(
+        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi,
+        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap, DELTA_PASS,
+        True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        WINDOW, SOFTCAP,
+    )
     return dq, delta
 
 
@@ -303,10 +378,11 @@ def attention_bwd_dq_kernel(
     v_sb, v_sh, v_st, v_sd,
     do_sb, do_sh, do_st, do_sd,
     dq_sb, dq_sh, dq_st, dq_sd,
-    num_heads, group, seq_q, seq_k, num_seqs, qk_scale, sm_scale, stats_plane,
+    num_heads, group, seq_q, seq_k, num_seqs, qk_scale, sm_scale, stats_plane, window, softcap,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     EXACT_DELTA: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -336,31 +412,30 @@ def attention_bwd_dq_kernel(
     DTYPE: tl.constexpr = Q.dtype.element_ty
 
     full_hi, hi = causal_key_bounds(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
+    # Key ranges as in the forward: [lo, full_lo) across the window's edge (masked, WINDOW only),
+    # [full_lo, full_hi) unmasked, [full_hi, hi) across the diagonal or the ragged end (masked).
+    lo = 0
+    full_lo = 0
+    if WINDOW:
+        lo, full_lo = window_key_bounds(start_m, seq_q, seq_k, window, BLOCK_M, BLOCK_N)
+        full_lo = tl.maximum(tl.minimum(full_lo, full_hi), lo)
+        full_hi = tl.maximum(full_hi, full_lo)
     if EXACT_DELTA:
         # Delta = rowsum(P * dP) from the very P and dP the gradients use (module docstring).
         delta = tl.zeros([BLOCK_M], tl.float32)
-        dq, delta = _dq_key_range(
-            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi,
-            offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, True,
-            False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
-        )
-        dq, delta = _dq_key_range(
-            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi,
-            offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, True,
-            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        dq, delta = _dq_key_ranges(
+            dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, full_lo,
+            full_hi, hi, offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap, True,
+            CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N, WINDOW,
+            SOFTCAP,
         )
         tl.store(DELTA + row_base + offs_m, delta, mask=rows_in)  # for the dK/dV kernel
     else:
         delta = tl.load(DELTA + row_base + offs_m, mask=rows_in, other=0.0)
-    dq, delta = _dq_key_range(
-        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi,
-        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, False,
-        False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
-    )
-    dq, delta = _dq_key_range(
-        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi,
-        offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, False,
-        True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+    dq, delta = _dq_key_ranges(
+        dq, delta, q, do, m, log2_l, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, full_lo,
+        full_hi, hi, offs_n, offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap, False,
+        CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N, WINDOW, SOFTCAP,
     )
 
     dq_ptrs = (DQ + b * dq_sb + h * dq_sh + q0 * dq_st + offs_m[:, None] * dq_st
@@ -407,7 +482,7 @@ def _reduce(parts, out, splits, scale, head_dim):
 
 
 def _bwd_fake(do, q, k, v, o, stats, causal, sm_scale, cu_seqlens_q=None, cu_seqlens_k=None,
-              max_seqlen_q=0, max_seqlen_k=0):
+              max_seqlen_q=0, max_seqlen_k=0, window=0, softcap=0.0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -416,11 +491,12 @@ def attention_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
     stats: torch.Tensor, causal: bool, sm_scale: float,
     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, window: int = 0, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward (fused or deterministic schedule, see the module docstring):
     returns ``(dq, dk, dv)`` in the dtypes and layouts of ``q, k, v``.  Packed sequences
-    (``cu_seqlens_q``...) as in ``attention_fwd``; rows outside every sequence get zero gradients."""
+    (``cu_seqlens_q``...), ``window`` and ``softcap`` as in ``attention_fwd`` (the forward's
+    values); rows outside every sequence get zero gradients."""
     batch, heads, seq_q, head_dim = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
@@ -429,7 +505,8 @@ def attention_bwd(
     dq, dk, dv = new(q), new(k), new(v)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
-    consts = {**common_consts(q, causal), "VARLEN": varlen}
+    consts = {**common_consts(q, causal, window, softcap), "VARLEN": varlen}
+    cap = softcap_arg(softcap, sm_scale)
     block_d = consts["BLOCK_D"]
     group = heads // kv_heads
     qk_scale = sm_scale * LOG2E
@@ -456,7 +533,8 @@ def attention_bwd(
         dq_args = (
             q, k, v, do, stats, delta, dq, *cu_args,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            heads, group, seq_q, seq_k, num_seqs, qk_scale, sm_scale, stats[0].numel(), *buckets,
+            heads, group, seq_q, seq_k, num_seqs, qk_scale, sm_scale, stats[0].numel(), window, cap,
+            *buckets,
         )
         launch(attention_bwd_dq_kernel, _TUNED["dq"], "dq",
                lambda meta: (batch * heads, grid_tiles(seq_q, meta["BLOCK_M"], cu_seqlens_q, max_seqlen_q)),
@@ -476,7 +554,7 @@ def attention_bwd(
         args.append(dq_acc)
     args += [*cu_args, *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_out.stride(),
              *dv_out.stride(), kv_heads, group, splits, seq_q, seq_k, num_seqs, qk_scale, dk_scale,
-             stats[0].numel(), *buckets]
+             stats[0].numel(), window, cap, *buckets]
     kind = "bwd_fused" if fused else "dkdv"
     kernel = attention_bwd_fused_kernel if fused else attention_bwd_dkdv_kernel
     launch(kernel, _TUNED[kind], kind,

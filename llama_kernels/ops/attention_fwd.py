@@ -2,7 +2,10 @@
 
 Both run the online softmax of ``attention.py``'s docstring over the key tiles a query tile sees,
 in base 2 with float32 statistics, and write ``o`` (one rounding) and the row stats ``m`` and
-``log2(l)`` for the backward.  One program per (batch, query head, query tile); heads are the
+``log2(l)`` for the backward.  With ``SOFTCAP`` every raw score ``s`` becomes
+``cap * tanh(s / cap)`` (``cap = softcap / sm_scale``) before the softmax; with ``WINDOW`` the key
+range of a query tile starts at the first tile its window reaches (``window_key_bounds``): tiles
+left of every row's window are never loaded, tiles straddling the window's edge are masked.  One program per (batch, query head, query tile); heads are the
 fastest launch axis (``attention_tiles.query_tile_program``).
 
 * ``attention_fwd_kernel`` (every GPU, the interpreter, float32, any strides): pointer loads
@@ -31,14 +34,17 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .attention_launch import autotuned, bucket, grid_tiles, launch
 from .attention_tiles import (
     LOG2E,
+    capped_scores,
     causal_key_bounds,
     common_consts,
     key_tile_scores,
     load_tile,
     online_softmax_step,
     query_tile_program,
+    softcap_arg,
     store_tile,
     visible_keys,
+    window_key_bounds,
 )
 from .common import INTERPRET, compilable
 
@@ -47,17 +53,19 @@ USE_TMA: Optional[bool] = None
 
 @triton.jit
 def _fwd_key_range(acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, hi, offs_n,
-                   offs_m, offs_d, seq_q, seq_k, qk_scale,
+                   offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap,
                    MASK: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                    PAD_D: tl.constexpr, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                   PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Online softmax over the key tiles [lo, hi); MASK compiles the causal/ragged masks in.
+                   PRECISION: tl.constexpr, RAW_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+                   WINDOW: tl.constexpr, SOFTCAP: tl.constexpr):
+    # Online softmax over the key tiles [lo, hi); MASK compiles the causal/window/ragged masks in.
     d_in = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         k, v, s, visible = key_tile_scores(
             q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in, seq_q,
-            seq_k, MASK, CAUSAL, PAD_D, DOT_IN_FP32, PRECISION,
+            seq_k, window, MASK, CAUSAL, PAD_D, DOT_IN_FP32, PRECISION, WINDOW,
         )
+        s, _tanh = capped_scores(s, softcap, SOFTCAP)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, MASK, DTYPE,
                                             DOT_IN_FP32, PRECISION, RAW_MAX)
     return acc, l_i, m_i
@@ -82,10 +90,11 @@ def attention_fwd_kernel(
     k_sb, k_sh, k_st, k_sd,
     v_sb, v_sh, v_st, v_sd,
     o_sb, o_sh, o_st, o_sd,
-    num_heads, group, seq_q, seq_k, num_seqs, qk_scale, stats_plane,
+    num_heads, group, seq_q, seq_k, num_seqs, qk_scale, stats_plane, window, softcap,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # seq_q, seq_k: the lengths of the tensors; from here on, those of this program's sequence.
@@ -118,16 +127,31 @@ def attention_fwd_kernel(
     DTYPE: tl.constexpr = Q.dtype.element_ty
 
     full_hi, hi = causal_key_bounds(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
+    full_lo = 0
+    if WINDOW:
+        # Tiles left of every row's window are skipped; those across its left edge are masked.
+        lo, full_lo = window_key_bounds(start_m, seq_q, seq_k, window, BLOCK_M, BLOCK_N)
+        full_lo = tl.minimum(full_lo, full_hi)
+        acc, l_i, m_i = _fwd_key_range(
+            acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, lo, full_lo, offs_n,
+            offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap,
+            True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+            WINDOW, SOFTCAP,
+        )
+        full_lo = tl.maximum(full_lo, lo)
+        full_hi = tl.maximum(full_hi, full_lo)
     # Key tiles every row of this query tile sees in full need no mask; the rest hold the diagonal.
     acc, l_i, m_i = _fwd_key_range(
-        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, 0, full_hi, offs_n, offs_m,
-        offs_d, seq_q, seq_k, qk_scale,
+        acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, full_lo, full_hi, offs_n,
+        offs_m, offs_d, seq_q, seq_k, qk_scale, window, softcap,
         False, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        WINDOW, SOFTCAP,
     )
     acc, l_i, m_i = _fwd_key_range(
         acc, l_i, m_i, q, k_base, v_base, k_offs, v_offs, k_st, v_st, full_hi, hi, offs_n, offs_m,
-        offs_d, seq_q, seq_k, qk_scale,
+        offs_d, seq_q, seq_k, qk_scale, window, softcap,
         True, CAUSAL, HEAD_DIM, PAD_D, DTYPE, DOT_IN_FP32, PRECISION, RAW_MAX, BLOCK_N,
+        WINDOW, SOFTCAP,
     )
 
     stats_row0 = bh.to(tl.int64) * total_q + q0
@@ -152,10 +176,11 @@ def _tma_tile(desc, b, h, start, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 def attention_fwd_tma_kernel(
     desc_q, desc_k, desc_v, O, STATS,
     o_sb, o_sh, o_st, o_sd,
-    num_heads, group, seq_q, seq_k, qk_scale, stats_plane,
+    num_heads, group, seq_q, seq_k, qk_scale, stats_plane, window, softcap,
     TQ_BUCKET, TK_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Half precision only (RAW_MAX is False): the exponents are s * c - m, one FMA per score.
@@ -172,12 +197,17 @@ def attention_fwd_tma_kernel(
     # loop that holds a branch (an unmasked loop plus a masked one fails to compile), and the
     # mask's compare and select cost little beside the exp2 of every score.
     _, hi = causal_key_bounds(start_m, seq_q, seq_k, CAUSAL, BLOCK_M, BLOCK_N)
-    for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    lo = 0
+    if WINDOW:  # start at the first key tile the window reaches
+        lo, _full_lo = window_key_bounds(start_m, seq_q, seq_k, window, BLOCK_M, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = _tma_tile(desc_k, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
         v = _tma_tile(desc_v, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        visible = visible_keys(start_n + tl.arange(0, BLOCK_N), offs_m, seq_q, seq_k, CAUSAL)
+        s, _tanh = capped_scores(s, softcap, SOFTCAP)
+        visible = visible_keys(start_n + tl.arange(0, BLOCK_N), offs_m, seq_q, seq_k, window,
+                               CAUSAL, WINDOW)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, True, DTYPE,
                                             DOT_IN_FP32, PRECISION, False)
 
@@ -226,7 +256,7 @@ def uses_tma(q, k, v, varlen=False) -> bool:
 
 
 def _fwd_fake(q, k, v, causal, sm_scale, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0,
-              max_seqlen_k=0):
+              max_seqlen_k=0, window=0, softcap=0.0):
     o = torch.empty_like(q)
     return o, q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
@@ -235,13 +265,14 @@ def _fwd_fake(q, k, v, causal, sm_scale, cu_seqlens_q=None, cu_seqlens_k=None, m
 def attention_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
     cu_seqlens_q: Optional[torch.Tensor] = None, cu_seqlens_k: Optional[torch.Tensor] = None,
-    max_seqlen_q: int = 0, max_seqlen_k: int = 0,
+    max_seqlen_q: int = 0, max_seqlen_k: int = 0, window: int = 0, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward: returns ``(o, stats)``; ``stats (2, B, Hq, Tq)`` float32 holds each row's
     softmax max ``m`` (base 2 of the scaled scores; ``+inf`` for a row that sees no key) and
     ``log2`` of its sum, for the backward.  With ``cu_seqlens_q`` the sequences are packed
     (``flash_attention``'s varlen arguments, already validated); rows outside every sequence
-    are zeros."""
+    are zeros.  ``window`` (sliding window, causal) and ``softcap`` (> 0: Gemma 2's score cap)
+    are ``flash_attention``'s, validated; 0 means off."""
     batch, heads, seq_q, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
     varlen = cu_seqlens_q is not None
@@ -251,7 +282,7 @@ def attention_fwd(
     stats = torch.empty((2, batch, heads, seq_q), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, stats
-    consts = {**common_consts(q, causal), "VARLEN": varlen}
+    consts = {**common_consts(q, causal, window, softcap), "VARLEN": varlen}
     if varlen:
         tuning = (max_seqlen_q, max_seqlen_k)
         cu_args = (cu_seqlens_q, cu_seqlens_k)
@@ -259,7 +290,7 @@ def attention_fwd(
     else:
         tuning, cu_args, num_seqs = (seq_q, seq_k), (q, q), 0
     shape = (heads, heads // kv_heads, seq_q, seq_k, num_seqs, sm_scale * LOG2E, stats[0].numel(),
-             bucket(tuning[0]), bucket(tuning[1]))
+             window, softcap_arg(softcap, sm_scale), bucket(tuning[0]), bucket(tuning[1]))
 
     def grid(meta):
         return (batch * heads, grid_tiles(seq_q, meta["BLOCK_M"], cu_seqlens_q, max_seqlen_q))

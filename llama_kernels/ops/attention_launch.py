@@ -59,6 +59,15 @@ CONFIGS = {
     ("dkdv_varlen", HALF, 64): [(64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2)],
     ("dkdv_varlen", HALF, 128): [(16, 128, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
     ("dkdv_varlen", HALF, 256): [(32, 32, 8, 1), (64, 32, 8, 1)],
+    # Softcap (SOFTCAP: a tanh per score, and in the backward its derivative folded into P) needs
+    # the registers of a few more float32 tiles: these lists leave out the candidates that spilled
+    # with it (compiled for sm_90 with a sliding window too, dense and packed).
+    ("fwd_softcap", HALF, 128): [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 128, 8, 2),
+                                 (64, 64, 4, 3)],
+    ("dkdv_softcap", HALF, 64): [(32, 64, 4, 2), (32, 128, 8, 2)],
+    ("dkdv_softcap", HALF, 128): [(16, 128, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("bwd_fused_softcap", HALF, 128): [(16, 128, 8, 2), (64, 32, 8, 2)],
+    ("dq_softcap", HALF, 128): [(64, 32, 4, 3)],
     ("dq", HALF, 128): [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3),
                         (64, 32, 4, 3)],
     ("dq", HALF, 256): [(64, 32, 8, 2), (32, 32, 4, 2)],
@@ -67,13 +76,15 @@ CONFIGS = {
 }
 
 
-def candidates(kind, block_d, element_size, varlen=False):
+def candidates(kind, block_d, element_size, varlen=False, softcap=False):
     """Configurations for ``kind`` at padded head dim ``block_d`` and element size ``element_size``
-    (for packed sequences, ``varlen``, the ``<kind>_varlen`` list where there is one)."""
+    (with a softcap, the ``<kind>_softcap`` list where there is one; for packed sequences,
+    ``varlen``, then the ``<kind>_varlen`` list where there is one)."""
     width = FP32 if element_size == 4 else HALF
+    names = ((f"{kind}_softcap",) if softcap else ()) + ((f"{kind}_varlen",) if varlen else ()) + (kind,)
     for bound in (64, 128, 256):
         if block_d <= bound:
-            for name in ((f"{kind}_varlen", kind) if varlen else (kind,)):
+            for name in names:
                 if (name, width, bound) in CONFIGS:
                     return CONFIGS[(name, width, bound)]
     raise AssertionError(f"no {kind} configuration for head dim {block_d}")
@@ -92,18 +103,19 @@ def autotuned(kernel, kind, first_arg, pre_hook=None, reset_to_zero=None):
     zero.  Built only with a GPU: under the interpreter a multi-config autotuner cannot benchmark."""
     if INTERPRET:
         return None
-    every = sorted({c for (k, _, _), cs in CONFIGS.items() if k in (kind, f"{kind}_varlen")
-                    for c in cs})
+    every = sorted({c for (k, _, _), cs in CONFIGS.items()
+                    if k in (kind, f"{kind}_varlen", f"{kind}_softcap") for c in cs})
 
     def prune(configs, named_args, **kwargs):
         arg = named_args[first_arg]
         element_size = arg.base.element_size() if hasattr(arg, "base") else arg.element_size()
-        wanted = set(candidates(kind, kwargs["BLOCK_D"], element_size, kwargs.get("VARLEN", False)))
+        wanted = set(candidates(kind, kwargs["BLOCK_D"], element_size, kwargs.get("VARLEN", False),
+                                kwargs.get("SOFTCAP", False)))
         return [c for c, t in zip(configs, every) if t in wanted]
 
     return triton.autotune(
         configs=[_config(*c, pre_hook=pre_hook) for c in every],
-        key=["HEAD_DIM", "CAUSAL", "VARLEN", "TQ_BUCKET", "TK_BUCKET"],
+        key=["HEAD_DIM", "CAUSAL", "VARLEN", "WINDOW", "SOFTCAP", "TQ_BUCKET", "TK_BUCKET"],
         prune_configs_by={"early_config_prune": prune},
         reset_to_zero=reset_to_zero,
     )(kernel)
@@ -114,7 +126,8 @@ def launch(kernel, tuned, kind, grid, args, consts, seq_q, seq_k, element_size, 
     problems on the GPU, else with the first (or, under the interpreter, the small) config.
     ``pre_hook(nargs)`` prepares arguments that depend on the block sizes (TMA descriptors)."""
     block_d = consts["BLOCK_D"]
-    options = candidates(kind, block_d, element_size, consts.get("VARLEN", False))
+    options = candidates(kind, block_d, element_size, consts.get("VARLEN", False),
+                         consts.get("SOFTCAP", False))
     if INTERPRET:
         block_m, block_n, num_warps, num_stages = (*INTERPRET_BLOCKS[kind], 4, 1)
     elif len(options) > 1 and seq_q * seq_k >= AUTOTUNE_MIN_PAIRS:

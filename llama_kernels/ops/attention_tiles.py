@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, cast_rne, check_float_arg, check_same, check_tensor
+from .common import _INTERPRET, INTERPRET, cast_rne, check_float_arg, check_same, check_tensor
+from triton.language.extra import libdevice
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -56,6 +57,33 @@ def validate_attention(q, k, v, causal, sm_scale, names=("q", "k", "v"), allow_e
     if sm_scale is None:
         return head_dim ** -0.5
     return check_float_arg("sm_scale", sm_scale, positive=True)
+
+
+def validate_window_softcap(window, softcap, causal):
+    """Check ``flash_attention``'s ``window`` and ``softcap`` (before anything launches) and return
+    them as the launchers take them: ``(window, softcap)`` with 0 meaning "off".
+
+    ``window``: an int >= 1 (not a bool), only with ``causal=True`` (sliding windows are defined
+    relative to the causal diagonal).  ``softcap``: a finite real number > 0.
+    """
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral):
+            raise TypeError(f"window must be an int (>= 1) or None, got {type(window).__name__}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (the number of most recent keys a query sees), got {window}")
+        if not causal:
+            raise ValueError("window (sliding-window attention) needs causal=True")
+        window = int(window)
+    else:
+        window = 0
+    softcap = 0.0 if softcap is None else check_float_arg("softcap", softcap, positive=True)
+    return window, softcap
+
+
+def effective_window(window, seq_k):
+    """``window`` (0: off), or 0 when it cannot hide any key (``window >= seq_k``, the longest key
+    range): then the kernels compile without the window (it would cost masking for nothing)."""
+    return 0 if window >= seq_k else window
 
 
 def _check_max_seqlen(name, value):
@@ -124,15 +152,24 @@ def dot_mode(dtype):
     return INTERPRET, ("ieee" if (dtype == torch.float32 or INTERPRET) else "tf32")
 
 
-def common_consts(q, causal):
-    """The constexpr flags every training kernel takes, from ``q``'s dtype and head dim."""
+def common_consts(q, causal, window=0, softcap=0.0):
+    """The constexpr flags every training kernel takes, from ``q``'s dtype and head dim, and
+    whether a sliding window (``WINDOW``) and a softcap (``SOFTCAP``) are compiled in."""
     head_dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     dot_in_fp32, precision = dot_mode(q.dtype)
     return dict(
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, PAD_D=block_d != head_dim,
         DOT_IN_FP32=dot_in_fp32, PRECISION=precision, RAW_MAX=q.dtype == torch.float32,
+        WINDOW=window > 0, SOFTCAP=softcap > 0,
     )
+
+
+def softcap_arg(softcap, sm_scale):
+    """The kernels' softcap in raw score units, ``softcap / sm_scale`` (0: off): capping the raw
+    score ``s`` to ``cap * tanh(s / cap)`` and then scaling by ``sm_scale`` is
+    ``softcap * tanh(sm_scale * s / softcap)``."""
+    return softcap / sm_scale if softcap > 0 else 0.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,6 +250,57 @@ def softmax_rescale(m_old, m_new, qk_scale, RAW_MAX: tl.constexpr):
     if RAW_MAX:
         return tl.exp2((m_old - m_new) * qk_scale)
     return tl.exp2(m_old - m_new)
+
+
+@triton.jit
+def tanh_f32(x):
+    """float32 ``tanh``: libdevice's on the GPU; under the interpreter (which has no libdevice) an
+    odd Taylor polynomial for ``|x| < 0.5`` and ``(1 - e) / (1 + e)``, ``e = 2^(-2|x| log2 e)``,
+    above (no cancellation there: ``e < 0.37``), both within a few float32 ulps."""
+    if _INTERPRET:
+        a = tl.abs(x)
+        e = tl.exp2(a * (-2.0 * 1.4426950408889634))
+        big = (1.0 - e) / (1.0 + e)
+        x2 = x * x
+        # tanh x = x (1 - x^2/3 + 2x^4/15 - 17x^6/315 + 62x^8/2835 - 1382x^10/155925
+        #             + 21844x^12/6081075 - 929569x^14/638512875): terms < 1e-9 at |x| = 0.5
+        poly = -929569.0 / 638512875.0
+        poly = poly * x2 + 21844.0 / 6081075.0
+        poly = poly * x2 - 1382.0 / 155925.0
+        poly = poly * x2 + 62.0 / 2835.0
+        poly = poly * x2 - 17.0 / 315.0
+        poly = poly * x2 + 2.0 / 15.0
+        poly = poly * x2 - 1.0 / 3.0
+        small = x + x * (x2 * poly)
+        return tl.where(a < 0.5, small, tl.where(x < 0, -big, big))
+    else:
+        return libdevice.tanh(x)
+
+
+@triton.jit
+def capped_scores(s, softcap, SOFTCAP: tl.constexpr):
+    """``(u, t)``: raw scores ``s`` capped to ``u = softcap * tanh(s / softcap)`` (``softcap`` in raw
+    score units, ``attention_tiles.softcap_arg``) and ``t = tanh(s / softcap)``, whose
+    ``1 - t^2`` is ``du/ds`` (the backward's chain factor).  Without SOFTCAP: ``(s, s)``."""
+    if SOFTCAP:
+        t = tanh_f32(s * (1.0 / softcap))
+        return t * softcap, t
+    else:
+        return s, s
+
+
+@triton.jit
+def window_key_bounds(start_m, seq_q, seq_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """With a sliding window (causal): ``(lo, full_lo)`` of the query tile at ``start_m``.  Key
+    tiles below ``lo`` are left of every row's window (never visited); ``[lo, full_lo)`` straddle
+    the window's left edge (masked); from ``full_lo`` on, the window hides nothing (up to the
+    causal ``full_hi`` of ``causal_key_bounds``).  Query ``i`` sees ``j > i + Tk - Tq - window``."""
+    offset = seq_k - seq_q
+    first_row_lo = tl.maximum(start_m + offset - window + 1, 0)  # the tile's first row's first key
+    lo = first_row_lo // BLOCK_N * BLOCK_N
+    last_row_lo = tl.maximum(start_m + BLOCK_M + offset - window, 0)  # its last row's first key
+    full_lo = tl.cdiv(last_row_lo, BLOCK_N) * BLOCK_N
+    return lo, full_lo
 
 
 @triton.jit
@@ -339,21 +427,25 @@ def query_tile_program(num_heads, group, seq_q, seq_k, CU_Q, CU_K, num_seqs,
 
 
 @triton.jit
-def visible_keys(keys, queries, seq_q, seq_k, CAUSAL: tl.constexpr):
-    """Which (query, key) pairs of a tile are visible: keys inside Tk, and bottom-right causal."""
+def visible_keys(keys, queries, seq_q, seq_k, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Which (query, key) pairs of a tile are visible: keys inside Tk, bottom-right causal, and
+    (WINDOW) within the sliding window ``j > i + Tk - Tq - window``."""
     visible = (keys < seq_k)[None, :]
     if CAUSAL:
         visible = visible & (keys[None, :] <= queries[:, None] + (seq_k - seq_q))
+    if WINDOW:
+        visible = visible & (keys[None, :] > queries[:, None] + (seq_k - seq_q - window))
     return visible
 
 
 @triton.jit
 def key_tile_scores(q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs_n, offs_m, d_in,
-                    seq_q, seq_k, MASK: tl.constexpr, CAUSAL: tl.constexpr, PAD_D: tl.constexpr,
-                    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr):
+                    seq_q, seq_k, window, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+                    PAD_D: tl.constexpr, DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                    WINDOW: tl.constexpr):
     """The key/value tile at ``start_n`` (pointer loads), the raw scores ``q k^T``, and which
-    (query, key) pairs are visible (ragged end of the keys, causal diagonal); callers apply that
-    only where MASK."""
+    (query, key) pairs are visible (ragged end of the keys, causal diagonal, sliding window);
+    callers apply that only where MASK."""
     start_n = tl.multiple_of(start_n, offs_n.shape[0])
     tile = start_n.to(tl.int64)
     keys = start_n + offs_n
@@ -361,4 +453,4 @@ def key_tile_scores(q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs
     k = load_tile(k_base + tile * k_st + k_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
     v = load_tile(v_base + tile * v_st + v_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    return k, v, s, visible_keys(keys, offs_m, seq_q, seq_k, CAUSAL)
+    return k, v, s, visible_keys(keys, offs_m, seq_q, seq_k, window, CAUSAL, WINDOW)

@@ -157,6 +157,20 @@ def autocast_inputs(*tensors):
     )
 
 
+def merged_row_dims(x: torch.Tensor) -> list:
+    """The leading dims of ``x (..., N)`` as ``(size, stride)`` levels, outermost first: dims of
+    size 1 dropped, neighbours merged where ``stride[i] == stride[i+1] * size[i+1]``."""
+    merged = []
+    for size, stride in zip(x.shape[:-1], x.stride()[:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = (merged[-1][0] * size, stride)
+        else:
+            merged.append((size, stride))
+    return merged
+
+
 def row_layout(x: torch.Tensor):
     """Describe the rows of ``x (..., N)`` by two strided levels, without copying.
 
@@ -166,16 +180,7 @@ def row_layout(x: torch.Tensor):
     transpose of a contiguous buffer qualifies; a tensor whose leading dims still need more than two
     levels (rare: e.g. a 4-D tensor sliced in two dims) is copied to contiguous first.
     """
-    sizes, strides = list(x.shape[:-1]), list(x.stride()[:-1])
-    # Merge leading dims from the innermost outward where stride[i] == stride[i+1] * size[i+1].
-    merged = []  # (size, stride), outermost first
-    for size, stride in zip(sizes, strides):
-        if size == 1:
-            continue
-        if merged and merged[-1][1] == stride * size:
-            merged[-1] = (merged[-1][0] * size, stride)
-        else:
-            merged.append((size, stride))
+    merged = merged_row_dims(x)
     if len(merged) > 2:
         x = x.contiguous()
         return row_layout(x)

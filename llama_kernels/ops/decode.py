@@ -31,6 +31,12 @@ keys ``[0, L_b)``, causal relative to that length (token ``i`` sees ``j <= i + L
 splits still cover the whole buffer (their number depends on ``Tmax``, never on the lengths), so
 a split that starts at or past ``L_b`` visits no key and leaves ``l_s = 0``: it adds nothing.
 
+Sliding window (``WINDOW``, causal): token ``i`` also hides keys ``j <= i + L - Tq - window``, so
+each program starts at the key tile of its first token's first visible key (``L - Tq - window + 1``
+rounded down to a tile); a split wholly left of the window visits no key and adds nothing, like a
+split past ``L``.  Softcap (``SOFTCAP``): raw scores are capped to ``cap tanh(s / cap)`` with
+``cap = softcap / sm_scale`` before the softmax.
+
 ``cache_leftpad (B,)`` (left-padded batches) also hides each row's first ``cache_leftpad[b]``
 slots: whole tiles of padding are skipped, the rest masked.  Packed sequences
 (``attention_decode_varlen``, ``flash_attention``'s varlen arguments) take one program per
@@ -55,11 +61,15 @@ import triton.language as tl
 from .. import reference
 from .attention_tiles import (
     LOG2E,
+    capped_scores,
     dot_mode,
+    effective_window,
     online_softmax_step,
     sequence_rows,
+    softcap_arg,
     softmax_rescale,
     validate_attention,
+    validate_window_softcap,
 )
 from .common import (
     INTERPRET,
@@ -100,11 +110,12 @@ def attention_decode_split_kernel(
     v_sb, v_sh, v_st, v_sd,
     o_sb, o_sh, o_st, o_sd,
     num_kv_heads, group, seq_q, total_q, seq_k, num_seqs, qk_scale, keys_per_split, num_splits,
-    seqlens_stride, leftpad_stride,
+    seqlens_stride, leftpad_stride, window, softcap,
     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
     HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     # seq_q: the query rows of one sequence in the tile (packed: the longest sequence's);
     # total_q: the rows of q per head; seq_k: the rows of k.
@@ -162,6 +173,10 @@ def attention_decode_split_kernel(
         # stays a multiple of BLOCK_N); the rest is masked.
         first_visible = tl.maximum(tl.load(LEFTPAD + b * leftpad_stride), 0)
         lo = tl.maximum(lo, first_visible // BLOCK_N * BLOCK_N)
+    if WINDOW:
+        # Token 0's window starts at L - Tq - window + 1 (later tokens' further right): key tiles
+        # left of it are skipped, a split wholly left of it visits nothing; the edge is masked.
+        lo = tl.maximum(lo, tl.maximum(seq_len - len_q - window + 1, 0) // BLOCK_N * BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         tile = start_n.to(tl.int64)
@@ -174,11 +189,14 @@ def attention_decode_split_kernel(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s, _tanh = capped_scores(s, softcap, SOFTCAP)
         visible = keys_in[None, :]
         if HAS_LEFTPAD:
             visible = visible & (keys >= first_visible)[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= last_visible[:, None])
+        if WINDOW:
+            visible = visible & (keys[None, :] > last_visible[:, None] - window)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, True,
                                             Q.dtype.element_ty, DOT_IN_FP32, PRECISION, RAW_MAX)
 
@@ -255,12 +273,14 @@ def decode_splits(batch: int, kv_heads: int, seq_k: int, block_n: int, device: t
     return triton.cdiv(seq_k, keys_per_split), keys_per_split
 
 
-def _decode_fake(q, k, v, causal, sm_scale, cache_seqlens=None, cache_leftpad=None):
+def _decode_fake(q, k, v, causal, sm_scale, cache_seqlens=None, cache_leftpad=None, window=0,
+                 softcap=0.0):
     return torch.empty_like(q)
 
 
 def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftpad=None,
-                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0):
+                   cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window=0,
+                   softcap=0.0):
     # Shared by attention_decode (batch rows) and attention_decode_varlen (packed sequences).
     batch, heads, total_q, head_dim = q.shape
     kv_heads, total_k = k.shape[1], k.shape[2]
@@ -289,18 +309,20 @@ def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftp
     else:  # the split kernel writes o directly; these are never touched
         o_part = stats_part = o
     has_seqlens, has_leftpad = cache_seqlens is not None, cache_leftpad is not None
+    window = effective_window(window, seq_k)  # a window as long as the keys hides nothing
     attention_decode_split_kernel[(splits, programs * kv_heads)](
         q, k, v, o, o_part, stats_part, cache_seqlens if has_seqlens else o,
         cache_leftpad if has_leftpad else o, *((cu_seqlens_q, cu_seqlens_k) if varlen else (o, o)),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         kv_heads, group, seq_q, total_q, total_k, programs, sm_scale * LOG2E, keys_per_split,
         splits, cache_seqlens.stride(0) if has_seqlens else 0,
-        cache_leftpad.stride(0) if has_leftpad else 0,
+        cache_leftpad.stride(0) if has_leftpad else 0, window, softcap_arg(softcap, sm_scale),
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)), BLOCK_N=block_n,
         WRITE_PARTIAL=splits > 1, DOT_IN_FP32=dot_in_fp32, PRECISION=precision,
         RAW_MAX=q.dtype == torch.float32, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
-        VARLEN=varlen, num_warps=num_warps, num_stages=num_stages,
+        VARLEN=varlen, WINDOW=window > 0, SOFTCAP=softcap > 0, num_warps=num_warps,
+        num_stages=num_stages,
     )
     count_launch(attention_decode_split_kernel)
     if splits > 1:
@@ -318,20 +340,22 @@ def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftp
 def attention_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None, cache_leftpad: Optional[torch.Tensor] = None,
+    window: int = 0, softcap: float = 0.0,
 ) -> torch.Tensor:
     """Launch split-KV attention (forward only): returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.
 
     Arguments are those of ``flash_attention``, already validated; ``Tq * Hq / Hk`` must be at most
     ``DECODE_MAX_ROWS``.  With ``cache_seqlens`` (int32 ``(B,)``, see ``flash_decode``) row ``b``
     attends to the first ``cache_seqlens[b]`` keys of ``k, v`` only, and with ``cache_leftpad``
-    not to its first ``cache_leftpad[b]``.
+    not to its first ``cache_leftpad[b]``.  ``window`` (causal) and ``softcap`` as in
+    ``flash_attention`` (validated; 0 is off).
     """
     return _launch_decode(q, k, v, causal, sm_scale, cache_seqlens=cache_seqlens,
-                          cache_leftpad=cache_leftpad)
+                          cache_leftpad=cache_leftpad, window=window, softcap=softcap)
 
 
 def _decode_varlen_fake(q, k, v, causal, sm_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                        max_seqlen_k):
+                        max_seqlen_k, window=0, softcap=0.0):
     return torch.empty_like(q)
 
 
@@ -339,18 +363,21 @@ def _decode_varlen_fake(q, k, v, causal, sm_scale, cu_seqlens_q, cu_seqlens_k, m
 def attention_decode_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    window: int = 0, softcap: float = 0.0,
 ) -> torch.Tensor:
     """Split-KV attention of packed sequences (``flash_attention``'s varlen arguments, already
     validated): one program per (split, sequence, KV head) holding the sequence's (at most
     ``max_seqlen_q``) queries of the whole group, e.g. one new token per sequence over long keys.
     ``max_seqlen_q * Hq / Hk`` must be at most ``DECODE_MAX_ROWS``; the splits follow
-    ``max_seqlen_k``.  Rows outside every sequence are zeros."""
+    ``max_seqlen_k``.  Rows outside every sequence are zeros.  ``window`` and ``softcap`` as in
+    ``attention_decode``, within each sequence."""
     return _launch_decode(q, k, v, causal, sm_scale, cu_seqlens_q=cu_seqlens_q,
                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                          max_seqlen_k=max_seqlen_k)
+                          max_seqlen_k=max_seqlen_k, window=window, softcap=softcap)
 
 
-def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_leftpad=None):
+def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_leftpad=None, window=None,
+                 softcap=None):
     """Attention of a few new queries over a preallocated KV cache whose lengths live on the device.
 
     ``q (B, Hq, Tq, D)``; ``k_cache, v_cache (B, Hk, Tmax, D)`` the whole cache buffers (any
@@ -361,7 +388,11 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_lef
     key outputs zeros.  Lengths are clamped to ``[0, Tmax]``; they are never read on the host.
     ``cache_leftpad`` (int32 ``(B,)``, optional) serves left-padded batches: row ``b``'s first
     ``cache_leftpad[b]`` slots are padding, so it sees keys ``[cache_leftpad[b], L_b)`` only.
-    ``sm_scale`` defaults to ``D ** -0.5``.
+    ``sm_scale`` defaults to ``D ** -0.5``.  ``window`` (int >= 1, sliding-window attention):
+    query ``i`` of row ``b`` sits at slot ``L_b - Tq + i`` and sees only the ``window`` most
+    recent keys, ``[max(cache_leftpad[b], L_b - Tq + i - window + 1), L_b - Tq + i]``; whole key
+    tiles (and splits) left of the window are skipped.  ``softcap`` (float > 0): scores become
+    ``softcap * tanh(scores / softcap)`` before the softmax, ``scores = sm_scale * q k^T`` (Gemma 2).
 
     Shapes, head dims and grouped-query heads as in ``flash_attention``, with ``Tq * Hq / Hk <=
     DECODE_MAX_ROWS`` (64).  The launch depends on the shapes only, so one decode step can be
@@ -372,6 +403,7 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_lef
     """
     q, k_cache, v_cache = autocast_inputs(q, k_cache, v_cache)
     sm_scale = validate_attention(q, k_cache, v_cache, True, sm_scale, names=("q", "k_cache", "v_cache"))
+    window, softcap = validate_window_softcap(window, softcap, True)
     check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
     if cache_seqlens.shape[0] != q.shape[0]:
         raise ValueError(
@@ -398,5 +430,6 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_lef
         )
     if not use_triton("flash_decode", q.device):
         return reference.attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale,
-                                                      cache_leftpad)
-    return attention_decode(q, k_cache, v_cache, True, sm_scale, cache_seqlens, cache_leftpad)
+                                                      cache_leftpad, window or None, softcap or None)
+    return attention_decode(q, k_cache, v_cache, True, sm_scale, cache_seqlens, cache_leftpad,
+                            effective_window(window, k_cache.shape[2]), softcap)

@@ -4,13 +4,19 @@ Forward, for each row ``x`` of length ``N`` (statistics in float32)::
 
     h    = x + residual                    (fused variant only; rounded to h's dtype, as eager does)
     rstd = 1 / sqrt(mean(h**2) + eps)
-    y    = w * cast(h * rstd)              (cast to h's dtype first: transformers' cast order)
+    s    = offset + w                      (in float32; offset = 0 by default, 1 for Gemma)
+    y    = cast(cast(h * rstd) * s)        casting="llama": transformers' LlamaRMSNorm cast order
+                                           (normalised row rounded to h's dtype, then scaled)
+    y    = cast(h * rstd * s)              casting="gemma": GemmaRMSNorm / Gemma3RMSNorm, all in
+                                           float32 and one rounding at the end
 
 ``h`` and ``y`` are in ``x.dtype``, or with a residual of another float dtype (autocast: bfloat16
 ``x``, float32 residual stream) in ``promote_types(x.dtype, residual.dtype)``, as eager's
 ``x + residual`` promotes.
 
-Backward, with ``n = h * rstd`` and ``g = dy * w``::
+Backward, with ``n = h * rstd`` and ``g = dy * s`` (``s = offset + w``; the same for both castings:
+the intermediate rounding of "llama" casting passes gradients through unchanged, and ``n`` is never
+rounded here)::
 
     dh = rstd * (g - n * mean(g * n)) (+ the gradient flowing into the returned ``h``)
     dw = sum over rows of dy * n
@@ -25,6 +31,11 @@ one small kernel sums the few partials per column and rounds once to the weight'
 One program normalises ``BLOCK_M`` whole rows held in registers (``BLOCK_N`` = the hidden size
 rounded up to a power of two), so each element is read once and written once; small hidden sizes
 pack several rows per program to keep the loads wide.
+
+Rows are addressed through up to three strided levels (:func:`_row_layout`), so per-head q/k norms
+read their inputs in place: Qwen3's ``q_proj(x).view(B, T, H, D)`` and Gemma 3's transposed
+``(B, H, T, D)`` view of it (three levels: batch, head, token) are normalised over ``D`` without
+a copy.  Outputs are contiguous in the input's logical order.
 """
 from __future__ import annotations
 
@@ -43,32 +54,64 @@ from .common import (
     check_tensor,
     compilable,
     count_launch,
+    merged_row_dims,
     num_sms,
-    row_layout,
-    row_tile_ptrs,
     use_triton,
 )
 
 MAX_HIDDEN = 65536  # one row must fit in a program's registers
+CASTINGS = ("llama", "gemma")
+
+
+def _row_layout(x: torch.Tensor):
+    """Describe the rows of ``x (..., N)`` by three strided levels, without copying.
+
+    Returns ``(x, n1, n2, s0, s1, s2, s_col)``: row ``r`` of the flattened ``(-1, N)`` view starts
+    at ``(r // (n1 * n2)) * s0 + ((r // n2) % n1) * s1 + (r % n2) * s2``.  Leading dims merge where
+    their strides allow (as :func:`~.common.row_layout` merges them, one level more), so every
+    tensor of up to 4 dims, e.g. the transposed ``(B, H, T, D)`` view of a ``(B, T, H, D)``
+    projection, qualifies; anything needing more levels is copied to contiguous first.  Two levels
+    put ``n1 = 1`` in the middle, which Triton specialises away: the 2-level address arithmetic.
+    """
+    merged = merged_row_dims(x)
+    if len(merged) > 3:
+        return _row_layout(x.contiguous())
+    if len(merged) == 3:
+        (_, s0), (n1, s1), (n2, s2) = merged
+    else:
+        merged = [(1, 0)] * (2 - len(merged)) + merged
+        (_, s0), (n2, s2) = merged
+        n1, s1 = 1, 0
+    return x, n1, n2, s0, s1, s2, x.stride(-1)
+
+
+@triton.jit
+def _row_ptrs(base, rows, cols, n1, n2, s0, s1, s2, s_col):
+    """Pointers to the ``rows x cols`` tile of a tensor that :func:`_row_layout` described (int64
+    offsets: rows x row stride passes 2**31 at training sizes)."""
+    rows = rows.to(tl.int64)
+    outer = rows // n2
+    starts = (outer // n1) * s0 + (outer % n1) * s1 + (rows % n2) * s2
+    return base + starts[:, None] + cols[None, :] * s_col
 
 
 @triton.jit
 def rms_norm_fwd_kernel(
     X, R, W, Y, H, RSTD,
-    M, N, eps,
-    x_inner, x_so, x_si, x_sn,
-    r_inner, r_so, r_si, r_sn,
+    M, N, eps, offset,
+    x_n1, x_n2, x_s0, x_s1, x_s2, x_sn,
+    r_n1, r_n2, r_s0, r_s1, r_s2, r_sn,
     w_sn,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, GEMMA_CASTING: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    x_ptrs = row_tile_ptrs(X, rows, cols, x_inner, x_so, x_si, x_sn)
+    x_ptrs = _row_ptrs(X, rows, cols, x_n1, x_n2, x_s0, x_s1, x_s2, x_sn)
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # Y and H are contiguous
     if HAS_RESIDUAL:
-        r_ptrs = row_tile_ptrs(R, rows, cols, r_inner, r_so, r_si, r_sn)
+        r_ptrs = _row_ptrs(R, rows, cols, r_n1, r_n2, r_s0, r_s1, r_s2, r_sn)
         r = tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
         h = cast_rne(x + r, H.dtype.element_ty)  # the sum eager would store, normalised below
         tl.store(H + out_offsets, h, mask=mask)
@@ -78,8 +121,10 @@ def rms_norm_fwd_kernel(
     # stored, but noise (interpreter warnings) that would hide a real NaN.  Give them 1.
     mean_square = tl.where(rows < M, mean_square + tl.cast(eps, tl.float32), 1.0)
     rstd = 1.0 / tl.sqrt(mean_square)
-    normed = cast_rne(x * rstd[:, None], Y.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols * w_sn, mask=cols < N, other=0.0).to(tl.float32)
+    normed = x * rstd[:, None]
+    if not GEMMA_CASTING:  # transformers' LlamaRMSNorm rounds the normalised row first
+        normed = cast_rne(normed, Y.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols * w_sn, mask=cols < N, other=0.0).to(tl.float32) + offset
     tl.store(Y + out_offsets, cast_rne(normed * w[None, :], Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=rows < M)
 
@@ -87,17 +132,17 @@ def rms_norm_fwd_kernel(
 @triton.jit
 def rms_norm_bwd_kernel(
     DY, X, W, RSTD, DH_OUT, DX, DW_PARTIAL,
-    M, N,
-    dy_inner, dy_so, dy_si, dy_sn,
-    x_inner, x_so, x_si, x_sn,
-    dh_inner, dh_so, dh_si, dh_sn,
+    M, N, offset,
+    dy_n1, dy_n2, dy_s0, dy_s1, dy_s2, dy_sn,
+    x_n1, x_n2, x_s0, x_s1, x_s2, x_sn,
+    dh_n1, dh_n2, dh_s0, dh_s1, dh_s2, dh_sn,
     w_sn,
     HAS_DH_OUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    w = tl.load(W + cols * w_sn, mask=col_mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols * w_sn, mask=col_mask, other=0.0).to(tl.float32) + offset  # the scale s
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # Persistent loop: each program walks every num_programs-th block of rows, so the weight
     # gradient needs one partial per program rather than one per row block.  With NUM_STAGES = 3
@@ -106,9 +151,9 @@ def rms_norm_bwd_kernel(
     for start in tl.range(pid * BLOCK_M, M, tl.num_programs(0) * BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
-        dy_ptrs = row_tile_ptrs(DY, rows, cols, dy_inner, dy_so, dy_si, dy_sn)
+        dy_ptrs = _row_ptrs(DY, rows, cols, dy_n1, dy_n2, dy_s0, dy_s1, dy_s2, dy_sn)
         dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
-        x_ptrs = row_tile_ptrs(X, rows, cols, x_inner, x_so, x_si, x_sn)
+        x_ptrs = _row_ptrs(X, rows, cols, x_n1, x_n2, x_s0, x_s1, x_s2, x_sn)
         x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows, mask=rows < M, other=0.0)
         normed = x * rstd[:, None]
@@ -116,7 +161,7 @@ def rms_norm_bwd_kernel(
         g = dy * w[None, :]
         dx = rstd[:, None] * (g - normed * (tl.sum(g * normed, axis=1) / N)[:, None])
         if HAS_DH_OUT:
-            dh_ptrs = row_tile_ptrs(DH_OUT, rows, cols, dh_inner, dh_so, dh_si, dh_sn)
+            dh_ptrs = _row_ptrs(DH_OUT, rows, cols, dh_n1, dh_n2, dh_s0, dh_s1, dh_s2, dh_sn)
             dx += tl.load(dh_ptrs, mask=mask, other=0.0).to(tl.float32)
         dx_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]
         tl.store(DX + dx_offsets, cast_rne(dx, DX.dtype.element_ty), mask=mask)
@@ -161,7 +206,7 @@ def _out_dtype(x, residual):
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def _fwd_fake(x, weight, residual, eps):
+def _fwd_fake(x, weight, residual, eps, offset, casting):
     out = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
     h = torch.empty_like(out) if residual is not None else out.new_empty(0)
     return out, h, x.new_empty(x.shape[:-1], dtype=torch.float32)
@@ -169,10 +214,12 @@ def _fwd_fake(x, weight, residual, eps):
 
 @compilable("rms_norm_fwd", _fwd_fake)
 def rms_norm_fwd(
-    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float
+    x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float, offset: float,
+    casting: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward: returns ``(y, h, rstd)`` (``h`` empty without ``residual``); ``y`` and
-    ``h`` are in ``x.dtype`` promoted with ``residual.dtype``."""
+    ``h`` are in ``x.dtype`` promoted with ``residual.dtype``; ``offset`` and ``casting`` ("llama"
+    or "gemma", validated by :func:`rms_norm`) as there."""
     n = x.shape[-1]
     y = torch.empty(x.shape, dtype=_out_dtype(x, residual), device=x.device)
     h = torch.empty_like(y) if residual is not None else y.new_empty(0)
@@ -182,26 +229,28 @@ def rms_norm_fwd(
         return y, h, rstd
     block_m, block_n, num_warps = _launch_config(n, y.element_size())
     has_residual = residual is not None
-    x, *x_strides = row_layout(x)
-    residual, *r_strides = row_layout(residual) if has_residual else (x, *x_strides)
+    x, *x_strides = _row_layout(x)
+    residual, *r_strides = _row_layout(residual) if has_residual else (x, *x_strides)
     rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
-        x, residual, weight, y, h, rstd, m, n, eps, *x_strides, *r_strides, weight.stride(0),
-        HAS_RESIDUAL=has_residual, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        x, residual, weight, y, h, rstd, m, n, eps, offset, *x_strides, *r_strides, weight.stride(0),
+        HAS_RESIDUAL=has_residual, GEMMA_CASTING=casting == "gemma", BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     count_launch(rms_norm_fwd_kernel)
     return y, h, rstd
 
 
-def _bwd_fake(dy, x, weight, rstd, dh_out):
+def _bwd_fake(dy, x, weight, rstd, dh_out, offset):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight)
 
 
 @compilable("rms_norm_bwd", _bwd_fake)
 def rms_norm_bwd(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
-    dh_out: Optional[torch.Tensor],
+    dh_out: Optional[torch.Tensor], offset: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward: returns ``(dx, dweight)``; ``x`` is the normalised input (``h``)."""
+    """Launch the backward: returns ``(dx, dweight)``; ``x`` is the normalised input (``h``), the
+    scale is ``offset + weight`` (either casting: see the module docstring)."""
     n = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     m = rstd.numel()
@@ -213,11 +262,11 @@ def rms_norm_bwd(
     has_dh_out = dh_out is not None
     buffered = 2 * (2 + has_dh_out) * block_m * block_n * x.element_size()
     num_stages = 3 if buffered <= PIPELINE_BYTES else 1
-    dy, *dy_strides = row_layout(dy)
-    x, *x_strides = row_layout(x)
-    dh_out, *dh_strides = row_layout(dh_out) if has_dh_out else (dy, *dy_strides)
+    dy, *dy_strides = _row_layout(dy)
+    x, *x_strides = _row_layout(x)
+    dh_out, *dh_strides = _row_layout(dh_out) if has_dh_out else (dy, *dy_strides)
     rms_norm_bwd_kernel[(programs,)](
-        dy, x, weight, rstd, dh_out, dx, dw_partial, m, n,
+        dy, x, weight, rstd, dh_out, dx, dw_partial, m, n, offset,
         *dy_strides, *x_strides, *dh_strides, weight.stride(0),
         HAS_DH_OUT=has_dh_out, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages, num_warps=num_warps,
     )
@@ -243,9 +292,10 @@ class RMSNormFunction(torch.autograd.Function):
     """Autograd of ``rms_norm``: saves the normalised input and ``rstd``, nothing else."""
 
     @staticmethod
-    def forward(ctx, x, weight, residual, eps):
-        y, h, rstd = rms_norm_fwd(x, weight, residual, eps)
+    def forward(ctx, x, weight, residual, eps, offset, casting):
+        y, h, rstd = rms_norm_fwd(x, weight, residual, eps, offset, casting)
         has_residual = residual is not None
+        ctx.offset = offset
         ctx.has_residual = has_residual
         ctx.x_dtype = x.dtype
         ctx.residual_dtype = residual.dtype if has_residual else None
@@ -261,30 +311,52 @@ class RMSNormFunction(torch.autograd.Function):
         x, weight, rstd = ctx.saved_tensors
         if dy is None:  # only h was used downstream
             dy = torch.zeros_like(x)
-        dh, dw = rms_norm_bwd(dy, x, weight, rstd, dh_out)  # in h's (the promoted) dtype
+        dh, dw = rms_norm_bwd(dy, x, weight, rstd, dh_out, ctx.offset)  # in h's (the promoted) dtype
         if not ctx.has_residual:
-            return dh, dw, None, None
+            return dh, dw, None, None, None, None
         # Each input gets its gradient in its own dtype, as eager autograd casts it after the add.
-        return dh.to(ctx.x_dtype), dw, dh.to(ctx.residual_dtype), None
+        return dh.to(ctx.x_dtype), dw, dh.to(ctx.residual_dtype), None, None, None
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None):
+def rms_norm(x, weight, eps=1e-6, residual=None, *, offset=0.0, casting="llama"):
     """RMSNorm of ``x (..., hidden)`` with ``weight (hidden,)``, statistics in float32.
 
     Returns ``weight * cast(x * rsqrt(mean(x**2, -1) + eps))`` in ``x.dtype`` (the math and cast order
-    of transformers' ``LlamaRMSNorm``; a float32 weight with half-precision ``x`` is allowed).  With
+    of transformers' ``LlamaRMSNorm``, ``Qwen3RMSNorm``, ...; ``weight`` may have any float dtype,
+    e.g. float32 with half-precision ``x``: the output stays in ``x.dtype``).
+
+    Keyword options for the rest of the LLaMA family:
+
+    - ``offset`` (float, default 0): scale by ``offset + weight`` (formed in float32) instead of
+      ``weight``.  Gemma stores its norm weights as ``w - 1`` (zeros at init) and uses ``offset=1``.
+    - ``casting``: ``"llama"`` (default) rounds the normalised row to ``x.dtype`` before scaling it,
+      ``cast((offset + weight) * cast(normed))``, as ``LlamaRMSNorm`` does; ``"gemma"`` computes
+      ``normed * (offset + weight)`` wholly in float32 and rounds once at the end, as
+      ``GemmaRMSNorm`` and ``Gemma3RMSNorm`` do (``rms_norm(x, w, eps, offset=1.0, casting="gemma")``
+      is their forward).  In both the output is in ``x.dtype`` and ``weight``'s gradient in
+      ``weight``'s dtype, whatever float dtype ``weight`` has.
+
+    Per-head q/k norms (Qwen3, Gemma 3) are this op over the head dim: ``x`` may be the
+    ``(B, T, H, D)`` view of a projection or its transposed ``(B, H, T, D)`` view, read in place
+    (any tensor whose leading dims merge into three strided levels is; others are copied).  With
     ``residual`` (same shape as ``x``) returns ``(rms_norm(x + residual), x + residual)`` from one
     pass over memory.  ``residual`` may have another float dtype than ``x`` (under autocast ``x`` is
     a bfloat16 linear output and the residual stream float32): the sum promotes as eager ``x +
     residual`` does, and both outputs are in ``torch.promote_types(x.dtype, residual.dtype)``.
     Differentiable in ``x``, ``weight`` and ``residual`` (each gradient in its input's dtype).
-    ``eps`` is any finite real number >= 0 (numpy scalars included).
+    ``eps`` is any finite real number >= 0 and ``offset`` any finite real number (numpy scalars
+    included).
     """
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=1)
     eps = check_float_arg("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    offset = check_float_arg("offset", offset)
+    if not isinstance(casting, str):
+        raise TypeError(f"casting must be a str, one of {CASTINGS}; got {type(casting).__name__}")
+    if casting not in CASTINGS:
+        raise ValueError(f"casting must be one of {CASTINGS}, got {casting!r}")
     if weight.shape[0] != x.shape[-1]:
         raise ValueError(
             f"weight must have shape (hidden,) = ({x.shape[-1]},) to match x's last dim; "
@@ -301,5 +373,5 @@ def rms_norm(x, weight, eps=1e-6, residual=None):
             )
         check_same("device", x=x, residual=residual)
     if not use_triton("rms_norm", x.device):
-        return reference.rms_norm(x, weight, eps, residual)
-    return RMSNormFunction.apply(x, weight, residual, eps)
+        return reference.rms_norm(x, weight, eps, residual, offset=offset, casting=casting)
+    return RMSNormFunction.apply(x, weight, residual, eps, offset, casting)

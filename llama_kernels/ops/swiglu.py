@@ -1,16 +1,41 @@
-"""SwiGLU, the activation of the LLaMA MLP: ``silu(gate) * up``.
+"""Gated MLP activations: SwiGLU ``silu(gate) * up`` (LLaMA) and GeGLU ``gelu_tanh(gate) * up``
+(Gemma), one pair of kernels with a constexpr ``ACTIVATION`` switch.
 
-Forward, elementwise with ``s = sigmoid(g)`` (math in float32)::
+Both activations are ``act(g) = g * sigmoid(a(g))``:
 
-    y = cast(cast(g / (1 + exp(-g))) * u)    (silu rounded to gate's dtype first, as eager does)
+    silu:       a(g) = g
+    gelu_tanh:  a(g) = 2k (g + c g^3),   k = sqrt(2 / pi), c = 0.044715
 
-Backward, recomputing ``s`` from the saved inputs (only ``gate`` and ``up`` are saved)::
+The second is transformers' ``gelu_pytorch_tanh`` (``F.gelu(g, approximate="tanh")``),
+``0.5 g (1 + tanh(k (g + c g^3)))``, rewritten with ``1 + tanh(z) = 2 sigmoid(2z)``: no
+cancellation in ``1 + tanh`` for negative ``g``, and the silu kernel's form.
 
-    d_gate = dy * u * s * (1 + g * (1 - s))
-    d_up   = dy * g * s                     (g * s computed as g / (1 + exp(-g)))
+Forward, elementwise (math in float32)::
 
-each rounded once to its input's dtype.  ``gate`` and ``up`` may differ in dtype: ``y`` is then in
-``promote_types(gate.dtype, up.dtype)``, as eager ``silu(gate) * up`` promotes.
+    y = cast(cast(g / (1 + exp(-a(g)))) * u)    (act rounded to gate's dtype first, as eager does)
+
+Backward, recomputing ``s = sigmoid(a(g))`` from the saved inputs (only ``gate`` and ``up`` are
+saved), with ``act'(g) = s + g s (1 - s) a'(g)``::
+
+    silu:       d_gate = dy * u * s * (1 + g * (1 - s))
+    gelu_tanh:  d_gate = dy * u * (s + act * (1 - s) * a'(g)),   a'(g) = 2k (1 + 3c g^2)
+                (= 0.5 (1 + tanh z) + 0.5 g (1 - tanh^2 z) k (1 + 3c g^2), z = a / 2: the
+                derivative of the tanh form)
+    d_up   = dy * act
+
+each rounded once to its input's dtype.  GELU's sigmoid is evaluated stably from ``e = exp(-|a|)``
+(never overflows: ``a`` is cubic in ``g``, so ``exp(-a)`` would overflow from ``g < -4.7`` on)::
+
+    s = 1 / (1 + e),  1 - s = e / (1 + e)      (a >= 0; the other way round for a < 0)
+    act = g / (1 + e)  or  g * e / (1 + e)
+
+so neither ``s`` nor ``1 - s`` cancels, and ``g^2`` is capped at 1e4 in ``a`` and ``a'`` (where
+``|g| >= 100`` the sigmoid is exactly 0 or 1 in float32 already), so a huge gate gives a
+gradient of 0, not 0 * inf.  SiLU keeps ``act = g / (1 + exp(-g))``: its ``exp`` overflows only
+for ``g < -88``, where ``g / inf = -0`` is the right answer.
+
+``gate`` and ``up`` may differ in dtype: ``y`` is then in ``promote_types(gate.dtype, up.dtype)``,
+as eager ``silu(gate) * up`` promotes.
 
 Division: an IEEE-rounded float32 division (``div_rn``) costs about 15 instructions on the GPU, the
 approximate one (``/``: ``div.full.f32``, at most 2 ulp off) a few.  When every result is rounded
@@ -25,6 +50,8 @@ and written once, and wide rows (14336) are split across programs instead of bei
 registers.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -43,6 +70,12 @@ from .common import (
     use_triton,
 )
 
+# The kernels' ACTIVATION: "silu" (swiglu) or "gelu_tanh" (geglu).
+GELU_2K: tl.constexpr = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi))  # a(g) = g * (2k + 2kc g^2)
+GELU_2KC: tl.constexpr = tl.constexpr(2.0 * math.sqrt(2.0 / math.pi) * 0.044715)
+GELU_3X2KC: tl.constexpr = tl.constexpr(3.0 * 2.0 * math.sqrt(2.0 / math.pi) * 0.044715)  # a'(g) - 2k over g^2
+GELU_MAX_ABS_G: tl.constexpr = tl.constexpr(100.0)  # |g| >= 100 saturates the sigmoid exactly in float32
+
 
 @triton.jit
 def _divide(a, b, EXACT: tl.constexpr):
@@ -58,12 +91,27 @@ def _exact_div(*tensors) -> bool:
 
 
 @triton.jit
+def _capped_square(g):
+    # min(g^2, 1e4) without overflowing g * g for |g| > 1.8e19.
+    g_abs = tl.minimum(tl.abs(g), GELU_MAX_ABS_G)
+    return g_abs * g_abs
+
+
+@triton.jit
+def _sigmoid_arg(g, ACTIVATION: tl.constexpr):
+    # a(g): act(g) = g * sigmoid(a(g)) (see the module docstring); g^2 capped where s saturates.
+    if ACTIVATION == "gelu_tanh":
+        return g * (GELU_2K + GELU_2KC * _capped_square(g))
+    return g
+
+
+@triton.jit
 def swiglu_fwd_kernel(
     G, U, Y,
     M, N,
     g_inner, g_so, g_si, g_sn,
     u_inner, u_so, u_si, u_sn,
-    EXACT_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, EXACT_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -75,9 +123,15 @@ def swiglu_fwd_kernel(
     # g / (1 + exp(-g)) rounds twice where g * sigmoid(g) rounds three times (and is what eager
     # computes); exp(-g) = inf for g < -88 gives silu = -0, as it should.  Eager stores silu(g) in
     # gate's dtype before multiplying (in the promoted dtype): round it the same way.
-    silu = cast_rne(_divide(g, 1.0 + tl.exp(-g), EXACT_DIV), G.dtype.element_ty).to(tl.float32)
+    if ACTIVATION == "gelu_tanh":  # g * sigmoid(a), stably (see the module docstring)
+        a = _sigmoid_arg(g, ACTIVATION)
+        e = tl.exp(-tl.abs(a))
+        act = _divide(tl.where(a >= 0, g, g * e), 1.0 + e, EXACT_DIV)
+    else:
+        act = _divide(g, 1.0 + tl.exp(-g), EXACT_DIV)
+    act = cast_rne(act, G.dtype.element_ty).to(tl.float32)
     y_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # Y is contiguous
-    tl.store(Y + y_offsets, cast_rne(silu * u, Y.dtype.element_ty), mask=mask)
+    tl.store(Y + y_offsets, cast_rne(act * u, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -87,7 +141,7 @@ def swiglu_bwd_kernel(
     dy_inner, dy_so, dy_si, dy_sn,
     g_inner, g_so, g_si, g_sn,
     u_inner, u_so, u_si, u_sn,
-    EXACT_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACTIVATION: tl.constexpr, EXACT_DIV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,10 +152,21 @@ def swiglu_bwd_kernel(
     dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    denom = 1.0 + tl.exp(-g)
-    s = _divide(1.0, denom, EXACT_DIV)
-    d_gate = dy * u * s * (1.0 + g * (1.0 - s))
-    d_up = dy * _divide(g, denom, EXACT_DIV)
+    if ACTIVATION == "gelu_tanh":
+        a = _sigmoid_arg(g, ACTIVATION)
+        e = tl.exp(-tl.abs(a))
+        r = _divide(1.0, 1.0 + e, EXACT_DIV)
+        s = tl.where(a >= 0, r, e * r)
+        one_minus_s = tl.where(a >= 0, e * r, r)
+        act = g * s
+        da = GELU_2K + GELU_3X2KC * _capped_square(g)
+        d_gate = dy * u * (s + act * one_minus_s * da)
+        d_up = dy * act
+    else:
+        denom = 1.0 + tl.exp(-g)
+        s = _divide(1.0, denom, EXACT_DIV)
+        d_gate = dy * u * s * (1.0 + g * (1.0 - s))
+        d_up = dy * _divide(g, denom, EXACT_DIV)
     out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # DG and DU are contiguous
     tl.store(DG + out_offsets, cast_rne(d_gate, DG.dtype.element_ty), mask=mask)
     tl.store(DU + out_offsets, cast_rne(d_up, DU.dtype.element_ty), mask=mask)
@@ -134,6 +199,16 @@ def _fwd_fake(gate, up):
 @compilable("swiglu_fwd", _fwd_fake)
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Launch the forward: returns ``silu(gate) * up``, a new contiguous tensor in the promoted dtype."""
+    return _launch_fwd(gate, up, "silu")
+
+
+@compilable("geglu_fwd", _fwd_fake)
+def geglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Launch the forward: returns ``gelu_tanh(gate) * up``, a new contiguous tensor in the promoted dtype."""
+    return _launch_fwd(gate, up, "gelu_tanh")
+
+
+def _launch_fwd(gate, up, activation):
     y = _fwd_fake(gate, up)
     if y.numel() == 0:
         return y
@@ -144,7 +219,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     up, *u_strides = row_layout(up)
     swiglu_fwd_kernel[grid](
         gate, up, y, m, n, *g_strides, *u_strides,
-        EXACT_DIV=_exact_div(y), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        ACTIVATION=activation, EXACT_DIV=_exact_div(y), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     count_launch(swiglu_fwd_kernel)
     return y
@@ -159,7 +234,17 @@ def _bwd_fake(dy, gate, up):
 
 @compilable("swiglu_bwd", _bwd_fake)
 def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward: returns ``(d_gate, d_up)``, new contiguous tensors."""
+    """Launch the backward of ``swiglu``: returns ``(d_gate, d_up)``, new contiguous tensors."""
+    return _launch_bwd(dy, gate, up, "silu")
+
+
+@compilable("geglu_bwd", _bwd_fake)
+def geglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward of ``geglu``: returns ``(d_gate, d_up)``, new contiguous tensors."""
+    return _launch_bwd(dy, gate, up, "gelu_tanh")
+
+
+def _launch_bwd(dy, gate, up, activation):
     d_gate, d_up = _bwd_fake(dy, gate, up)
     if d_gate.numel() == 0:
         return d_gate, d_up
@@ -171,24 +256,36 @@ def swiglu_bwd(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     up, *u_strides = row_layout(up)
     swiglu_bwd_kernel[grid](
         dy, gate, up, d_gate, d_up, m, n, *dy_strides, *g_strides, *u_strides,
-        EXACT_DIV=_exact_div(d_gate, d_up), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        ACTIVATION=activation, EXACT_DIV=_exact_div(d_gate, d_up), BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     count_launch(swiglu_bwd_kernel)
     return d_gate, d_up
 
 
 class SwiGLUFunction(torch.autograd.Function):
-    """Autograd of ``swiglu``: saves ``gate`` and ``up`` (views, no copies) and recomputes the rest."""
+    """Autograd of ``swiglu`` (``gelu=False``) and ``geglu`` (``gelu=True``): saves ``gate`` and
+    ``up`` (views, no copies) and recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx, gate, up, gelu):
+        ctx.gelu = gelu
         ctx.save_for_backward(gate, up)
-        return swiglu_fwd(gate, up)
+        return geglu_fwd(gate, up) if gelu else swiglu_fwd(gate, up)
 
     @staticmethod
     def backward(ctx, dy):
         gate, up = ctx.saved_tensors
-        return swiglu_bwd(dy, gate, up)
+        d_gate, d_up = geglu_bwd(dy, gate, up) if ctx.gelu else swiglu_bwd(dy, gate, up)
+        return d_gate, d_up, None
+
+
+def _check_inputs(gate, up):
+    check_tensor("gate", gate, min_ndim=1)
+    check_tensor("up", up, min_ndim=1)
+    if up.shape != gate.shape:
+        raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
+    check_same("device", gate=gate, up=up)
 
 
 def swiglu(gate, up):
@@ -202,11 +299,23 @@ def swiglu(gate, up):
     ``silu(gate)`` still rounded to gate's dtype first).  Differentiable in ``gate`` and ``up``
     (each gradient in its input's dtype).
     """
-    check_tensor("gate", gate, min_ndim=1)
-    check_tensor("up", up, min_ndim=1)
-    if up.shape != gate.shape:
-        raise ValueError(f"up must have the shape of gate {tuple(gate.shape)}, got {tuple(up.shape)}")
-    check_same("device", gate=gate, up=up)
+    _check_inputs(gate, up)
     if not use_triton("swiglu", gate.device):
         return reference.swiglu(gate, up)
-    return SwiGLUFunction.apply(gate, up)
+    return SwiGLUFunction.apply(gate, up, False)
+
+
+def geglu(gate, up):
+    """``gelu_tanh(gate) * up`` for ``gate, up (..., N)`` of the same shape: Gemma's GeGLU MLP
+    activation, with transformers' ``gelu_pytorch_tanh`` (``F.gelu(gate, approximate="tanh")``,
+    ``0.5 g (1 + tanh(sqrt(2 / pi) (g + 0.044715 g^3)))``).
+
+    Everything else as :func:`swiglu`: strided views (the halves of ``gu.chunk(2, -1)``) read in
+    place, the activation rounded to gate's dtype before the product, dtype promotion between
+    ``gate`` and ``up``, gradients for both in their inputs' dtypes.  The same kernels run, with
+    their activation switched at compile time.
+    """
+    _check_inputs(gate, up)
+    if not use_triton("geglu", gate.device):
+        return reference.geglu(gate, up)
+    return SwiGLUFunction.apply(gate, up, True)
