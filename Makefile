@@ -16,8 +16,11 @@ OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
 OLDEST_PIP := $(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c $(OLDEST_CONSTRAINTS)
 # The files that exercise torch's and transformers' APIs (patching, masks, generation, GGUF loading,
 # torch.compile); the kernels themselves are the same Triton code under either torch.
-OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_cross_entropy_models.py
+OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_cross_entropy_models.py tests/test_families.py
 
+# --dist loadfile: one worker runs each test file, so that a file's module-scoped fixtures (the
+# benchmark harness runs, the SmolLM2 model, the distributed workers) are set up once, not once
+# per worker.
 .PHONY: install install-oldest test test-latest test-oldest demo bench
 install: $(VENV)/.installed
 install-oldest: $(OLDEST_VENV)/.installed
@@ -43,11 +46,11 @@ test:
 	$(MAKE) test-oldest
 
 test-latest: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-oldest: install-oldest
 	@$(OLDEST_PY) -c "import torch, triton, transformers; print(f'oldest supported: torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}')"
-	$(OLDEST_PY) -m pytest -q -n 2 $(OLDEST_TESTS)
+	$(OLDEST_PY) -m pytest -q -n 2 --dist loadfile $(OLDEST_TESTS)
 
 demo: install
 	$(VENV)/bin/llama-kernels demo

@@ -1,22 +1,29 @@
-"""The attention kernels inside transformers' LLaMA: an attention function and a mask function.
+"""The attention kernels inside transformers' LLaMA family: an attention function and a mask function.
 
 transformers (5.x) lets a model name its attention implementation; ``patch.apply_kernels`` registers
 this module's pair under ``"llama_kernels"``:
 
 * :func:`kernel_mask` (``AttentionMaskInterface``) runs once per model forward, where
-  ``create_causal_mask`` would build SDPA's ``(B, 1, Tq, Tk)`` boolean mask.  It builds a
+  ``create_causal_mask`` (or, for a sliding-window layer, ``create_sliding_window_causal_mask``)
+  would build SDPA's ``(B, 1, Tq, Tk)`` boolean mask.  It builds a
   :class:`MaskPlan` instead: what the mask means, in terms the kernels take.
 * :func:`kernel_attention` (``AttentionInterface``) runs in every layer with that forward's mask
-  and picks a kernel, or transformers' own SDPA function when the kernels cannot give the answer.
+  and picks a kernel, or transformers' own SDPA function when the kernels cannot give the answer
+  (for soft-capped scores, which SDPA cannot compute, the model's own eager attention).
 
 **The semantics, whichever path runs.**  Keys sit in slots ``j = 0 .. Tk-1`` of the layer's key
-tensor (the current tokens, or a dynamic/static KV cache); query ``i`` of ``Tq`` sits in slot
-``p_i = q_start + i``.  With a 2-D padding mask ``m (B, S)`` (``m[b, j]`` true where slot ``j``
+tensor (the current tokens, or a dynamic/static KV cache; a full sliding-window cache layer holds
+only its last keys, slot 0 being position ``kv_offset``); query ``i`` of ``Tq`` sits in slot
+``p_i = q_start + i`` (its position minus ``kv_offset``).  With a 2-D padding mask ``m (B, S)`` (``m[b, j]`` true where slot ``j``
 holds a real token; slots ``j >= S`` are padding), query ``i`` of row ``b`` attends to key ``j`` iff
 
     j <= p_i  and  m[b, j]                                   (SDPA's mask, built by transformers)
 
-Without a mask every slot up to ``p_i`` counts.  Packed rows (several sequences one after the other
+A sliding-window layer (Mistral, Qwen2, Gemma 2/3 local layers) adds ``j > p_i - window``; the
+window is read from the mask function transformers hands over (``sliding_window_overlay``), since
+that mask, not the layer's ``sliding_window`` keyword, is what SDPA and eager attention apply.
+Gemma 2's ``softcap`` keyword squashes the scores (``softcap * tanh(s / softcap)``) in every
+kernel.  Without a mask every slot up to ``p_i`` counts.  Packed rows (several sequences one after the other
 in one row, see below) add: ``j`` and ``p_i`` belong to the same sequence.  Every query that sees
 some key gets exactly this attention, padding queries included (right padding: ``generate`` reads
 the last one); a query that sees no key (left padding) outputs zeros, where SDPA gives NaN and
@@ -28,13 +35,14 @@ eager attention an average over all slots.
   ``Tq == 1`` or ``Tk == Tq``): plain causal attention, aligned bottom-right, over all ``Tk`` keys.
   The attention function may still find packed sequences in ``cu_seq_lens_*`` keyword arguments or
   restarting ``position_ids`` (below).
-* Otherwise a 2-D boolean *marker* tensor ``(B, Tk)``: the padding mask over the key slots (all
-  true without padding), which is what the mask means, so it is still right if transformers feeds
+* Otherwise a 2-D boolean *marker* tensor ``(B, kv_offset + Tk)``: the padding mask over the key
+  positions (all true without padding), which is what the mask means, so it is still right if transformers feeds
   it back in as a 2-D ``attention_mask`` (``generate`` does so with static caches).  Its plan lives
   in a weak table keyed on the marker object, so that every layer of this forward shares one plan
   and one host synchronisation.
 * A 4-D mask from transformers' ``sdpa_mask`` where the kernels cannot express the mask (another
-  mask function such as a sliding window, a KV offset): every layer then runs SDPA, exactly.
+  mask function, such as a chunked one): every layer then runs SDPA (or eager attention,
+  soft-capped), exactly.
 
 **Which path each layer takes** ("decode-sized": no gradient and ``Tq * Hq / Hk <= 64``, the rule
 of ``ops.decode.use_decode``), and the host synchronisations (never one per layer):
@@ -49,8 +57,10 @@ of ``ops.decode.use_decode``), and the host synchronisations (never one per laye
 * a marker, prefill-sized (or a mask ``flash_decode`` cannot express): one sync per forward for
   the sizes; no padding before ``q_start + Tq``: the plain kernel on those keys; else unpad ->
   varlen kernel -> pad.
-* transformers' ``sdpa_attention_forward`` with the mask SDPA would have had: attention dropout,
-  ``output_attentions``, 4-D masks, masks only SDPA can apply, modules without the kernel.
+* transformers' ``sdpa_attention_forward`` with the mask SDPA would have had (soft-capped: the
+  model's ``eager_attention_forward``): attention dropout, ``output_attentions``, 4-D masks, masks
+  only SDPA can apply, modules without the kernel, and a sliding window over padding that is not
+  all on the left (unpadding would change the distances between slots).
 
 Unpadding is exact for any padding pattern: a row's real queries are the last of its real keys
 (both are the real slots, in order, up to ``q_start + Tq``), so bottom-right causality within the
@@ -74,6 +84,7 @@ positions that restart at 0).  transformers' own mask only looks for packing whe
 from __future__ import annotations
 
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -89,8 +100,10 @@ from .ops.decode import flash_decode, use_decode
 
 HF_ATTENTION = "llama_kernels"  # the name the attention/mask pair is registered under
 
-# kwargs of the attention interface that change the math beyond what the kernels do
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux", "position_bias")
+# kwargs of the attention interface that change the math beyond what the kernels do (a layer's
+# `sliding_window` is read from its mask, which is what SDPA and eager attention apply; `softcap`
+# goes to the kernels)
+_UNSUPPORTED_KWARGS = ("s_aux", "position_bias")
 
 
 def register() -> None:
@@ -200,19 +213,38 @@ def _closure(fn, factory: str) -> dict:
     return {name: cell.cell_contents for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ())}
 
 
-def _hf_packed_segments(mask_function) -> Optional[torch.Tensor]:
-    """The sequence ids ``(B, T)`` if ``mask_function`` is transformers' packed causal mask
-    (``and_masks(causal, packed_sequence_mask_function(ids))``; 5.x after 5.0 judges causality on
-    ``position_ids``, which within one sequence count up by one, so the same thing), else None."""
+def _causal_window(mask_function):
+    """``(True, window)`` if ``mask_function`` is transformers' causal mask function (window None)
+    or its sliding-window one (``and_masks(sliding_window_overlay(W), causal)``), possibly remapped
+    to the positions of packed sequences (5.x after 5.0); else ``(False, None)``."""
+    remapped = _closure(mask_function, "remap_positions_for_packed_sequence").get("mask_function")
+    fn = remapped if remapped is not None else mask_function
+    if fn is causal_mask_function:
+        return True, None
+    parts = _closure(fn, "and_masks").get("mask_functions")
+    if isinstance(parts, tuple) and len(parts) == 2 and parts[1] is causal_mask_function:
+        window = _closure(parts[0], "sliding_window_overlay").get("sliding_window")
+        if isinstance(window, int) and not isinstance(window, bool) and window >= 1:
+            return True, window
+    return False, None
+
+
+def _mask_pattern(mask_function):
+    """``(window, segments)`` for the mask functions the kernels express, else None: causal
+    attention, within a sliding ``window`` of keys or not (None), over packed sequences with ids
+    ``segments (B, T)`` (``and_masks(causal, packed_sequence_mask_function(ids))``) or not (None).
+    Within one packed sequence the positions count up by one, so a window over positions (5.x
+    after 5.0 remaps the causal part to ``position_ids``) is one over slots."""
+    causal, window = _causal_window(mask_function)
+    if causal:
+        return window, None
     parts = _closure(mask_function, "and_masks").get("mask_functions")
-    if not isinstance(parts, tuple) or len(parts) != 2:
-        return None
-    causal, same_sequence = parts
-    if (causal is not causal_mask_function and
-            _closure(causal, "remap_positions_for_packed_sequence").get("mask_function") is not causal_mask_function):
-        return None
-    segments = _closure(same_sequence, "packed_sequence_mask_function").get("packed_sequence_mask")
-    return segments if isinstance(segments, torch.Tensor) and segments.ndim == 2 else None
+    if isinstance(parts, tuple) and len(parts) == 2:
+        causal, window = _causal_window(parts[0])
+        segments = _closure(parts[1], "packed_sequence_mask_function").get("packed_sequence_mask")
+        if causal and isinstance(segments, torch.Tensor) and segments.ndim == 2:
+            return window, segments
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,13 +262,14 @@ class MaskPlan:
     transformers 5.0), copied when the mask is made because the cache updates its own in place.
     ``q_slots`` (5.0 only, ``Tq > 1``) are the queries' slots, which must count up by one from
     ``q_start``.  ``padding (B, Tk)`` marks real tokens (None: all real); ``segments (B, T)`` are
-    packed sequence ids.  Device values are made on first use and kept, host values are read once:
+    packed sequence ids; ``window`` (None: none) is the sliding window of key slots each query sees
+    (``p_i - window < j <= p_i``).  Device values are made on first use and kept, host values are read once:
     every layer of the forward shares them.
     """
 
     def __init__(self, sdpa_args: dict, batch: int, q_length: int, kv_length: int, device, *,
-                 sdpa_only=False, q_start=0, q_slots=None, padding=None, segments=None):
-        self.sdpa_args, self.sdpa_only = sdpa_args, sdpa_only
+                 sdpa_only=False, q_start=0, q_slots=None, padding=None, segments=None, window=None):
+        self.sdpa_args, self.sdpa_only, self.window = sdpa_args, sdpa_only, window
         self.batch, self.q_length, self.kv_length, self.device = batch, q_length, kv_length, device
         self.q_start, self.q_slots, self.padding, self.segments = q_start, q_slots, padding, segments
         self._memo = {}
@@ -249,6 +282,10 @@ class MaskPlan:
     def sdpa_mask(self):
         """The mask transformers' SDPA would have had for this forward (for a fallback)."""
         return self._once("sdpa", lambda: sdpa_mask(**self.sdpa_args))
+
+    def dense_mask(self):
+        """That mask as a 4-D boolean tensor, never None (for eager attention)."""
+        return self._once("dense", lambda: sdpa_mask(**{**self.sdpa_args, "allow_is_causal_skip": False}))
 
     def _slots_ok(self):
         """Device bool: the queries sit in slots ``q_start .. q_start + Tq - 1`` inside the keys;
@@ -413,21 +450,25 @@ def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_fun
     its :class:`MaskPlan`, or SDPA's 4-D mask (see the module docstring).
 
     Takes the arguments of ``masking_utils.sdpa_mask`` of either transformers 5.x API: the queries
-    as ``q_length``/``q_offset`` (5.1+) or as ``cache_position`` (5.0).
+    as ``q_length``/``q_offset`` (5.1+) or as ``cache_position`` (5.0).  ``kv_offset`` is the
+    position of the first key slot (a full sliding-window cache layer keeps only its last keys):
+    the plan works in slots, so the queries sit at ``q_offset - kv_offset`` and the padding mask is
+    read from column ``kv_offset`` on.
     """
     sdpa_args = dict(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
                      mask_function=mask_function, attention_mask=attention_mask, local_size=local_size,
                      allow_is_causal_skip=allow_is_causal_skip, **kwargs)
     if cache_position is not None:  # transformers 5.0: the queries' slots
         q_length = cache_position.shape[0]
-        q_start, q_slots = cache_position[0], (cache_position if q_length > 1 else None)
+        slots = cache_position - kv_offset
+        q_start, q_slots = slots[0], (slots if q_length > 1 else None)
         sdpa_args["cache_position"] = cache_position
         device = cache_position.device
     else:
         # A static cache hands over its own length tensor, which its update then changes in place.
-        q_start = q_offset.clone() if isinstance(q_offset, torch.Tensor) else q_offset
-        q_slots = None
-        sdpa_args.update(q_length=q_length, q_offset=q_start)
+        q_offset = q_offset.clone() if isinstance(q_offset, torch.Tensor) else q_offset
+        q_start, q_slots = q_offset - kv_offset, None
+        sdpa_args.update(q_length=q_length, q_offset=q_offset)
         device = kwargs.get("device", "cpu") if attention_mask is None else attention_mask.device
 
     def sdpa():
@@ -435,32 +476,44 @@ def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_fun
         if mask is not None:
             return mask
         # SDPA's is_causal (or no mask at all) stands for this pattern: a plan that says "SDPA".
-        return _marker(MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, sdpa_only=True), None)
+        plan = MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, sdpa_only=True)
+        return _marker(plan, None, kv_offset + kv_length)
 
-    segments = None
-    if mask_function is not causal_mask_function:
-        segments = _hf_packed_segments(mask_function)
-        if segments is None or attention_mask is not None or kv_length != q_length:
-            return sdpa()  # another mask pattern: SDPA, exactly
-    if kv_offset != 0 or local_size is not None:
+    pattern = _mask_pattern(mask_function)
+    if pattern is None:
+        return sdpa()  # another mask pattern: SDPA, exactly
+    window, segments = pattern
+    if segments is not None and (attention_mask is not None or kv_length != q_length):
+        return sdpa()
+    if local_size is not None and local_size != window:
         return sdpa()
     if not isinstance(q_start, torch.Tensor) and q_start + q_length > kv_length:
         return sdpa()  # queries past the keys: not a layout the kernels assume
-    if segments is None and attention_mask is None and allow_is_causal_skip and q_length in (1, kv_length):
+    if window is not None and window >= kv_length:
+        window = None  # every key slot is within the window of every query
+    if (segments is None and window is None and attention_mask is None and allow_is_causal_skip
+            and q_length in (1, kv_length)):
         # SDPA would get no mask either (is_causal for Tq > 1): the plain kernel gives that.
         return None
-    padding = None if attention_mask is None else prepare_padding_mask(attention_mask, kv_length, 0)[:, :kv_length]
+    by_position = padding = None
+    if attention_mask is not None:
+        by_position = prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, :kv_offset + kv_length]
+        padding = by_position[:, kv_offset:]  # by slot
     plan = MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, q_start=q_start, q_slots=q_slots,
-                    padding=padding, segments=segments)
-    return _marker(plan, padding)
+                    padding=padding, segments=segments, window=window)
+    return _marker(plan, by_position, kv_offset + kv_length)
 
 
-def _marker(plan: MaskPlan, padding: Optional[torch.Tensor]) -> torch.Tensor:
-    """A new 2-D tensor standing for ``plan``: its padding mask over the key slots (all true
-    without padding), so that it means the same if transformers passes it back in as a mask."""
+def _marker(plan: MaskPlan, padding: Optional[torch.Tensor], width: int) -> torch.Tensor:
+    """A new 2-D tensor standing for ``plan``: its padding mask over the key positions
+    ``0 .. width - 1`` (``kv_offset + Tk``; all true without padding), so that it means the same if
+    transformers passes it back in as a 2-D ``attention_mask`` (which it reads by position)."""
     if padding is None:
-        padding = torch.ones((), dtype=torch.bool, device=plan.device).expand(plan.batch, plan.kv_length)
-    marker = padding[:, :]  # always a new object, so that the plan is this call's alone
+        padding = torch.ones((plan.batch, width), dtype=torch.bool, device=plan.device)
+    marker = padding[:, :width]  # always a new object, so that the plan is this call's alone
+    # Contiguous, so that `generate`'s `.contiguous()` (static caches) hands the layers this very
+    # object, whose plan the attention function then finds.
+    marker = marker if marker.is_contiguous() else marker.contiguous()
     _PLANS[marker] = plan
     return marker
 
@@ -489,16 +542,19 @@ def _plan_of(mask: torch.Tensor, q_length: int, kv_length: int) -> MaskPlan:
 def kernel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface: ``query (B, Hq, Tq, D)``, ``key, value (B, Hk, Tk, D)``
     -> ``(output (B, Tq, Hq, D), None)``.  The kernels where they give the answer (module docstring),
-    else transformers' SDPA function with the mask SDPA would have had."""
+    else transformers' own attention with the mask it would have had (:func:`_fallback`).
+
+    A sliding window comes with the mask (the plan's ``window``: what SDPA and eager attention
+    apply), soft-capping (Gemma 2) as the ``softcap`` keyword; both go to every kernel path."""
     plan = None
     if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         plan = _plan_of(attention_mask, query.shape[2], key.shape[2])
     if not _kernel_runs(module, attention_mask, plan, dropout, kwargs):
-        mask = plan.sdpa_mask() if plan is not None else attention_mask
-        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
 
     batch, _, q_length, _ = query.shape
     kv_length = key.shape[2]
+    options = dict(sm_scale=scaling, window=None if plan is None else plan.window, softcap=kwargs.get("softcap"))
     if plan is None or plan.segments is not None:
         packing = None
         if q_length == kv_length:
@@ -507,26 +563,51 @@ def kernel_attention(module, query, key, value, attention_mask, scaling=None, dr
                 packing = plan.packing() if plan is not None else _packing_from_positions(
                     kwargs.get("position_ids"), batch, q_length)
         if packing is not None:
-            return _packed_attention(query, key, value, scaling, *packing), None
-        return flash_attention(query, key, value, causal=True, sm_scale=scaling).transpose(1, 2), None
+            return _packed_attention(query, key, value, *packing, **options), None
+        return flash_attention(query, key, value, causal=True, **options).transpose(1, 2), None
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if use_decode(q_length, query.shape[1] // key.shape[1], needs_grad):
         seqlens, leftpad, row_ok = plan.decode_inputs()
         if row_ok is None or plan.decode_ok():
-            out = flash_decode(query, key, value, seqlens, scaling, cache_leftpad=leftpad)
+            out = flash_decode(query, key, value, seqlens, cache_leftpad=leftpad, **options)
             return plan.decode_output(out).transpose(1, 2), None
         # A hole in some row's keys: unpadding below expresses any mask.
 
     host = plan.host()
     if not host["ok"]:
-        return sdpa_attention_forward(module, query, key, value, plan.sdpa_mask(), scaling=scaling,
-                                      dropout=dropout, **kwargs)
+        return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
     if plan.padding is None or host["all_real"]:
         end = host["end"]
-        out = flash_attention(query, key[:, :, :end], value[:, :, :end], causal=True, sm_scale=scaling)
+        out = flash_attention(query, key[:, :, :end], value[:, :, :end], causal=True, **options)
         return out.transpose(1, 2), None
-    return _unpadded_attention(plan, query, key, value, scaling), None
+    if plan.window is not None and not plan.decode_ok():
+        # Unpadding keeps the window only where each row's real keys are contiguous slots (left
+        # padding): then a key's distance in the unpadded sequence is its distance in slots.
+        return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
+    return _unpadded_attention(plan, query, key, value, **options), None
+
+
+def _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs):
+    """transformers' SDPA function with the mask SDPA would have had; for soft-capped scores, which
+    SDPA cannot compute, the model's own eager attention with that mask as an additive float mask."""
+    if kwargs.get("softcap") is None:
+        mask = plan.sdpa_mask() if plan is not None else attention_mask
+        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    eager = next(vars(sys.modules[cls.__module__])["eager_attention_forward"] for cls in type(module).__mro__
+                 if "eager_attention_forward" in vars(sys.modules[cls.__module__]))
+    if plan is not None:
+        mask = plan.dense_mask()
+    elif attention_mask is None:  # plain causal, aligned bottom-right
+        q_length, kv_length = query.shape[2], key.shape[2]
+        mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
+    else:
+        mask = attention_mask
+    if mask.dtype == torch.bool:  # eager attention adds its mask to the scores
+        mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
+    if mask.ndim == 2:
+        mask = mask[None, None]
+    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _kernel_runs(module, attention_mask, plan, dropout, kwargs) -> bool:
@@ -548,16 +629,16 @@ def _flatten_batch(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(1, batch * length, heads, dim).transpose(1, 2)
 
 
-def _packed_attention(query, key, value, scaling, cu_q, cu_k, max_q, max_k):
+def _packed_attention(query, key, value, cu_q, cu_k, max_q, max_k, **options):
     """Packed sequences of the flattened batch: sequence ``i`` is tokens ``cu[i]:cu[i+1]``."""
     batch, heads, length, dim = query.shape
     q, k, v = _flatten_batch(query), _flatten_batch(key), _flatten_batch(value)
-    out = flash_attention(q, k, v, causal=True, sm_scale=scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                          max_seqlen_q=max_q, max_seqlen_k=max_k)
+    out = flash_attention(q, k, v, causal=True, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                          max_seqlen_k=max_k, **options)
     return out.transpose(1, 2).reshape(batch, length, heads, dim)
 
 
-def _unpadded_attention(plan: MaskPlan, query, key, value, scaling):
+def _unpadded_attention(plan: MaskPlan, query, key, value, **options):
     """Gather the queries and keys of each varlen pass of ``plan.unpadded()``, attend with the
     varlen kernel, scatter the outputs back (zeros at padding queries that see no key)."""
     batch, heads, length, dim = query.shape
@@ -565,7 +646,7 @@ def _unpadded_attention(plan: MaskPlan, query, key, value, scaling):
     for b_q, t_q, b_k, t_k, cu_q, cu_k, max_q, max_k, causal in plan.unpadded():
         q, k, v = query[b_q, :, t_q], key[b_k, :, t_k], value[b_k, :, t_k]  # (tokens, H, D)
         rows = flash_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                               causal=causal, sm_scale=scaling, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                               max_seqlen_q=max_q, max_seqlen_k=max_k)[0].transpose(0, 1)
+                               causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                               max_seqlen_k=max_k, **options)[0].transpose(0, 1)
         out = (rows.new_zeros(batch, length, heads, dim) if out is None else out).index_put((b_q, t_q), rows)
     return out

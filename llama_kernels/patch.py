@@ -1,108 +1,45 @@
 """``apply_kernels``: swap a model's eager ops for the Triton kernels, in place, from one table.
 
-Each row of the table names a flag (the keyword of :func:`apply_kernels`), the module class it
-applies to, and the class attributes to override.  A module whose class appears in the table is
-given a *patched subclass* of its class (``module.__class__ = ...``) carrying the overrides of its
-enabled rows.  Parameters, buffers, hooks and state-dict names are untouched, ``print(model)``
-shows ``kernels=[...]`` on each patched module, and calling ``apply_kernels`` again recomputes the
-subclass from the original class, so it is idempotent and can turn kernels off again.  Patched
-classes are named in this module (``RMSNorm__patched__rms_norm``), so a patched model pickles.
+Each row of the table (:class:`~llama_kernels.replacements.Replacement`) names a flag (the keyword
+of :func:`apply_kernels`), the module class it applies to, and the class attributes to override.
+Every module of the model whose class a row applies to (the row's class, or a subclass that keeps
+the overridden attributes) is given a *patched subclass* of its class (``module.__class__ = ...``)
+carrying the overrides of its enabled rows.  Parameters, buffers, hooks and state-dict names are
+untouched, ``print(model)`` shows ``kernels=[...]`` on each patched module, and calling
+``apply_kernels`` again recomputes the subclass from the original class, so it is idempotent and can
+turn kernels off again.  Patched classes are named in this module (``RMSNorm__patched__rms_norm``),
+so a patched model pickles.
 
 A row may also say which modules its kernel cannot take (``Replacement.unsupported``: a head dim
-the attention kernel has no tiles for, an MLP whose activation is not SiLU): those keep their eager
-code, decided at patch time, so nothing fails later inside a forward.  ``apply_kernels`` warns once
-about them and about modules on a device where no kernel runs, and :func:`kernel_summary` counts
-only the modules that really run a kernel.
+the attention kernel has no tiles for, an MLP whose activation has no kernel): those keep their
+eager code, decided at patch time, so nothing fails later inside a forward; ``print(model)`` shows
+``eager=[flag: why]`` on them.  ``apply_kernels`` warns once about them and about modules on a
+device where no kernel runs, and :func:`kernel_summary` counts only the modules that really run a
+kernel.
 
 * The reference model (:mod:`llama_kernels.model`) exposes its ops as class attributes (*op slots*),
-  so its rows just point the slots at the kernels (``Llama.cross_entropy``, the LM head and loss of
-  ``Llama.loss``, included: the top-level ``Llama`` gets a patched subclass too).
-* transformers' ``LlamaForCausalLM``/``LlamaModel`` (5.x) rows override ``forward`` of
-  ``LlamaRMSNorm`` and ``LlamaMLP``.  Attention goes through transformers' own extension points
-  rather than a copied forward: :mod:`llama_kernels.hf_attention` registers an attention function
-  and a mask function as the implementation ``"llama_kernels"`` (padded batches, dynamic and static
-  KV caches, packed sequences run the kernels; dropout, ``output_attentions`` and masks the kernels
-  cannot express go to transformers' SDPA function with SDPA's own mask), the attention row
-  switches the model to it, and ``apply_rotary_pos_emb`` is routed to the RoPE kernel while a
-  patched ``LlamaAttention`` runs.
-* The cross-entropy row overrides ``LlamaForCausalLM.forward`` with one function written for every
-  ``*ForCausalLM`` of the family (:mod:`llama_kernels.hf_loss`): in training mode, with ``labels``
-  and transformers' standard loss, it runs the base model with the arguments the original forward
-  would give it and computes the loss with ``fused_linear_cross_entropy`` from the last hidden
-  states (``logits=None``); every other call runs the original forward.
+  so its rows (:func:`~llama_kernels.replacements.reference_model_table`) just point the slots at
+  the kernels (``Llama.cross_entropy``, the LM head and loss of ``Llama.loss``, included: the
+  top-level ``Llama`` gets a patched subclass too).
+* transformers (5.x): :mod:`llama_kernels.hf_family` has the rows for the decoder modules of every
+  family (LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3): ``forward`` of the RMSNorm and MLP
+  modules, a thin ``forward`` of the attention modules that turns on the RoPE kernel inside, and the
+  fused loss of :mod:`llama_kernels.hf_loss` on ``*ForCausalLM``.  Attention itself goes through
+  transformers' own extension points (:mod:`llama_kernels.hf_attention`, registered as the
+  implementation ``"llama_kernels"``, which each patched model is switched to).
 """
 from __future__ import annotations
 
 import collections
-import contextvars
 import types
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from . import model as reference_model
 from .ops.common import KernelFallbackWarning, triton_runs_on
-from .ops import attention as attention_kernels, rope as rope_kernel
-from .ops.attention import flash_attention
-from .ops.cross_entropy import fused_linear_cross_entropy
-from .ops.decode import flash_decode
-from .ops.rms_norm import MAX_HIDDEN as RMS_NORM_MAX_HIDDEN, rms_norm
-from .ops.rope import apply_rotary
-from .ops.swiglu import swiglu
-
-FLAGS = ("rms_norm", "swiglu", "rope", "attention", "cross_entropy")
-
-
-@dataclass(frozen=True)
-class Replacement:
-    """One row of a patch table: with ``flag`` on, instances of ``target`` get ``overrides``.
-
-    ``unsupported(module)``, when given, says why that module's shapes or settings are beyond the
-    kernel (a short phrase), or returns None: such a module keeps its eager code for this row, so
-    it can never fail later inside a forward, and ``apply_kernels`` warns once.
-    """
-
-    flag: str
-    target: type
-    overrides: dict = field(hash=False)
-    unsupported: Optional[Callable[[torch.nn.Module], Optional[str]]] = field(default=None, hash=False)
-
-
-def _attention_head_dim_unsupported(module) -> Optional[str]:
-    d = module.head_dim
-    if attention_kernels.supports_head_dim(d):
-        return None
-    return f"head_dim {d} (the attention kernel takes multiples of 16 up to {attention_kernels.MAX_HEAD_DIM})"
-
-
-def _rope_head_dim_unsupported(module) -> Optional[str]:
-    d = module.head_dim
-    if rope_kernel.supports_head_dim(d):
-        return None
-    return f"head_dim {d} (the RoPE kernel takes even head dims up to {rope_kernel.MAX_HEAD_DIM})"
-
-
-def _rms_norm_size_unsupported(module) -> Optional[str]:
-    n = module.weight.shape[0]
-    return f"hidden size {n} (the RMSNorm kernel takes up to {RMS_NORM_MAX_HIDDEN})" if n > RMS_NORM_MAX_HIDDEN else None
-
-
-def reference_model_table() -> list[Replacement]:
-    """Rows for :class:`llama_kernels.model.Llama`: point each op slot at its kernel."""
-    return [
-        Replacement("rms_norm", reference_model.RMSNorm, {"rms_norm": staticmethod(rms_norm)},
-                    _rms_norm_size_unsupported),
-        Replacement("swiglu", reference_model.MLP, {"swiglu": staticmethod(swiglu)}),
-        Replacement("rope", reference_model.Attention, {"apply_rotary": staticmethod(apply_rotary)},
-                    _rope_head_dim_unsupported),
-        Replacement("attention", reference_model.Attention, {"attention": staticmethod(flash_attention),
-                                                             "decode_attention": staticmethod(flash_decode)},
-                    _attention_head_dim_unsupported),
-        Replacement("cross_entropy", reference_model.Llama,
-                    {"cross_entropy": staticmethod(fused_linear_cross_entropy)}),
-    ]
+from .replacements import FLAGS, Replacement, original_class, reference_model_table  # noqa: F401 (API)
+from . import model as reference_model
 
 
 _patched_classes: dict = {}
@@ -125,132 +62,52 @@ def _patched_class(base: type, rows: list[Replacement]) -> type:
 def __getattr__(name: str):
     """Patched classes by their qualified name (``RMSNorm__patched__rms_norm``), for unpickling."""
     base_name, *rest = name.split("__")
-    if len(rest) >= 2 and rest[0] == "patched":
+    if rest and rest[0] == "patched":
         kernels = set(rest[1:])
-        tables = [reference_model_table]
-        if base_name.startswith("Llama"):
-            # transformers' classes (LlamaRMSNorm, ...), imported only when the reference model's
-            # own (Llama itself) do not match: unpickling the reference model needs no transformers.
-            tables.append(lambda: hf_table()[0])
-        for table in tables:
-            rows = [r for r in table() if r.target.__name__ == base_name and r.flag in kernels]
-            if rows and {r.flag for r in rows} == kernels:
-                return _patched_class(rows[0].target, rows)
+        # transformers' classes (LlamaRMSNorm, ...) are looked up only when the reference model's
+        # own do not match: unpickling the reference model needs no transformers.
+        for table in (reference_model_table, _hf_rows):
+            named = [r for r in table() if r.target.__name__ == base_name]
+            rows = [r for r in named if r.flag in kernels]
+            if named and {r.flag for r in rows} == kernels:
+                return _patched_class(named[0].target, rows)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _extra_repr(self) -> str:
-    base_repr = type(self)._lk_base.extra_repr(self)
-    return ", ".join(filter(None, [base_repr, f"kernels=[{', '.join(self._lk_kernels)}]"]))
-
-
-def original_class(module: torch.nn.Module) -> type:
-    """The class ``module`` had before any ``apply_kernels``."""
-    return vars(type(module)).get("_lk_base", type(module))
-
-
-# ---------------------------------------------------------------------------------------------
-# transformers
-# ---------------------------------------------------------------------------------------------
-SUPPORTED_TRANSFORMERS = (5,)  # major versions whose LLaMA modules the rows below were checked on
-
-# Kernel families active in the LlamaAttention.forward now running (rope is read by the global
-# `apply_rotary_pos_emb` dispatcher, which transformers calls without the module).
-_active_kernels: contextvars.ContextVar = contextvars.ContextVar("llama_kernels_active", default=())
-
-
-def _hf_rms_norm_forward(self, hidden_states):
-    if self.weight.dtype != hidden_states.dtype:  # transformers returns the promoted dtype here
-        return original_class(self).forward(self, hidden_states)
-    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
-
-
-def _hf_mlp_forward(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
-def _hf_mlp_activation_unsupported(module) -> Optional[str]:
-    act = module.config.hidden_act
-    return None if act in ("silu", "swish") else f"hidden_act {act!r} (the kernel is SwiGLU: 'silu')"
-
-
-def _hf_attention_forward(self, *args, **kwargs):
-    token = _active_kernels.set(self._lk_kernels)
+def _hf_rows() -> list[Replacement]:
     try:
-        return original_class(self).forward(self, *args, **kwargs)
-    finally:
-        _active_kernels.reset(token)
+        from .hf_family import hf_table
+    except ImportError:  # no transformers
+        return []
+    return hf_table()[0]
 
 
-def _hf_rotary_dispatch(q, k, cos, sin, unsqueeze_dim=1):
-    """Stands in for ``modeling_llama.apply_rotary_pos_emb``: the kernel inside patched attention."""
-    # Under autocast q, k are half and cos, sin float32: the kernel promotes as eager does.
-    if "rope" in _active_kernels.get() and unsqueeze_dim == 1 and q.dtype == k.dtype:
-        return apply_rotary(q, k, cos, sin)
-    return _hf_rotary_dispatch.original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-
-
-def hf_table() -> tuple[list[Replacement], callable]:
-    """Rows for transformers' LLaMA modules, and the function that finishes patching a model."""
-    import transformers
-    from transformers.models.llama import modeling_llama as llama
-
-    from . import hf_loss
-
-    major = int(transformers.__version__.split(".")[0])
-    if major not in SUPPORTED_TRANSFORMERS:
-        raise RuntimeError(
-            f"apply_kernels supports transformers 5.x LLaMA models; transformers {transformers.__version__} "
-            "is installed (pip install 'transformers>=5,<6')"
-        )
-    _install_hf_hooks()
-    rows = [
-        Replacement("rms_norm", llama.LlamaRMSNorm, {"forward": _hf_rms_norm_forward}, _rms_norm_size_unsupported),
-        Replacement("swiglu", llama.LlamaMLP, {"forward": _hf_mlp_forward}, _hf_mlp_activation_unsupported),
-        Replacement("rope", llama.LlamaAttention, {"forward": _hf_attention_forward}, _rope_head_dim_unsupported),
-        Replacement("attention", llama.LlamaAttention, {"forward": _hf_attention_forward},
-                    _attention_head_dim_unsupported),
-        Replacement("cross_entropy", llama.LlamaForCausalLM,
-                    {"forward": hf_loss.causal_lm_forward(llama.LlamaForCausalLM)}, hf_loss.lm_head_unsupported),
-    ]
-    return rows, _hf_finish
-
-
-def _install_hf_hooks() -> None:
-    """Register the attention and mask functions with transformers and route
-    ``apply_rotary_pos_emb`` through the dispatcher.  Both are inert for models nobody patched;
-    idempotent."""
-    from transformers.models.llama import modeling_llama as llama
-
-    from . import hf_attention
-
-    hf_attention.register()
-    if llama.apply_rotary_pos_emb is not _hf_rotary_dispatch:
-        _hf_rotary_dispatch.original = llama.apply_rotary_pos_emb
-        llama.apply_rotary_pos_emb = _hf_rotary_dispatch
-
-
-def _hf_finish(model, enabled: dict) -> None:
-    from .hf_attention import HF_ATTENTION
-
-    current = model.config._attn_implementation
-    if enabled["attention"] and current != HF_ATTENTION:
-        model._lk_previous_attention = current
-        model.set_attn_implementation(HF_ATTENTION)
-    elif not enabled["attention"] and current == HF_ATTENTION:
-        model.set_attn_implementation(getattr(model, "_lk_previous_attention", "sdpa"))
+def _extra_repr(self) -> str:
+    """The module's own repr, then ``kernels=[...]`` and, for rows it could not take, ``eager=[...]``."""
+    base_repr = type(self)._lk_base.extra_repr(self)
+    eager = getattr(self, "_lk_eager", {})
+    return ", ".join(filter(None, [
+        base_repr, f"kernels=[{', '.join(self._lk_kernels)}]",
+        eager and f"eager=[{'; '.join(f'{flag}: {reason}' for flag, reason in eager.items())}]"]))
 
 
 def _table_for(model: torch.nn.Module):
-    """``(rows, finish)`` for ``model``'s kind; ``finish(model, enabled)`` may be None."""
+    """``(rows, finish)`` for the modules inside ``model``; ``finish(model, enabled)`` may be None."""
     if any(isinstance(m, reference_model.Llama) for m in model.modules()):
         return reference_model_table(), None
-    base = original_class(model)  # the model itself is patched (cross_entropy) from a first call
-    if base.__module__.startswith("transformers.") and base.__name__ in ("LlamaForCausalLM", "LlamaModel"):
-        return hf_table()
+    classes = {original_class(m) for m in model.modules()}
+    transformers_inside = any(cls.__module__.startswith("transformers.") for cls in classes)
+    if transformers_inside:
+        from .hf_family import hf_table
+
+        rows, finish = hf_table()
+        if any(row.applies_to(cls) for row in rows for cls in classes):
+            return rows, finish
+    from .hf_family import family_names
+
     raise TypeError(
-        f"model must be a llama_kernels.model.Llama or a transformers LlamaForCausalLM/LlamaModel, "
-        f"got {type(model).__name__}"
+        f"model must be a llama_kernels.model.Llama or a transformers model built from the decoder modules "
+        f"of a supported family ({family_names()}); {type(model).__name__} has none"
     )
 
 
@@ -258,18 +115,22 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
                   attention: bool = True, cross_entropy: bool = True):
     """Patch ``model`` in place to run the Triton kernels; returns ``model``.
 
-    Works on :class:`llama_kernels.model.Llama` and on transformers ``LlamaForCausalLM`` /
-    ``LlamaModel`` instances (weights kept).  Each flag turns one kernel family on or off; calling
-    again with other flags re-patches from the original classes (``apply_kernels(m, rms_norm=False,
+    Works on :class:`llama_kernels.model.Llama` and on transformers models of the LLaMA family
+    (LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3; see :mod:`llama_kernels.hf_family`): the
+    decoder modules inside ``model`` are patched whatever its head (``*ForCausalLM``, ``*Model``,
+    ``*ForSequenceClassification``, a wrapper of one), weights kept.  Each flag turns one kernel
+    family on or off (``swiglu`` covers the gated MLP, SwiGLU or Gemma's GeGLU); calling again with
+    other flags re-patches from the original classes (``apply_kernels(m, rms_norm=False,
     swiglu=False, rope=False, attention=False, cross_entropy=False)`` restores the eager model).
 
     ``cross_entropy`` fuses the LM head with the loss: ``Llama.loss`` of the reference model, and a
-    transformers ``LlamaForCausalLM`` called with ``labels`` in training mode, which then returns
+    transformers ``*ForCausalLM`` called with ``labels`` in training mode, which then returns
     the loss with ``logits=None`` (eval mode, and calls without labels, keep the logits).
 
     A module the kernels cannot take (e.g. an attention head dim that is not a multiple of 16, an
-    MLP whose activation is not SiLU) keeps its eager code for that family, and one warning lists
-    them; so does a module on a device where no Triton kernel runs (see :func:`kernel_summary`).
+    MLP whose activation is neither SiLU nor GELU-tanh) keeps its eager code for that family,
+    ``print(model)`` says ``eager=[flag: why]`` on it, and one warning lists them; so does a module
+    on a device where no Triton kernel runs (see :func:`kernel_summary`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -279,22 +140,27 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
     table, finish = _table_for(model)
-    targets = {row.target for row in table}
     unsupported = collections.defaultdict(collections.Counter)  # flag -> {"MLP with ...": count}
     for module in model.modules():
         base = original_class(module)
-        if base not in targets:
+        matching = [row for row in table if row.applies_to(base)]
+        if not matching:
             continue
-        rows = []
-        for row in table:
-            if row.target is not base or not enabled[row.flag]:
+        rows, eager = [], {}
+        for row in matching:
+            if not enabled[row.flag]:
                 continue
             reason = row.unsupported(module) if row.unsupported is not None else None
             if reason is None:
                 rows.append(row)
             else:
+                eager[row.flag] = reason
                 unsupported[row.flag][f"{base.__name__} with {reason}"] += 1
-        module.__class__ = _patched_class(base, rows) if rows else base
+        module.__class__ = _patched_class(base, rows) if rows or eager else base
+        if eager:
+            module._lk_eager = eager
+        elif "_lk_eager" in vars(module):
+            del module._lk_eager
         _rebind_instance_forward(module, base)
     if finish is not None:
         finish(model, enabled)

@@ -186,7 +186,7 @@ def test_tiny_hf_unsupported_modules_stay_eager(device):
         patched = lk.apply_kernels(copy.deepcopy(model))
     assert len(caught) == 1
     message = str(caught[0].message)
-    assert "2 x LlamaMLP with hidden_act 'gelu'" in message and "2 x LlamaAttention with head_dim 24" in message
+    assert "2 x LlamaMLP with activation GELUActivation" in message and "2 x LlamaAttention with head_dim 24" in message
     assert kernel_summary(patched) == {"rms_norm": 5, "swiglu": 0, "rope": 2, "attention": 0, "cross_entropy": 1}
     ids = torch.randint(1, 120, (2, 11), device=device)
     with torch.no_grad():

@@ -1,0 +1,222 @@
+"""The transformers rows of ``apply_kernels``' table: the decoder modules of the LLaMA family.
+
+LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3 and Phi-3 build their decoders from the same four
+modules, named ``<Prefix>RMSNorm``, ``<Prefix>MLP``, ``<Prefix>Attention`` and (the LM head and
+loss) ``<Prefix>ForCausalLM``.  They differ in a handful of places, each a row option here rather
+than a copied forward:
+
+* RMSNorm: LLaMA's rounds the normalised row to the input dtype before scaling by the weight;
+  Gemma's scales by ``1 + weight`` in float32 and rounds once (``rms_norm(offset=1.0,
+  casting="gemma")``).  Qwen3 and Gemma 3 also normalise q and k per head with the same modules
+  (``q_norm``, ``k_norm``), so those run the kernel too.
+* MLP: the activation of the gated unit is read off the module (``act_fn``): SiLU runs
+  ``swiglu``, GELU-tanh (Gemma's ``gelu_pytorch_tanh``) runs ``geglu``, any other stays eager.
+  Phi-3 projects gate and up in one matmul (``gate_up_proj``); its halves go to the kernel as views.
+* Attention: transformers' own extension points (:mod:`llama_kernels.hf_attention`) see each
+  layer's sliding window in its mask and its ``softcap`` in the call, so Mistral's and Qwen2's
+  windows, Gemma 2/3's alternating local and global layers and Gemma 2's soft-capping need no row
+  option.  RoPE: each family's ``apply_rotary_pos_emb`` is routed to the kernel while a patched
+  attention module runs (Phi-3's partial rotary: the kernel on the rotated slice).
+* ``*ForCausalLM``: the fused loss of :mod:`llama_kernels.hf_loss`; Gemma 2's final-logit
+  soft-capping is refused at patch time (that model keeps transformers' loss).
+
+Rows apply to a model's modules whatever the model around them (``*ForCausalLM``, ``*Model``,
+``*ForSequenceClassification``, a user's wrapper or subclass).
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .ops import rope as rope_kernel
+from .ops.rms_norm import rms_norm
+from .ops.rope import apply_rotary
+from .ops.swiglu import geglu, swiglu
+from .replacements import (Replacement, attention_head_dim_unsupported, original_class, rms_norm_size_unsupported,
+                           rope_head_dim_unsupported)
+
+SUPPORTED_TRANSFORMERS = (5,)  # major versions whose modules the rows below were checked on
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: ``transformers.models.<module>.modeling_<module>`` and its class prefix."""
+
+    name: str  # as the README names it
+    module: str
+    prefix: str
+    gemma_norm: bool = False  # RMSNorm scales by (1 + weight) in float32 and rounds once
+    fused_mlp: bool = False  # one gate_up_proj matmul, chunked (Phi-3)
+
+
+FAMILIES = (
+    Family("LLaMA", "llama", "Llama"),
+    Family("Mistral", "mistral", "Mistral"),
+    Family("Qwen2", "qwen2", "Qwen2"),
+    Family("Qwen3", "qwen3", "Qwen3"),
+    Family("Gemma", "gemma", "Gemma", gemma_norm=True),
+    Family("Gemma 2", "gemma2", "Gemma2", gemma_norm=True),
+    Family("Gemma 3", "gemma3", "Gemma3", gemma_norm=True),
+    Family("Phi-3", "phi3", "Phi3", fused_mlp=True),
+)
+
+# Kernel families active in the attention forward now running (rope is read by the modeling
+# module's `apply_rotary_pos_emb`, which transformers calls without the module).
+_active_kernels: contextvars.ContextVar = contextvars.ContextVar("llama_kernels_active", default=())
+
+
+# ---------------------------------------------------------------------------------------------
+# forwards of the patched modules
+# ---------------------------------------------------------------------------------------------
+def _llama_rms_norm_forward(self, hidden_states):
+    if self.weight.dtype != hidden_states.dtype:  # transformers returns the promoted dtype here
+        return original_class(self).forward(self, hidden_states)
+    return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _gemma_rms_norm_forward(self, x):
+    return rms_norm(x, self.weight, self.eps, offset=1.0, casting="gemma")
+
+
+def _gated_unit(activation):
+    """The kernel for ``activation(gate) * up``, or None if ``activation`` is not one of ours."""
+    from transformers.activations import GELUTanh, SiLUActivation
+
+    kinds = {SiLUActivation: swiglu, torch.nn.SiLU: swiglu, GELUTanh: geglu}
+    return kinds.get(type(activation))
+
+
+def _mlp_forward(self, x):
+    return self.down_proj(_gated_unit(self.act_fn)(self.gate_proj(x), self.up_proj(x)))
+
+
+def _fused_mlp_forward(self, hidden_states):
+    gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)  # views: no copy
+    return self.down_proj(_gated_unit(self.activation_fn)(gate, up))
+
+
+def _mlp_activation_unsupported(module) -> Optional[str]:
+    activation = getattr(module, "act_fn", None) or getattr(module, "activation_fn", None)
+    if _gated_unit(activation) is not None:
+        return None
+    return (f"activation {type(activation).__name__} (the kernels are SiLU (SwiGLU) and GELU-tanh "
+            "(GeGLU, 'gelu_pytorch_tanh'))")
+
+
+def _attention_forward(self, *args, **kwargs):
+    token = _active_kernels.set(self._lk_kernels)
+    try:
+        return original_class(self).forward(self, *args, **kwargs)
+    finally:
+        _active_kernels.reset(token)
+
+
+def _rotary_dispatcher(original):
+    """Stands in for a modeling module's ``apply_rotary_pos_emb``: the kernel inside patched attention."""
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        # Under autocast q, k are half and cos, sin float32: the kernel promotes as eager does.
+        if "rope" in _active_kernels.get() and unsqueeze_dim == 1 and q.dtype == k.dtype:
+            rotary_dim = cos.shape[-1]
+            if rotary_dim == q.shape[-1]:
+                return apply_rotary(q, k, cos, sin)
+            if rotary_dim < q.shape[-1] and rope_kernel.supports_head_dim(rotary_dim):
+                # Phi-3's partial rotary: the first rotary_dim features turn, the rest pass through.
+                q_rot, k_rot = apply_rotary(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+                return (torch.cat([q_rot, q[..., rotary_dim:]], dim=-1),
+                        torch.cat([k_rot, k[..., rotary_dim:]], dim=-1))
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    apply_rotary_pos_emb.original = original
+    return apply_rotary_pos_emb
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------
+def modeling_modules() -> dict:
+    """``{family: transformers' modeling module}`` for the families this transformers has."""
+    modules = {}
+    for family in FAMILIES:
+        try:
+            modules[family] = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+        except ImportError:
+            continue
+    return modules
+
+
+def _family_rows(family: Family, modeling) -> list[Replacement]:
+    from . import hf_loss
+
+    classes = {kind: getattr(modeling, family.prefix + kind)
+               for kind in ("RMSNorm", "MLP", "Attention", "ForCausalLM")}
+    norm_forward = _gemma_rms_norm_forward if family.gemma_norm else _llama_rms_norm_forward
+    mlp_forward = _fused_mlp_forward if family.fused_mlp else _mlp_forward
+    causal_lm = classes["ForCausalLM"]
+    return [
+        Replacement("rms_norm", classes["RMSNorm"], {"forward": norm_forward}, rms_norm_size_unsupported),
+        Replacement("swiglu", classes["MLP"], {"forward": mlp_forward}, _mlp_activation_unsupported),
+        Replacement("rope", classes["Attention"], {"forward": _attention_forward}, rope_head_dim_unsupported),
+        Replacement("attention", classes["Attention"], {"forward": _attention_forward},
+                    attention_head_dim_unsupported),
+        Replacement("cross_entropy", causal_lm, {"forward": hf_loss.causal_lm_forward(causal_lm)},
+                    hf_loss.lm_head_unsupported),
+    ]
+
+
+def hf_table() -> tuple[list[Replacement], callable]:
+    """Rows for every family's modules, and the function that finishes patching a model."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    if major not in SUPPORTED_TRANSFORMERS:
+        raise RuntimeError(
+            f"apply_kernels supports transformers 5.x models; transformers {transformers.__version__} "
+            "is installed (pip install 'transformers>=5,<6')"
+        )
+    modules = modeling_modules()
+    _install_hooks(modules.values())
+    rows = [row for family, modeling in modules.items() for row in _family_rows(family, modeling)]
+    return rows, _finish
+
+
+def _install_hooks(modeling_modules) -> None:
+    """Register the attention and mask functions with transformers and route each family's
+    ``apply_rotary_pos_emb`` through a dispatcher.  Both are inert for models nobody patched;
+    idempotent."""
+    from . import hf_attention
+
+    hf_attention.register()
+    for modeling in modeling_modules:
+        if not hasattr(modeling.apply_rotary_pos_emb, "original"):
+            modeling.apply_rotary_pos_emb = _rotary_dispatcher(modeling.apply_rotary_pos_emb)
+
+
+def _finish(model, enabled: dict) -> None:
+    """Switch every outermost transformers model inside ``model`` to the kernels' attention (or
+    back to the implementation it had)."""
+    from transformers import PreTrainedModel
+
+    from .hf_attention import HF_ATTENTION
+
+    def outermost(module):
+        if isinstance(module, PreTrainedModel):
+            yield module
+        else:
+            for child in module.children():
+                yield from outermost(child)
+
+    for pretrained in outermost(model):
+        current = pretrained.config._attn_implementation
+        if enabled["attention"] and current != HF_ATTENTION:
+            pretrained._lk_previous_attention = current
+            pretrained.set_attn_implementation(HF_ATTENTION)
+        elif not enabled["attention"] and current == HF_ATTENTION:
+            pretrained.set_attn_implementation(getattr(pretrained, "_lk_previous_attention", "sdpa"))
+
+
+def family_names() -> str:
+    return ", ".join(f.name for f in FAMILIES)
