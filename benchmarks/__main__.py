@@ -78,6 +78,16 @@ def shape_list(text: str) -> tuple[str, ...]:
     return _name_list(text, tuple(MODELS), "shape")
 
 
+def family_name(text: str) -> str:
+    """``--family`` value: one key of :data:`benchmarks.bench_model.FAMILIES` (imported on first use:
+    it needs torch, not triton)."""
+    from .bench_model import FAMILIES
+
+    if text not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"unknown model family {text!r}; known: {', '.join(FAMILIES)}")
+    return text
+
+
 PARTS = ("ops", "model", "batches")
 
 
@@ -108,8 +118,8 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
                       help="tiny shapes, to test the harness (automatic without CUDA): timings mean nothing")
     p.add_argument("--only", type=part_list, metavar="PARTS",
                    help="comma-separated parts to run (default: all): ops (every op, varlen attention included), "
-                        "model (LLaMA-3-8B-shaped training, prefill, decode), batches (transformers LLaMA on "
-                        "padded and packed batches: padded generation, packed training)")
+                        "model (LLaMA-3-8B-shaped, or --family's, training, prefill, decode), batches (transformers "
+                        "LLaMA on padded and packed batches: padded generation, packed training)")
     p.add_argument("--out", type=Path,
                    help="output folder (default benchmarks/results; for smoke runs a new temporary folder)")
     p.add_argument("--ops", type=op_list, metavar="NAMES",
@@ -119,6 +129,10 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--shapes", type=shape_list, metavar="NAMES",
                    help="comma-separated model shapes replacing the mode's (ops only; every op runs at each), "
                         "e.g. llama3-8b,smollm2-135m")
+    p.add_argument("--family", type=family_name, default="llama", metavar="NAME",
+                   help="the model part's model family (default llama: LLaMA-3-8B shapes, the reference model and "
+                        "transformers' LLaMA); qwen3 (Qwen3-8B) or gemma2 (Gemma-2-9B): transformers' model of that "
+                        "family only (hf, hf+ours, hf+compile, hf+liger); results named <stem>-NAME")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the torch.compile providers (default: yes, except in smoke mode)")
     return p
@@ -191,6 +205,8 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     records: list = []
     limits, interrupted = None, None
     stem = common.file_stem(settings, date)
+    if args.family != "llama":  # another model: never overwrite the LLaMA run's files of the same day
+        stem = f"{stem}-{args.family}"
 
     def report(interrupted: str | None, complete: bool) -> dict:
         common.add_speedups(records)
@@ -207,7 +223,8 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
             "settings": {"warmup_ms": settings.warmup_ms, "rep_ms": settings.rep_ms, "host_reps": settings.host_reps,
                          "rotate_bytes": settings.rotate_bytes, "compile": settings.compile,
                          "timer": "triton.testing.do_bench median" if on_gpu else "host clock median (CPU)"},
-            "providers": {**bench_ops.provider_notes(), **bench_model.provider_notes(),
+            "model_family": args.family,
+            "providers": {**bench_ops.provider_notes(), **bench_model.provider_notes(args.family),
                           **bench_batches.provider_notes()},
             "ops": {s.name: s.note for s in bench_ops.OPS},
             "wall_s": common.elapsed_s(),
@@ -233,7 +250,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         if "ops" in parts:
             bench_ops.run(settings, limits, records, progress)
         if "model" in parts:
-            bench_model.run(settings, limits, records, progress)
+            bench_model.run(settings, limits, records, progress, family=args.family)
         if "batches" in parts:
             bench_batches.run(settings, limits, records, progress)
     except (KeyboardInterrupt, Terminated) as exc:

@@ -39,10 +39,25 @@ embedding excluded: a lookup), ``L`` layers, ``Hq`` query heads of dim ``D``:
   one row) plus the K and V cache of every layer up to the current position (2 L Hk pos D s), plus
   the new K/V row; their sum over the timed steps / difference is compared with the measured copy
   bandwidth (the roofline fraction of decode: the target is >= 0.75 of the copy bandwidth).
+
+``--family NAME`` (:data:`FAMILIES`; default ``llama``, all of the above) benchmarks another
+transformers family at a real model's shapes instead, with the sweep's layer count: ``qwen3``
+(Qwen3-8B) or ``gemma2`` (Gemma-2-9B).  Its providers are transformers' model only: ``hf`` (SDPA
+attention, or eager where SDPA cannot run the model: Gemma 2's soft-capped logits), ``hf+ours``
+(``apply_kernels``), ``hf+compile`` (``model.compile()``, when the compile providers are on; decode
+in full mode only, as ``torch.compile``'s) and ``hf+liger`` (the family's
+``apply_liger_kernel_to_<family>``); the reference model is LLaMA's only.  Its records' shape is
+the model's (``qwen3-8b``, ``gemma2-9b``; ``qwen3-smoke``... in smoke runs) and their ``dims``
+name the family and head dim.  The work counts above take the family's head dim ``D`` (Gemma 2:
+256, not hidden / heads), and a local (sliding-window) layer of Gemma 2 counts only the causal
+query-key pairs inside its window (T^2 / 2 - (T - W)^2 / 2 for T > W); soft-capping's tanh and the
+norms are not counted (the records' note says so).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 
 import torch
 
@@ -53,6 +68,62 @@ LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, n
                  num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
 SMOKE = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=4096)
+# Qwen3-8B (36 layers in the real model; the sweep's layer count here).
+QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
+                max_position_embeddings=40960, tie_word_embeddings=False)
+# Gemma-2-9B (42 layers, alternating local (sliding-window) and global attention; tied LM head).
+GEMMA2_9B = dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
+                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
+                 rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One transformers model family of the model benchmark: ``--family NAME``."""
+
+    shape: str  # the records' shape label (the real model)
+    title: str  # the real model, for the log and the notes
+    module: str  # transformers.models.<module>.modeling_<module>
+    prefix: str  # class prefix: <prefix>Config, <prefix>ForCausalLM, <prefix>RMSNorm, <prefix>MLP
+    dims: dict  # the real model's config, but its layer count (the sweep's)
+    smoke: dict  # tiny config of the same kind, for --smoke
+    smoke_shape: str  # the records' shape label in smoke runs
+    liger: str  # liger_kernel.transformers' function for it
+    attention: str = "sdpa"  # transformers' attn_implementation of the hf providers
+    note: str | None = None  # what the FLOP counts leave out, for the records' note
+    ours_note: str | None = None  # what apply_kernels leaves to transformers, for hf+ours' note
+
+    @property
+    def config_class(self) -> str:
+        return f"{self.prefix}Config"
+
+    @property
+    def model_class(self) -> str:
+        return f"{self.prefix}ForCausalLM"
+
+
+# The families --family takes.  llama also has the reference-model providers (eager, ours,
+# torch.compile); the others run transformers' model only (hf, hf+ours, hf+compile, hf+liger).
+FAMILIES = {
+    "llama": Family("llama3-8b", "LLaMA-3-8B", "llama", "Llama", LLAMA3_8B, SMOKE, "smoke",
+                    "apply_liger_kernel_to_llama"),
+    "qwen3": Family("qwen3-8b", "Qwen3-8B", "qwen3", "Qwen3", QWEN3_8B,
+                    dict(SMOKE, head_dim=32, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
+                    "qwen3-smoke", "apply_liger_kernel_to_qwen3"),
+    # Soft-capped attention logits: SDPA cannot soft-cap, so transformers runs Gemma 2 eager.  The
+    # smoke config's head dim differs from hidden / heads, as the real one's (256 vs 224) does, and
+    # its window (8) is shorter than the smoke sweep's 16 tokens, so its local layers slide.
+    "gemma2": Family("gemma2-9b", "Gemma-2-9B", "gemma2", "Gemma2", GEMMA2_9B,
+                     dict(GEMMA2_9B, vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
+                          max_position_embeddings=4096),
+                     "gemma2-smoke", "apply_liger_kernel_to_gemma2", attention="eager",
+                     note="the soft-capping (tanh) of attention scores and final logits not counted",
+                     ours_note="the LM head and loss stay transformers' (apply_kernels does not fuse the "
+                               "final-logit soft-capping)"),
+}
 
 # layers: as many as leave room for eager's activations at the largest T on an 80 GB card.
 SWEEPS = {
@@ -66,13 +137,23 @@ LOSS_TOLERANCE = 1e-2  # relative difference of the first loss from the family's
 # too: the reference model, eager and patched.  transformers' generate has no such step here, and
 # a compiled model keeps its plain generate (its decode runs in full mode only).
 GRAPH_DECODE = ("eager", "ours")
+COMPILED = ("torch.compile", "hf+compile")  # compiled models: more warm-up, decode in full mode only
 DECODE_NOTES = {True: "decode: generate(cuda_graphs=True), one CUDA-graph replay per step",
                 False: "decode: plain generate, not graph-captured (one launch per kernel per step)"}
 
 
-def _config(settings: Settings) -> dict:
-    base = SMOKE if settings.mode == "smoke" else LLAMA3_8B
-    return dict(base, num_hidden_layers=SWEEPS[settings.mode]["layers"])
+def _config(settings: Settings, family: str = "llama") -> dict:
+    fam = FAMILIES[family]
+    base = fam.smoke if settings.mode == "smoke" else fam.dims
+    layers = SWEEPS[settings.mode]["layers"]
+    cfg = dict(base, num_hidden_layers=layers)
+    if "sliding_window" in base:  # Gemma 2: local layers first, then alternating (transformers' default)
+        cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    return cfg
+
+
+def _head_dim(cfg) -> int:
+    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
 @contextlib.contextmanager
@@ -139,15 +220,17 @@ def _llama(cfg, settings):
         return Llama(LlamaConfig(**cfg))
 
 
-def _hf(cfg, settings):
+def _hf(cfg, settings, family: str = "llama"):
+    fam = FAMILIES[family]
     try:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        import transformers
+
+        config_class, model_class = getattr(transformers, fam.config_class), getattr(transformers, fam.model_class)
     except Exception as exc:
-        raise Missing(f"transformers not importable ({type(exc).__name__}: {exc})") from None
-    config = LlamaConfig(**cfg, head_dim=cfg["hidden_size"] // cfg["num_attention_heads"],
-                         attn_implementation="sdpa")
+        raise Missing(f"transformers' {fam.model_class} not importable ({type(exc).__name__}: {exc})") from None
+    config = config_class(**dict(cfg, head_dim=_head_dim(cfg)), attn_implementation=fam.attention)
     with _building(settings.device):
-        return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+        return model_class._from_config(config, dtype=torch.bfloat16)
 
 
 def _patched(model):
@@ -159,20 +242,26 @@ def _patched(model):
         raise Missing(f"llama_kernels.apply_kernels unavailable: {type(exc).__name__}: {exc}") from None
 
 
-def _liger_patched(stack: contextlib.ExitStack, model):
+def _liger_patched(stack: contextlib.ExitStack, model, family: str = "llama"):
+    fam = FAMILIES[family]
     try:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-        from transformers.models.llama import modeling_llama
+        import liger_kernel.transformers as liger
+
+        modeling = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
     except Exception as exc:
         raise Missing(f"liger_kernel not importable ({type(exc).__name__}: {exc}); "
                       "benchmarks/README.md says how to carry its wheel") from None
-    # Liger also swaps module-level names of transformers' LLaMA for every later model: undo that
-    # when this provider is done, so it cannot leak into other providers (or other tests).
-    saved = {n: getattr(modeling_llama, n) for n in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP")}
-    saved_forward = modeling_llama.LlamaForCausalLM.forward
-    stack.callback(lambda: [setattr(modeling_llama, n, v) for n, v in saved.items()])
-    stack.callback(setattr, modeling_llama.LlamaForCausalLM, "forward", saved_forward)
-    apply_liger_kernel_to_llama(model=model)
+    apply = getattr(liger, fam.liger, None)
+    if apply is None:
+        raise Missing(f"this liger_kernel has no {fam.liger}")
+    # Liger also swaps module-level names of transformers' modeling module for every later model:
+    # undo that when this provider is done, so it cannot leak into other providers (or other tests).
+    saved = {n: getattr(modeling, n) for n in ("apply_rotary_pos_emb", f"{fam.prefix}RMSNorm", f"{fam.prefix}MLP")}
+    causal_lm = getattr(modeling, fam.model_class)
+    saved_forward = causal_lm.forward
+    stack.callback(lambda: [setattr(modeling, n, v) for n, v in saved.items()])
+    stack.callback(setattr, causal_lm, "forward", saved_forward)
+    apply(model=model)
     return model
 
 
@@ -190,8 +279,28 @@ def _compiled_runner(cfg, settings) -> LlamaRunner:
                               "timed", loss=torch.compile(model.loss))
 
 
-def provider_notes() -> dict:
+def provider_notes(family: str = "llama") -> dict:
     """What each provider of the model benchmark is, for the report's provider list."""
+    if family != "llama":
+        fam = FAMILIES[family]
+        work = "; ".join(filter(None, (
+            f"work counts as LLaMA's, with its head dim {fam.dims['head_dim']}",
+            "the attention FLOP of local (sliding-window) layers count only the query-key pairs inside the window"
+            if "sliding_window" in fam.dims else None,
+            fam.note)))
+        return {
+            f"model ({fam.title} shapes)": f"transformers {fam.model_class} only (the reference model is "
+                                          f"LLaMA's); {work}",
+            "model hf / hf+ours / hf+compile / hf+liger": f"transformers {fam.model_class} "
+                                                          f"(attn_implementation={fam.attention}): plain, "
+                                                          f"apply_kernels, model.compile(), {fam.liger} (defaults, "
+                                                          "incl. fused linear cross-entropy)",
+            "model train": "transformers' model(input_ids=ids, labels=ids).loss (hf+ours: fused in training mode "
+                           "where apply_kernels patches the loss; hf+liger: Liger's fused linear cross-entropy); "
+                           "the training-mode loss is checked against the unpatched model (hf) first",
+            "model decode": "plain generate, not graph-captured, generate(N) - generate(1) (hf+compile: full "
+                            "mode only). Bytes per step / time over the copy bandwidth is the roofline fraction",
+        }
     return {
         "model eager / ours / torch.compile": "llama_kernels.model.Llama: eager, apply_kernels, model.compile()",
         "model hf / hf+ours / hf+liger": "transformers LlamaForCausalLM (sdpa): plain, apply_kernels, "
@@ -211,8 +320,22 @@ def provider_notes() -> dict:
     }
 
 
-def providers(cfg: dict, settings: Settings) -> dict:
+def providers(cfg: dict, settings: Settings, family: str = "llama") -> dict:
     """name -> builder(stack) of a runner; each runs alone and is freed (stack closed) after."""
+    if family != "llama":  # transformers' model of the family only: one builder, the family its argument
+        fam = FAMILIES[family]
+        hf = lambda: _hf(cfg, settings, family)  # noqa: E731
+        return {
+            "hf": lambda stack: HFRunner(hf(), f"transformers {fam.model_class}, attn_implementation={fam.attention}"),
+            "hf+ours": lambda stack: HFRunner(_patched(hf()), "; ".join(filter(None, (
+                "apply_kernels on transformers' model", fam.ours_note)))),
+            "hf+compile": lambda stack: HFRunner(_compiled(hf(), settings),
+                                                 "model.compile() of transformers' model, default mode; compile "
+                                                 "time not timed"),
+            "hf+liger": lambda stack: HFRunner(_liger_patched(stack, hf(), family),
+                                               f"{fam.liger} defaults (fused linear cross-entropy: no logits in "
+                                               "training)"),
+        }
     return {
         "eager": lambda stack: LlamaRunner(_llama(cfg, settings)),
         "ours": lambda stack: LlamaRunner(_patched(_llama(cfg, settings))),
@@ -229,14 +352,36 @@ def providers(cfg: dict, settings: Settings) -> dict:
 # Work counts
 # ---------------------------------------------------------------------------------------------
 def _linear_params(cfg) -> int:
-    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], _head_dim(cfg)
     attn = h * d * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])  # q, o and k, v
     return cfg["num_hidden_layers"] * (attn + 3 * h * i) + h * cfg["vocab_size"]
 
 
+def _causal_pairs(t: int, window: int | None) -> float:
+    """Query-key pairs of causal attention over ``t`` tokens, counted as t^2 / 2; with a sliding
+    ``window`` (each query sees its last ``window`` keys) the pairs past it drop out: t^2 / 2 -
+    (t - window)^2 / 2 when t > window."""
+    pairs = t * t / 2
+    if window is not None and t > window:
+        pairs -= (t - window) ** 2 / 2
+    return pairs
+
+
 def _attention_fwd_flop(cfg, t: int) -> float:
-    d = cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * 4 * cfg["num_attention_heads"] * t * t * d / 2
+    """4 Hq D per query-key pair, summed over the layers: a local layer (``layer_types``, Gemma 2)
+    counts its window's pairs only."""
+    per_pair = 4 * cfg["num_attention_heads"] * _head_dim(cfg)
+    types = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]
+    return sum(per_pair * _causal_pairs(t, cfg["sliding_window"] if kind == "sliding_attention" else None)
+               for kind in types[:cfg["num_hidden_layers"]])
+
+
+def _flop_note(cfg, fam: Family) -> str | None:
+    parts = []
+    if "sliding_attention" in cfg.get("layer_types", ()):
+        parts.append(f"attention FLOP of the local (sliding-window) layers count only the query-key pairs inside "
+                     f"their {cfg['sliding_window']}-token window")
+    return "; ".join(filter(None, (*parts, fam.note))) or None
 
 
 def _weight_bytes_per_token(model, cfg) -> int:
@@ -254,7 +399,7 @@ def _decode_bytes(cfg, weight_bytes: int, prompt: int, first: int, last: int, el
     """Bytes decode steps ``first..last`` (1-based, inclusive) of a generation after a ``prompt``-token
     prefill must move (see the module docstring): step j writes the K/V row of position
     prompt + j - 1 and reads the prompt + j rows up to it."""
-    d = cfg["hidden_size"] // cfg["num_attention_heads"]
+    d = _head_dim(cfg)
     kv_row = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * d * elem  # K and V, all layers
     steps = last - first + 1
     positions_read = sum(prompt + j for j in range(first, last + 1))
@@ -273,10 +418,14 @@ _OPS = (("prefill", "forward"), ("decode", "generate"), ("decode-no-graph", "gen
         ("train", "forward+backward+AdamW"))
 
 
-def _record(name, op, tokens, cfg, settings, **kw) -> Record:
+def _record(name, op, tokens, cfg, settings, family="llama", **kw) -> Record:
+    fam = FAMILIES[family]
     dims = {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                                 "num_key_value_heads", "vocab_size")}
-    return Record("model", op, dict(_OPS)[op], name, "smoke" if settings.mode == "smoke" else "llama3-8b",
+    dims.update(head_dim=_head_dim(cfg), family=family)
+    if kw.get("work_unit") == "FLOP":  # what the FLOP count of this family approximates
+        kw["note"] = "; ".join(filter(None, (kw.get("note"), _flop_note(cfg, fam)))) or None
+    return Record("model", op, dict(_OPS)[op], name, fam.smoke_shape if settings.mode == "smoke" else fam.shape,
                   {**dims, "batch": 1}, tokens, "bf16", **kw)
 
 
@@ -293,10 +442,10 @@ def _plan(settings: Settings, name: str):
             + [("train", t) for t in sweep["train"]])
 
 
-def _measure(name, runner, cfg, settings, limits, records, ref_losses):
+def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="llama"):
     sweep = dict(SWEEPS[settings.mode])
     dev = settings.device
-    if name == "torch.compile":  # the first calls compile (and may recompile): never time them
+    if name in COMPILED:  # the first calls compile (and may recompile): never time them
         sweep["warmup"] += 2
 
     # Check first: the first loss must agree with the same family's unpatched model.  In eval mode
@@ -308,7 +457,8 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
     except Exception as exc:
         status, reason = classify(exc)
         for op, tokens in _plan(settings, name):
-            records.append(_record(name, op, tokens, cfg, settings, status=status, reason=reason, note=runner.note))
+            records.append(_record(name, op, tokens, cfg, settings, family, status=status, reason=reason,
+                                   note=runner.note))
             say(records[-1].describe())
         return
     ref = ref_losses.setdefault(runner.family, loss)
@@ -316,7 +466,7 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
     say(f"model {name}: first loss {loss:.4f} ({runner.family} reference {ref:.4f})")
 
     def attempt(op, tokens, body, note=runner.note, **kw):
-        r = _record(name, op, tokens, cfg, settings, note=note, **kw)
+        r = _record(name, op, tokens, cfg, settings, family, note=note, **kw)
         if mismatch:
             r.status, r.reason = "mismatch", f"first loss {loss:.4f} vs {runner.family}'s {ref:.4f}"
         else:
@@ -341,7 +491,7 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
         r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(call, dev)
 
     def decode(r, prompt, new, graphs):
-        if name == "torch.compile" and settings.mode != "full":
+        if name in COMPILED and settings.mode != "full":
             raise Skipped("compiled decode recompiles for new cache lengths: full mode only")
         if graphs and dev.type != "cuda":
             raise Skipped("the CUDA-graph decode step (generate(cuda_graphs=True)) needs a CUDA device; "
@@ -411,17 +561,20 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses):
                 work=6 * _linear_params(cfg) * t + 3.5 * _attention_fwd_flop(cfg, t), work_unit="FLOP")
 
 
-def run(settings: Settings, limits: dict, records: list, progress=None) -> None:
+def run(settings: Settings, limits: dict, records: list, progress=None, family: str = "llama") -> None:
     """Measure every provider of :func:`providers` into ``records``, one model at a time.
 
     ``progress(label)``, when given, is called after each provider's figures are in ``records``
-    (``__main__`` rewrites the report then, so a run killed later keeps them).
+    (``__main__`` rewrites the report then, so a run killed later keeps them).  ``family`` (a key
+    of :data:`FAMILIES`) picks the model: LLaMA-3-8B's shapes and the reference model too, or
+    another transformers family's (its ``hf`` providers only).
     """
-    cfg = _config(settings)
-    say(f"model: {cfg['num_hidden_layers']} layers of LLaMA-3-8B shape" if settings.mode != "smoke"
-        else "model: tiny smoke config")
+    fam = FAMILIES[family]
+    cfg = _config(settings, family)
+    say(f"model: {cfg['num_hidden_layers']} layers of {fam.title} shape" if settings.mode != "smoke"
+        else f"model: tiny smoke config ({family})")
     ref_losses: dict = {}
-    for name, build in providers(cfg, settings).items():
+    for name, build in providers(cfg, settings, family).items():
         say(f"model {name}: building")
         with contextlib.ExitStack() as stack:
             try:
@@ -429,14 +582,14 @@ def run(settings: Settings, limits: dict, records: list, progress=None) -> None:
             except Exception as exc:
                 status, reason = classify(exc)
                 for op, tokens in _plan(settings, name):
-                    records.append(_record(name, op, tokens, cfg, settings, status=status, reason=reason))
+                    records.append(_record(name, op, tokens, cfg, settings, family, status=status, reason=reason))
                     say(records[-1].describe())
             else:
                 try:
-                    _measure(name, runner, cfg, settings, limits, records, ref_losses)
+                    _measure(name, runner, cfg, settings, limits, records, ref_losses, family)
                 finally:
                     del runner
-                    if name == "torch.compile":
+                    if name in COMPILED:
                         torch._dynamo.reset()
                     free_memory()
         if progress is not None:

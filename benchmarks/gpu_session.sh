@@ -28,9 +28,14 @@
 #                 ours-deterministic, eager, sdpa-flash, sdpa-cudnn, flash-attn if importable), out
 #                 to ATTN_DIR; its files renamed <stem>-attention*, copied as <stem>-attention.json,
 #                 <stem>-attention.md, and packed into bench.tgz too     ATTN_TIMEOUT (150 s)
+#   f. bench.txt  (appended; not in the default PHASES) the model benchmark of another transformers
+#                 family, FAMILY_ARGS (default: --quick --only model --family qwen3: Qwen3-8B's shapes,
+#                 2 layers; hf, hf+ours, hf+compile, hf+liger), out to FAMILY_DIR; its files are named
+#                 <stem>-<family>* by the benchmark itself, packed into bench.tgz, its markdown appended
+#                 to bench.txt (no plain copies: 8 files at most come back)   FAMILY_TIMEOUT (240 s)
 #   c. tests.txt  the rest of the CUDA test suite in the time left (pytest-xdist / pytest-timeout
 #                 when importable)                                     the rest of SESSION_BUDGET
-# The phases run in the order a, b, v, d, c.  SESSION_BUDGET (default 540 s) bounds all of them
+# The phases run in the order a, b, v, d, f, c.  SESSION_BUDGET (default 540 s) bounds all of them
 # together (the device tool allows 600 s a call): each phase's limit is cut to what is left.
 # What phase v cost the others: phase b no longer runs flash_attention (phase d sweeps the same
 # shapes with the same providers) and its limit went from 300 s to 240 s.  linear_cross_entropy
@@ -40,10 +45,12 @@
 # is cut at its limit (the model part runs after the ops), BENCH_ARGS with --no-compile saves
 # inductor's compile time.
 # PHASES (default abvdc) runs only some, e.g. PHASES=b to rerun the benchmark on a warm machine,
-# PHASES=v for the packed/padded benchmarks alone, PHASES=dc for the attention sweep and the tests;
+# PHASES=v for the packed/padded benchmarks alone, PHASES=dc for the attention sweep and the tests,
+# PHASES=f for the other family's model benchmark (the default first call is at its time limit, so
+# phase f is never in it: FAMILY_ARGS="--quick --only model --family gemma2" for Gemma-2-9B);
 # BENCH_ARGS are the benchmark's arguments (default: --quick --only ops,model and every op but
 # flash_attention and varlen_attention; a new op must be added to that list), e.g. "--quick
-# --no-compile"; VARLEN_ARGS and ATTN_ARGS those of phases v and d (--out is added).
+# --no-compile"; VARLEN_ARGS, ATTN_ARGS and FAMILY_ARGS those of phases v, d and f (--out is added).
 # From the repository root on the GPU box, carrying the wheels in .whl (see benchmarks/README.md):
 #   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # then, on the warm machine, the attention sweep and the tests (their logs in bench.txt, tests.txt):
@@ -51,6 +58,8 @@
 # (15 minutes of device time hold the start, about 560 s and about 200 s), or the packed/padded
 # benchmarks alone:
 #   run(command="PHASES=v bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=240)
+# or the model benchmark of another family (Qwen3-8B's shapes; a session of its own, or instead of dc):
+#   run(command="SESSION_BUDGET=270 PHASES=f bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=300)
 # The tool returns at most 8 files from $OUT, and these are the 8: check.txt, bench.txt,
 # <stem>.json, <stem>.md, <stem>-attention.json, <stem>-attention.md, bench.tgz, tests.txt.
 set -uo pipefail
@@ -60,11 +69,13 @@ BUDGET=${SESSION_BUDGET:-540}
 BENCH_DIR=${BENCH_DIR:-/tmp/bench}
 ATTN_DIR=${ATTN_DIR:-/tmp/bench-attention}
 VARLEN_DIR=${VARLEN_DIR:-/tmp/bench-varlen}
+FAMILY_DIR=${FAMILY_DIR:-/tmp/bench-family}
 PHASES=${PHASES:-abvdc}
 # Every op but flash_attention (phase d) and varlen_attention (phase v): a new op goes here.
 read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---quick --only ops,model --ops rms_norm,rms_norm+residual,swiglu,apply_rotary,decode,linear_cross_entropy}"
 read -r -a VARLEN_ARGS <<< "${VARLEN_ARGS:---quick --only ops,batches --ops varlen_attention --shapes llama3-8b,smollm2-135m}"
 read -r -a ATTN_ARGS <<< "${ATTN_ARGS:---quick --only ops --ops flash_attention --shapes llama3-8b,smollm2-135m --tokens 2048,4096,8192,16384 --no-compile}"
+read -r -a FAMILY_ARGS <<< "${FAMILY_ARGS:---quick --only model --family qwen3}"
 START=$SECONDS
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -100,16 +111,16 @@ limited() {
 }
 has() { "$PY" -c "import $1" 2>/dev/null; }
 wanted() { [[ $PHASES == *$1* ]]; }
-# `pack`: every file of phases b, v and d (the folders at the root: their names differ) in bench.tgz.
+# `pack`: every file of phases b, v, d and f (the folders at the root: their names differ) in bench.tgz.
 pack() {
   local args=() d
-  for d in "$BENCH_DIR" "$VARLEN_DIR" "$ATTN_DIR"; do
+  for d in "$BENCH_DIR" "$VARLEN_DIR" "$ATTN_DIR" "$FAMILY_DIR"; do
     compgen -G "$d/*" > /dev/null && args+=(-C "$d" .)
   done
   if ((${#args[@]})); then
     tar -czf "$OUT/bench.tgz" "${args[@]}" && echo "copied to $OUT: $(ls "$OUT" | tr '\n' ' ')"
   else
-    echo "the benchmarks wrote nothing to $BENCH_DIR, $VARLEN_DIR or $ATTN_DIR"
+    echo "the benchmarks wrote nothing to $BENCH_DIR, $VARLEN_DIR, $ATTN_DIR or $FAMILY_DIR"
   fi
 }
 # `add_suffix DIR SUFFIX`: <stem>.json, <stem>.md, <stem>-ops-<op>.png ... in DIR become <stem>-SUFFIX.json,
@@ -124,7 +135,7 @@ add_suffix() {
     done
   done
 }
-CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- VARLEN_RC=- ATTN_RC=- TESTS_RC=-
+CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- VARLEN_RC=- ATTN_RC=- FAMILY_RC=- TESTS_RC=-
 
 phase "setup" | tee "$OUT/check.txt"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -225,6 +236,20 @@ if wanted d; then
   pack | tee -a "$OUT/bench.txt"
 fi
 
+# --- f. another model family (not in the default PHASES) ----------------------------------------------
+if wanted f; then
+  phase "f. python -m benchmarks ${FAMILY_ARGS[*]} --out $FAMILY_DIR" | tee -a "$OUT/bench.txt"
+  rm -rf "${FAMILY_DIR:?}" # a fresh folder: only this run's files are packed and appended
+  limited "$(limit "${FAMILY_TIMEOUT:-240}")" "$PY" -m benchmarks "${FAMILY_ARGS[@]}" --out "$FAMILY_DIR" \
+    2>&1 | tee -a "$OUT/bench.txt"
+  FAMILY_RC=$?
+  # No plain copies in $OUT (8 files at most come back): the JSON is in bench.tgz, the tables here.
+  for f in "$FAMILY_DIR"/*.md; do
+    [ -f "$f" ] && { echo "--- $(basename "$f")"; cat "$f"; } >> "$OUT/bench.txt"
+  done
+  pack | tee -a "$OUT/bench.txt"
+fi
+
 # --- c. the rest of the CUDA test suite ---------------------------------------------------------------
 if wanted c; then
   phase "c. the rest of the test suite${XDIST:+ (pytest-xdist, ${XDIST[1]} workers)}" | tee "$OUT/tests.txt"
@@ -241,6 +266,6 @@ if wanted c; then
 fi
 
 phase "done: check rc $CHECK_RC, quick tests rc $CHECK_TESTS_RC, benchmark rc $BENCH_RC, varlen rc $VARLEN_RC," \
-  "attention rc $ATTN_RC, tests rc $TESTS_RC" \
+  "attention rc $ATTN_RC, family rc $FAMILY_RC, tests rc $TESTS_RC" \
   | tee -a "$OUT/check.txt"
 exit 0

@@ -159,7 +159,11 @@ def generate(args) -> int:
 # (tests/helpers.py, which the package cannot import): the kernel's error must be at most twice the
 # error of the reference op run at the same precision ("eager", the error users already accept),
 # plus a floor of 1e-6 of the output's scale for where eager is exact to the last bit.
-CHECK_OPS = ("rms_norm", "swiglu", "apply_rotary", "flash_attention", "fused_linear_cross_entropy")
+CHECK_OPS = ("rms_norm", "gemma_rms_norm", "swiglu", "geglu", "apply_rotary", "flash_attention",
+             "window_softcap_attention", "fused_linear_cross_entropy")
+# Gemma 2's options on the attention check: a sliding window of a quarter of the tokens and a
+# soft cap low enough to bend random scores (the models' own, 50, barely would).
+CHECK_WINDOW_FRACTION, CHECK_SOFTCAP = 4, 10.0
 CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # The shapes ``check --shape`` takes: model widths, the (batch, tokens) of the norm and MLP inputs,
@@ -220,14 +224,32 @@ def _check_cases(device: torch.device, dtype: torch.dtype, shape: dict | None = 
     def rope_kernel(q, k):
         return lk.apply_rotary(q, k, cos, sin)
 
+    gemma = dict(offset=1.0, casting="gemma")
+    local = dict(window=max(1, tq // CHECK_WINDOW_FRACTION), softcap=CHECK_SOFTCAP)
+
+    def gemma_norm_kernel(x, w):
+        return lk.rms_norm(x, w, **gemma)
+
+    def gemma_norm_eager(x, w):
+        return reference.rms_norm(x, w, **gemma)
+
+    def local_attention_kernel(q, k, v):
+        return lk.flash_attention(q, k, v, **local)
+
+    def local_attention_eager(q, k, v):
+        return reference.attention(q, k, v, **local)
+
     def rope_eager(q, k):
         return reference.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
 
     return {
         "rms_norm": (lk.rms_norm, reference.rms_norm, (x, w), ("x", "weight")),
+        "gemma_rms_norm": (gemma_norm_kernel, gemma_norm_eager, (x, w), ("x", "weight")),
         "swiglu": (lk.swiglu, reference.swiglu, (gate, up), ("gate", "up")),
+        "geglu": (lk.geglu, reference.geglu, (gate, up), ("gate", "up")),
         "apply_rotary": (rope_kernel, rope_eager, (q, k), ("q", "k")),
         "flash_attention": (lk.flash_attention, reference.attention, (q, k, v), ("q", "k", "v")),
+        "window_softcap_attention": (local_attention_kernel, local_attention_eager, (q, k, v), ("q", "k", "v")),
         "fused_linear_cross_entropy": (lm_loss_kernel, lm_loss_eager, (x, head.to(dtype)), ("hidden", "weight")),
     }
 

@@ -456,7 +456,7 @@ def test_a_run_stopped_after_the_first_op_keeps_its_figures(stop, monkeypatch, t
 def test_a_killed_model_run_keeps_the_providers_measured_before(monkeypatch, tmp_path):
     real = bench_model.providers
 
-    def providers(cfg, settings):
+    def providers(cfg, settings, family="llama"):
         def killed(stack):
             raise Killed()
 
@@ -470,6 +470,76 @@ def test_a_killed_model_run_keeps_the_providers_measured_before(monkeypatch, tmp
     assert report["complete"] is False and report["interrupted"].startswith("partial: written after model eager")
     assert {(r["op"], r["provider"]) for r in report["records"]} == {
         ("prefill", "eager"), ("decode", "eager"), ("decode-no-graph", "eager"), ("train", "eager")}
+
+
+def test_family_option_runs_another_transformers_family(monkeypatch, tmp_path):
+    """--family qwen3 end to end (transformers' unpatched model only: hf+ours under the interpreter
+    costs ~20 s, and tests/test_families.py checks apply_kernels on every family), then the table:
+    the real models' shapes, Gemma 2's eager attention and windowed FLOP, and hf+liger's undo."""
+    import contextlib
+    import sys
+    import types
+
+    import torch
+
+    from benchmarks.common import make_settings
+
+    real = bench_model.providers
+
+    def providers(cfg, settings, family="llama"):
+        built = real(cfg, settings, family)
+        assert list(built) == ["hf", "hf+ours", "hf+compile", "hf+liger"]
+        return {"hf": built["hf"]}
+
+    monkeypatch.setattr(bench_model, "providers", providers)
+    assert main(["--smoke", "--only", "model", "--family", "qwen3", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path.stem.endswith("-qwen3")  # never the LLaMA run's file
+    report = json.loads(json_path.read_text())
+    assert report["model_family"] == "qwen3" and "model (Qwen3-8B shapes)" in report["providers"]
+    records = report["records"]
+    assert {(r["op"], r["provider"], r["status"], r["shape"]) for r in records} == {
+        (op, "hf", "ok", "qwen3-smoke") for op in ("prefill", "decode", "train")}
+    cfg = bench_model._config(make_settings("smoke", torch.device("cpu"), False), "qwen3")
+    assert all(r["dims"]["family"] == "qwen3" and r["dims"]["head_dim"] == cfg["head_dim"] for r in records)
+    monkeypatch.setattr(bench_model, "providers", real)
+
+    # The real models: Qwen3-8B and Gemma-2-9B at the sweep's layer count, their own head dims.
+    quick, full = (make_settings(m, torch.device("cpu"), False) for m in ("quick", "full"))
+    qwen = bench_model._config(quick, "qwen3")
+    assert (qwen["vocab_size"], qwen["intermediate_size"], qwen["head_dim"], qwen["rope_theta"]) == (
+        151936, 12288, 128, 1e6) and qwen["num_hidden_layers"] == bench_model.SWEEPS["quick"]["layers"]
+    gemma = bench_model._config(full, "gemma2")
+    assert gemma["layer_types"] == ["sliding_attention", "full_attention"] * 2 and gemma["head_dim"] == 256
+    t, w, per_pair = 8192, 4096, 4 * 16 * 256  # local layers: only the pairs inside the window
+    assert bench_model._attention_fwd_flop(gemma, t) == 2 * per_pair * t * t / 2 + 2 * per_pair * (
+        t * t / 2 - (t - w) ** 2 / 2)
+    assert bench_model._linear_params(gemma) == 4 * (3584 * 256 * 48 + 3 * 3584 * 14336) + 3584 * 256000
+    smoke = make_settings("smoke", torch.device("cpu"), False)
+    model = bench_model._hf(bench_model._config(smoke, "gemma2"), smoke, "gemma2")
+    assert model.config._attn_implementation == "eager" and model.config.head_dim == 64  # != 128 / 4
+    assert model.config.final_logit_softcapping == 30.0 and model.config.sliding_window == 8
+
+    # hf+liger: Liger swaps the modeling module's names; they are restored when the provider ends.
+    from transformers.models.gemma2 import modeling_gemma2
+
+    names = ("apply_rotary_pos_emb", "Gemma2RMSNorm", "Gemma2MLP")
+    before = [getattr(modeling_gemma2, n) for n in names] + [modeling_gemma2.Gemma2ForCausalLM.forward]
+
+    def fake_apply(model):
+        for n in names:
+            setattr(modeling_gemma2, n, object())
+        modeling_gemma2.Gemma2ForCausalLM.forward = lambda self, **kw: None
+
+    liger = types.ModuleType("liger_kernel")
+    liger.transformers = types.SimpleNamespace(apply_liger_kernel_to_gemma2=fake_apply)
+    monkeypatch.setitem(sys.modules, "liger_kernel", liger)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", liger.transformers)
+    with contextlib.ExitStack() as stack:
+        bench_model._liger_patched(stack, model, "gemma2")
+        assert modeling_gemma2.Gemma2RMSNorm is not before[1]
+    assert [getattr(modeling_gemma2, n) for n in names] + [modeling_gemma2.Gemma2ForCausalLM.forward] == before
+    assert main(["--smoke", "--only", "model", "--family", "nope", "--out", str(tmp_path)]) == 2
 
 
 def test_decode_bytes_split_at_the_graph_baseline():
