@@ -26,6 +26,7 @@ Rows apply to a model's modules whatever the model around them (``*ForCausalLM``
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Optional
@@ -82,12 +83,17 @@ def _gemma_rms_norm_forward(self, x):
     return rms_norm(x, self.weight, self.eps, offset=1.0, casting="gemma")
 
 
-def _gated_unit(activation):
-    """The kernel for ``activation(gate) * up``, or None if ``activation`` is not one of ours."""
+@functools.cache
+def _gated_units() -> dict:
+    """Activation module class -> the kernel computing ``activation(gate) * up``."""
     from transformers.activations import GELUTanh, SiLUActivation
 
-    kinds = {SiLUActivation: swiglu, torch.nn.SiLU: swiglu, GELUTanh: geglu}
-    return kinds.get(type(activation))
+    return {SiLUActivation: swiglu, torch.nn.SiLU: swiglu, GELUTanh: geglu}
+
+
+def _gated_unit(activation):
+    """The kernel for ``activation(gate) * up``, or None if ``activation`` is not one of ours."""
+    return _gated_units().get(type(activation))
 
 
 def _mlp_forward(self, x):
