@@ -19,12 +19,14 @@ OLDEST_PIP := $(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c
 OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_cross_entropy_models.py tests/test_families.py
 # ... less what only runs kernels (the op checks of `llama-kernels check`) or repeats, at the price
 # of a real model in the interpreter, a path the rest of them covers (generation and masks: the
-# SmolLM2 and tiny-model generation tests and the families' window tests; the fused loss's
+# tiny-model generation tests and the families' window tests; the fused loss's
 # training step: test_cross_entropy_models; the CLI's generate plumbing: the same on either torch).
 OLDEST_DESELECT ?= --deselect tests/test_cli.py::test_check_passes_on_this_device \
 	--deselect tests/test_cli.py::test_check_at_the_llama3_8b_shape \
 	--deselect tests/test_cli.py::test_generate_with_smollm2 \
 	--deselect tests/test_hf.py::test_smollm2_training_step \
+	--deselect tests/test_hf.py::test_smollm2_greedy_generation_token_for_token \
+	--deselect tests/test_hf.py::test_smollm2_padded_batch_generation \
 	--deselect tests/test_families.py::test_family_greedy_generation
 
 # --dist loadfile: one worker runs each test file, so that a file's module-scoped fixtures (the

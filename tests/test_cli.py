@@ -9,14 +9,15 @@ from llama_kernels import cli
 
 
 def test_check_passes_on_this_device(capsys):
-    assert cli.main(["check"]) == 0
+    # float32 and bfloat16 (the interpreter's hard case); float16 is the op tests' (and the GPU's)
+    assert cli.main(["check", "--dtypes", "fp32,bf16"]) == 0
     lines = capsys.readouterr().out.splitlines()
     for op in cli.CHECK_OPS:
         for direction in ("forward", "backward"):  # one line per dtype and direction
-            assert sum(line.split()[:1] == [op] and direction in line for line in lines) == 3, (op, direction)
+            assert sum(line.split()[:1] == [op] and direction in line for line in lines) == 2, (op, direction)
     assert not any("FAIL" in line for line in lines)
     assert "fused_linear_cross_entropy" in cli.CHECK_OPS
-    assert lines[-1].startswith(f"check: {len(cli.CHECK_OPS) * 3 * 2} passed, 0 failed on ")
+    assert lines[-1].startswith(f"check: {len(cli.CHECK_OPS) * 2 * 2} passed, 0 failed on ")
 
 
 def test_check_at_the_llama3_8b_shape(capsys, monkeypatch):
