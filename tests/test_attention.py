@@ -281,7 +281,7 @@ def test_other_tilings(shape, monkeypatch, device):
 def test_gpu_operand_path_float16(monkeypatch, device):
     """Run the GPU's dot path (float16 operands straight into tl.dot, P and dS cast to float16)
     under the interpreter, whose float16 dots are sound (its bfloat16 ones are not)."""
-    monkeypatch.setattr(attention_tiles, "dot_mode", lambda dtype: (False, "tf32"))
+    monkeypatch.setattr(attention_tiles, "dot_mode", lambda dtype, device: (False, "tf32"))
     for shape in [(2, 4, 2, 37, 37, 64), (1, 4, 1, 16, 80, 96), (1, 2, 2, 40, 20, 64)]:
         q, k, v = make_qkv(*shape, torch.float16, device)
         check(f"attention half operands {shape}", q, k, v, causal=True)

@@ -16,6 +16,8 @@ from llama_kernels import patch, reference
 from llama_kernels.model import Llama, LlamaConfig, StaticDecodeStep
 from llama_kernels.ops import common, decode
 from llama_kernels.ops.attention import flash_attention
+from llama_kernels.ops.attention_launch import tile_family
+from llama_kernels.ops.device import device_limits
 from llama_kernels.ops.common import LAUNCHES, KernelFallbackWarning
 from llama_kernels.ops.decode import flash_decode
 from helpers import DTYPES, assert_like_eager, max_error
@@ -50,7 +52,7 @@ def check_flash_decode(name, q, k_cache, v_cache, cache_seqlens):
 
 def splits_of(q, k_cache):
     rows = q.shape[2] * q.shape[1] // k_cache.shape[1]
-    block_n = decode.decode_config(q.shape[-1], q.dtype, rows)[0]
+    block_n = decode.decode_configs(q.shape[-1], q.dtype, rows, tile_family(device_limits(q.device)))[0][0]
     return decode.decode_splits(q.shape[0], k_cache.shape[1], k_cache.shape[2], block_n, q.device)
 
 

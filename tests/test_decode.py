@@ -5,7 +5,9 @@ import torch
 from llama_kernels import reference
 from llama_kernels.ops import decode
 from llama_kernels.ops.attention import flash_attention
+from llama_kernels.ops.attention_launch import tile_family
 from llama_kernels.ops.common import INTERPRET, LAUNCHES
+from llama_kernels.ops.device import device_limits
 from helpers import DTYPES, assert_like_eager, check_against_oracle
 
 @pytest.fixture(autouse=True)
@@ -23,7 +25,7 @@ def check_decode(name, q, k, v, causal=True):
         out = flash_attention(q, k, v, causal)
     assert LAUNCHES[SPLIT] == 1 and LAUNCHES["attention_fwd_kernel"] == 0, dict(LAUNCHES)
     rows = q.shape[2] * q.shape[1] // k.shape[1]
-    block_n = decode.decode_config(q.shape[-1], q.dtype, rows)[0]
+    block_n = decode.decode_configs(q.shape[-1], q.dtype, rows, tile_family(device_limits(q.device)))[0][0]
     splits, _ = decode.decode_splits(q.shape[0], k.shape[1], k.shape[2], block_n, q.device)
     assert LAUNCHES[COMBINE] == (1 if splits > 1 else 0)
     oracle = reference.attention(q.double(), k.double(), v.double(), causal)
@@ -112,7 +114,7 @@ def test_gradients_use_training_kernels(device):
 @pytest.mark.skipif(not INTERPRET, reason="on the GPU this is the default path")
 def test_gpu_operand_path_float16(monkeypatch, device):
     """The GPU's float16 dot operands under the interpreter (sound for float16)."""
-    monkeypatch.setattr(decode, "dot_mode", lambda dtype: (False, "tf32"))
+    monkeypatch.setattr(decode, "dot_mode", lambda dtype, device: (False, "tf32"))
     q = torch.randn(1, 8, 3, 96, device=device, dtype=torch.float16)
     k = torch.randn(1, 2, 600, 96, device=device, dtype=torch.float16)
     v = torch.randn(1, 2, 600, 96, device=device, dtype=torch.float16)

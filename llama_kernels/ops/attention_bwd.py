@@ -64,7 +64,8 @@ from .attention_tiles import (
     varlen_tile,
     window_key_bounds,
 )
-from .common import INTERPRET, compilable, count_launch, num_sms
+from .common import INTERPRET, compilable, count_launch
+from .device import num_sms
 
 # Split a KV group's query heads over programs while the dK/dV grid has fewer programs than this
 # many per multiprocessor (tests patch it).  Judged with a nominal key tile of SPLIT_KEY_TILE.
@@ -476,8 +477,8 @@ def _reduce(parts, out, splits, scale, head_dim):
     block_t = 16 if INTERPRET else max(8, 8192 // block_d)
     attention_bwd_reduce_kernel[(batch * heads, triton.cdiv(seq, block_t))](
         parts, out, heads, splits, seq, scale, *out.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=4,
-    )
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, num_warps=8,
+    )  # 8 warps: 32 float32 sums a thread (4 warps spill 8 bytes of 64 on sm_80 with Triton 3.9)
     count_launch(attention_bwd_reduce_kernel)
 
 
@@ -520,12 +521,13 @@ def attention_bwd(
 
     delta = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
     if not exact_delta:
-        # Two float32 tiles of block_m x BLOCK_D: about 4k elements each keeps them in registers.
+        # Two float32 tiles of block_m x BLOCK_D: about 4k elements each, 16 a thread over 8 warps
+        # (over 4, sm_100's ptxas in Triton 3.9 gives it 48 registers and spills 32 bytes).
         # Every row (packed or not) is one row here.
         block_m = 16 if INTERPRET else max(16, min(64, 4096 // block_d))
         attention_bwd_preprocess_kernel[(batch * heads, triton.cdiv(seq_q, block_m))](
             o, do, delta, *o.stride(), *do.stride(), heads, seq_q,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=4,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, num_warps=8,
         )
         count_launch(attention_bwd_preprocess_kernel)
 
@@ -538,7 +540,7 @@ def attention_bwd(
         )
         launch(attention_bwd_dq_kernel, _TUNED["dq"], "dq",
                lambda meta: (batch * heads, grid_tiles(seq_q, meta["BLOCK_M"], cu_seqlens_q, max_seqlen_q)),
-               dq_args, {**consts, "EXACT_DELTA": exact_delta}, *tuning, q.element_size())
+               dq_args, {**consts, "EXACT_DELTA": exact_delta}, *tuning, q.element_size(), q.device)
 
     splits = head_splits(batch, kv_heads, seq_k, group, q.device)
     if splits == 1:
@@ -560,7 +562,7 @@ def attention_bwd(
     launch(kernel, _TUNED[kind], kind,
            lambda meta: (batch * kv_heads * splits,
                          grid_tiles(seq_k, meta["BLOCK_N"], cu_seqlens_k, max_seqlen_k)),
-           tuple(args), consts, *tuning, q.element_size())
+           tuple(args), consts, *tuning, q.element_size(), q.device)
     if splits > 1:
         _reduce(dk_out, dk, splits, sm_scale, head_dim)
         _reduce(dv_out, dv, splits, 1.0, head_dim)

@@ -47,6 +47,7 @@ from .attention_tiles import (
     window_key_bounds,
 )
 from .common import INTERPRET, compilable
+from .device import device_limits
 
 USE_TMA: Optional[bool] = None
 
@@ -249,9 +250,8 @@ def uses_tma(q, k, v, varlen=False) -> bool:
     packed sequences (``varlen``) take the portable kernel."""
     if varlen or USE_TMA is False or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if USE_TMA is None:
-        if INTERPRET or q.device.type != "cuda" or torch.cuda.get_device_capability(q.device)[0] != 9:
-            return False
+    if USE_TMA is None and not device_limits(q.device).is_hopper:
+        return False  # Hopper only (NVIDIA sm_90; never ROCm, whose MI300X reports 9.4)
     return all(_tma_compatible(t) for t in (q, k, v))
 
 
@@ -302,11 +302,11 @@ def attention_fwd(
         del consts["VARLEN"]
         launch(attention_fwd_tma_kernel, _TUNED_TMA, "fwd_tma", grid,
                (*descs, o, stats, *o.stride(), *shape[:4], *shape[5:]),
-               {**consts, "WARP_SPECIALIZE": not INTERPRET}, seq_q, seq_k, q.element_size(),
+               {**consts, "WARP_SPECIALIZE": not INTERPRET}, seq_q, seq_k, q.element_size(), q.device,
                pre_hook=_tma_block_shapes)
     else:
         args = (q, k, v, o, stats, *cu_args, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                 *shape)
         launch(attention_fwd_kernel, _TUNED, "fwd", grid, args, consts, *tuning,
-               q.element_size())
+               q.element_size(), q.device)
     return o, stats

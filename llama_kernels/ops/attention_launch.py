@@ -5,15 +5,22 @@ width and padded head dim.  BLOCK_M always counts query rows and BLOCK_N key row
 dQ and the TMA forward keep BLOCK_M queries resident and stream BLOCK_N keys; dK/dV and the fused
 backward keep BLOCK_N keys resident and stream BLOCK_M queries.  The first candidate of a list is
 the fixed choice for small problems; large ones are autotuned over the whole list on the GPU.
-Each list was checked by compiling every candidate for sm_90 (``tests/compile_for_hopper.py``):
-shared memory within the H100's 227 KiB and no register spills in half precision.  float32 runs
+``CONFIGS`` was checked by compiling every candidate for sm_90 (``tools/compile_matrix.py``):
+shared memory within the H100's 227 KiB and no register spills in half precision;
+``FAMILY_CONFIGS`` holds the lists of the other GPU families (``tile_family``).  float32 runs
 IEEE FMA dots, which need small tiles and 8 warps to stay out of local memory.
+
+Whatever the list, a tile launches only if it fits the device (``device.config_fits``: the compiled
+kernel's shared memory and its threads against the device's limits): the fixed choice is the
+first candidate that fits, the autotuner benchmarks only those that fit, and where none does the
+last candidate shrinks (``with_fallbacks``) until one does.
 """
 from __future__ import annotations
 
 import triton
 
 from .common import INTERPRET, count_launch
+from .device import config_fits, device_limits, first_fit
 
 # Under the interpreter every kernel runs with one fixed, small tiling: (BLOCK_M, BLOCK_N).
 # The forward/dQ and dK/dV orientations differ on purpose so that tests cover both BLOCK_M > BLOCK_N
@@ -56,6 +63,8 @@ CONFIGS = {
     ("bwd_fused_varlen", HALF, 64): [(64, 64, 8, 1), (32, 128, 8, 2), (32, 64, 4, 2)],
     ("bwd_fused_varlen", HALF, 128): [(16, 128, 8, 2), (64, 32, 8, 2)],
     ("bwd_fused_varlen", HALF, 256): [(32, 32, 8, 1)],
+    # Triton 3.9's ptxas (CUDA 13) spills 8 bytes of the dense dQ list's first candidate here.
+    ("dq_varlen", HALF, 128): [(128, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 3)],
     ("dkdv_varlen", HALF, 64): [(64, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 1), (32, 64, 4, 2)],
     ("dkdv_varlen", HALF, 128): [(16, 128, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
     ("dkdv_varlen", HALF, 256): [(32, 32, 8, 1), (64, 32, 8, 1)],
@@ -76,18 +85,109 @@ CONFIGS = {
 }
 
 
-def candidates(kind, block_d, element_size, varlen=False, softcap=False):
+# Lists for the GPUs whose tensor cores are not Hopper's wgmma, where the lists above (made for
+# sm_90) spill: NVIDIA's mma.sync (A100 sm_80, RTX 3090/A10 sm_86, RTX 4090/L4 sm_89, RTX 5090
+# sm_120: every operand and accumulator fragment lives in registers) and AMD's MFMA (CDNA,
+# 64-wide waves, 64 KB of LDS).  A kind missing here takes the list above; every candidate is
+# still checked against the device's shared memory before it launches.
+FAMILY_CONFIGS = {
+    # Spill-free on sm_80 (compiled with every candidate of a 11-tile x 2-warp x 3-stage grid),
+    # where ptxas gives some 8-warp kernels of the sm_90 lists only 32-128 registers and spills
+    # 1.3-3.2 KB; 8 warps and 32-row tiles keep the register fragments of mma.sync small.  The
+    # first candidates need at most 80 KB of shared memory, so they fit the 99 KB cards too.
+    "mma": {
+        ("fwd", HALF, 64): [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+        ("fwd", HALF, 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2)],
+        ("fwd", HALF, 256): [(64, 32, 8, 2), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 3)],
+        ("bwd_fused", HALF, 64): [(64, 32, 8, 2), (32, 32, 8, 2), (128, 32, 8, 1)],
+        ("bwd_fused", HALF, 128): [(64, 32, 8, 1), (32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 8, 1)],
+        ("bwd_fused", HALF, 256): [(32, 32, 8, 1), (16, 64, 8, 1)],
+        ("dq", HALF, 64): [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+        ("dq", HALF, 128): [(64, 32, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (128, 32, 8, 2)],
+        ("dq", HALF, 256): [(32, 32, 8, 2), (16, 64, 8, 2), (32, 64, 8, 2)],
+        ("dkdv", HALF, 64): [(64, 32, 8, 2), (128, 32, 8, 1), (32, 32, 8, 2)],
+        ("dkdv", HALF, 128): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 32, 8, 2), (128, 32, 8, 1)],
+        ("dkdv", HALF, 256): [(32, 32, 8, 1), (32, 32, 8, 2), (16, 64, 8, 1)],
+    },
+    # Spill-free (no scratch) on gfx942 (a 7-tile x 2-warp x 2-stage grid), within its 64 KB of
+    # LDS: 8 waves of 64 lanes, and for the backward 16-query tiles against 64-128 keys.
+    "cdna": {
+        ("fwd", HALF, 64): [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2)],
+        ("fwd", HALF, 128): [(64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 1)],
+        ("bwd_fused", HALF, 64): [(16, 128, 8, 2), (32, 64, 8, 1), (16, 64, 8, 2)],
+        ("bwd_fused", HALF, 128): [(16, 128, 8, 1), (16, 64, 8, 1), (16, 64, 4, 1)],
+        ("dq", HALF, 64): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2), (32, 32, 8, 2)],
+        ("dq", HALF, 128): [(64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 8, 2), (32, 32, 8, 2)],
+        ("dkdv", HALF, 64): [(16, 128, 8, 2), (16, 128, 8, 1), (32, 64, 8, 1), (16, 64, 8, 2)],
+        ("dkdv", HALF, 128): [(16, 128, 8, 1), (16, 128, 8, 2), (16, 64, 8, 2), (16, 64, 8, 1)],
+        # Head dim 256: of 6 tiles x 2 stages (8 warps), only 16 x 32 keeps the backward out of
+        # scratch.
+        ("fwd", HALF, 256): [(64, 32, 8, 2), (32, 32, 8, 2), (64, 32, 8, 1), (16, 64, 8, 1)],
+        ("bwd_fused", HALF, 256): [(16, 32, 8, 1)],
+        ("dq", HALF, 256): [(16, 32, 8, 1)],
+        ("dkdv", HALF, 256): [(16, 32, 8, 1)],
+    },
+}
+
+
+# B200 (sm_100, tcgen05): the sm_90 forward lists compile spill-free there, the sm_90 backward
+# lists spill 16-152 bytes, the mma ones none.
+FAMILY_CONFIGS["blackwell"] = {key: tiles for key, tiles in FAMILY_CONFIGS["mma"].items() if key[0] != "fwd"}
+
+
+def tile_family(limits) -> str:
+    """Which lists a device takes: ``"cdna"`` (AMD), ``"blackwell"`` (sm_100, sm_103), ``"mma"``
+    (the other NVIDIA GPUs but Hopper: sm_80, sm_86, sm_89, sm_120) or ``"hopper"`` (sm_90, the
+    lists of ``CONFIGS``; also the interpreter)."""
+    if limits.backend == "hip":
+        return "cdna"
+    if limits.backend == "cuda" and limits.capability in (100, 103):
+        return "blackwell"
+    if limits.backend == "cuda" and limits.capability != 90:
+        return "mma"
+    return "hopper"
+
+
+# Triton 3.7 to 3.9 fail to compile the warp-specialised TMA forward with 128-row query tiles
+# ("descriptor block and tensor must have the same number of elements", triton-lang/triton issue
+# 11587; 3.6 compiles it): there its lists keep the 64-row candidates.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+TMA_MAX_BLOCK_M = 128 if TRITON_VERSION < (3, 7) else 64
+
+
+def candidates(kind, block_d, element_size, varlen=False, softcap=False, family="hopper"):
     """Configurations for ``kind`` at padded head dim ``block_d`` and element size ``element_size``
     (with a softcap, the ``<kind>_softcap`` list where there is one; for packed sequences,
-    ``varlen``, then the ``<kind>_varlen`` list where there is one)."""
+    ``varlen``, then the ``<kind>_varlen`` list where there is one), from ``family``'s lists
+    (``tile_family``) where it has one, else from ``CONFIGS``."""
     width = FP32 if element_size == 4 else HALF
     names = ((f"{kind}_softcap",) if softcap else ()) + ((f"{kind}_varlen",) if varlen else ()) + (kind,)
+    tables = (FAMILY_CONFIGS.get(family, {}), CONFIGS)
     for bound in (64, 128, 256):
         if block_d <= bound:
-            for name in names:
-                if (name, width, bound) in CONFIGS:
-                    return CONFIGS[(name, width, bound)]
+            for table in tables:
+                for name in names:
+                    if (name, width, bound) in table:
+                        tiles = table[(name, width, bound)]
+                        if kind == "fwd_tma":
+                            tiles = [t for t in tiles if t[0] <= TMA_MAX_BLOCK_M]
+                        return tiles
     raise AssertionError(f"no {kind} configuration for head dim {block_d}")
+
+
+def with_fallbacks(options):
+    """``options`` followed by smaller tiles for devices that fit none of them (99 KB consumer
+    cards, AMD's 64 KB LDS): the last candidate with one stage, then with its larger block halved,
+    down to 16 x 16.  On the GPUs a list was made for, its own candidates fit and these never run."""
+    block_m, block_n, num_warps, num_stages = options[-1]
+    smaller = [(block_m, block_n, num_warps, 1)]
+    while max(block_m, block_n) > 16:
+        if block_n >= block_m:
+            block_n //= 2
+        else:
+            block_m //= 2
+        smaller.append((block_m, block_n, num_warps, 1))
+    return list(options) + [t for t in smaller if t not in options]
 
 
 def _config(block_m, block_n, num_warps, num_stages, pre_hook=None):
@@ -95,51 +195,98 @@ def _config(block_m, block_n, num_warps, num_stages, pre_hook=None):
                          num_stages=num_stages, pre_hook=pre_hook)
 
 
+def _launch_options(config: tuple) -> dict:
+    block_m, block_n, num_warps, num_stages = config
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps, "num_stages": num_stages}
+
+
+# The autotuners' key: every constexpr and length bucket that changes the best tile, of those a
+# kernel takes (Triton >= 3.9 refuses key names that are not the kernel's arguments).
+TUNING_KEY = ("HEAD_DIM", "CAUSAL", "VARLEN", "WINDOW", "SOFTCAP", "TQ_BUCKET", "TK_BUCKET")
+
+
+def tuning_key(kernel) -> list:
+    """The names of ``TUNING_KEY`` that ``kernel`` takes as arguments."""
+    return [name for name in TUNING_KEY if name in kernel.arg_names]
+
+
+def _tensor_device(arg):
+    return (arg.base if hasattr(arg, "base") else arg).device
+
+
 def autotuned(kernel, kind, first_arg, pre_hook=None, reset_to_zero=None):
     """``kernel`` wrapped in ``triton.autotune`` over every candidate of ``kind``, pruned at launch
-    to the candidates of the call's head dim and dtype (read off the argument ``first_arg``).
-    ``pre_hook(nargs)`` runs before each launch with the config's block sizes in ``nargs``;
-    ``reset_to_zero`` names accumulators (atomics) that every benchmarking run must start from
-    zero.  Built only with a GPU: under the interpreter a multi-config autotuner cannot benchmark."""
+    to the candidates of the call's head dim and dtype (read off the argument ``first_arg``) that
+    fit the device (``device.config_fits``: shared memory and threads), before anything is
+    benchmarked.  ``pre_hook(nargs)`` runs before each launch with the config's block sizes in
+    ``nargs``; ``reset_to_zero`` names accumulators (atomics) that every benchmarking run must
+    start from zero.  Built only with a GPU: under the interpreter a multi-config autotuner cannot
+    benchmark."""
     if INTERPRET:
         return None
-    every = sorted({c for (k, _, _), cs in CONFIGS.items()
-                    if k in (kind, f"{kind}_varlen", f"{kind}_softcap") for c in cs})
+    tables = [CONFIGS, *FAMILY_CONFIGS.values()]
+    every = sorted({c for table in tables for (k, _, _), cs in table.items()
+                    if k in (kind, f"{kind}_varlen", f"{kind}_softcap") for c in with_fallbacks(cs)})
+    constexprs = {name for name, p in zip(kernel.arg_names, kernel.params) if p.is_constexpr}
 
     def prune(configs, named_args, **kwargs):
         arg = named_args[first_arg]
         element_size = arg.base.element_size() if hasattr(arg, "base") else arg.element_size()
-        wanted = set(candidates(kind, kwargs["BLOCK_D"], element_size, kwargs.get("VARLEN", False),
-                                kwargs.get("SOFTCAP", False)))
-        return [c for c, t in zip(configs, every) if t in wanted]
+        limits = device_limits(_tensor_device(arg))
+        options = candidates(kind, kwargs["BLOCK_D"], element_size, kwargs.get("VARLEN", False),
+                             kwargs.get("SOFTCAP", False), tile_family(limits))
+        args = [named_args[n] for n in kernel.arg_names if n not in constexprs]
+        consts = {k: v for k, v in kwargs.items() if k in constexprs}
+        by_tile = dict(zip(every, configs))
+
+        def fits(tile):
+            meta = _launch_options(tile)
+            if pre_hook is not None:
+                pre_hook({**named_args, **consts, **meta})
+            return config_fits(kernel, args, consts, meta, limits)
+
+        kept = [by_tile[t] for t in options if fits(t)]
+        if not kept:  # the first smaller tile that fits (launch() raises if none does)
+            kept = [by_tile[t] for t in with_fallbacks(options)[len(options):] if fits(t)][:1]
+        return kept
 
     return triton.autotune(
         configs=[_config(*c, pre_hook=pre_hook) for c in every],
-        key=["HEAD_DIM", "CAUSAL", "VARLEN", "WINDOW", "SOFTCAP", "TQ_BUCKET", "TK_BUCKET"],
+        key=tuning_key(kernel),
         prune_configs_by={"early_config_prune": prune},
         reset_to_zero=reset_to_zero,
     )(kernel)
 
 
-def launch(kernel, tuned, kind, grid, args, consts, seq_q, seq_k, element_size, pre_hook=None):
-    """Launch ``kernel`` with ``grid(meta)``: through its autotuned twin ``tuned`` for large
-    problems on the GPU, else with the first (or, under the interpreter, the small) config.
-    ``pre_hook(nargs)`` prepares arguments that depend on the block sizes (TMA descriptors)."""
+def launch(kernel, tuned, kind, grid, args, consts, seq_q, seq_k, element_size, device,
+           pre_hook=None):
+    """Launch ``kernel`` with ``grid(meta)`` on ``device``: through its autotuned twin ``tuned``
+    for large problems on the GPU, else with the first config of the list that fits the device
+    (or, under the interpreter, the small one).  ``pre_hook(nargs)`` prepares arguments that
+    depend on the block sizes (TMA descriptors)."""
     block_d = consts["BLOCK_D"]
+    limits = device_limits(device)
     options = candidates(kind, block_d, element_size, consts.get("VARLEN", False),
-                         consts.get("SOFTCAP", False))
+                         consts.get("SOFTCAP", False), tile_family(limits))
     if INTERPRET:
-        block_m, block_n, num_warps, num_stages = (*INTERPRET_BLOCKS[kind], 4, 1)
+        block_m, block_n = INTERPRET_BLOCKS[kind]
+        config = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": 4, "num_stages": 1}
     elif len(options) > 1 and seq_q * seq_k >= AUTOTUNE_MIN_PAIRS:
         tuned[grid](*args, **consts)
         count_launch(kernel)
         return
     else:
-        block_m, block_n, num_warps, num_stages = options[0]
-    meta = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+        def prepare(config):
+            if pre_hook is not None:
+                pre_hook({**dict(zip(kernel.arg_names, args)), **consts, **config})
+
+        config = first_fit(kernel, args, consts, [_launch_options(c) for c in with_fallbacks(options)],
+                           limits, f"{kernel.fn.__name__} (head dim {block_d})",
+                           prepare)
+    meta = {"BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"]}
     if pre_hook is not None:
         pre_hook({**dict(zip(kernel.arg_names, args)), **consts, **meta})
-    kernel[grid(meta)](*args, **consts, **meta, num_warps=num_warps, num_stages=num_stages)
+    kernel[grid(meta)](*args, **consts, **config)
     count_launch(kernel)
 
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import _INTERPRET, INTERPRET, cast_rne, check_float_arg, check_same, check_tensor
+from .device import device_limits
 from triton.language.extra import libdevice
 
 MAX_HEAD_DIM = 256
@@ -144,12 +145,17 @@ def validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     return cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
 
 
-def dot_mode(dtype):
-    """``(DOT_IN_FP32, PRECISION)`` for the kernels' dots: the GPU multiplies half-precision
-    operands as they are and float32 in IEEE precision (never TF32); the interpreter multiplies
-    everything in float32 (its bfloat16 dots are wrong).  Tests patch this to run the GPU's
-    half-precision operand path under the interpreter (float16 only)."""
-    return INTERPRET, ("ieee" if (dtype == torch.float32 or INTERPRET) else "tf32")
+def dot_mode(dtype, device):
+    """``(DOT_IN_FP32, PRECISION)`` for the kernels' dots on ``device``: the GPU multiplies
+    half-precision operands as they are and float32 in IEEE precision (never TF32); the
+    interpreter multiplies everything in float32 (its bfloat16 dots are wrong).  Half-precision
+    operands name the backend's default precision, which they ignore: "tf32" on NVIDIA (the PTX
+    every list was checked with), "ieee" on AMD (only gfx942 accepts "tf32"; gfx90a and gfx950
+    refuse it).  Tests patch this to run the GPU's half-precision operand path under the
+    interpreter (float16 only)."""
+    if dtype == torch.float32 or INTERPRET:
+        return INTERPRET, "ieee"
+    return False, ("tf32" if device_limits(device).backend == "cuda" else "ieee")
 
 
 def common_consts(q, causal, window=0, softcap=0.0):
@@ -157,7 +163,7 @@ def common_consts(q, causal, window=0, softcap=0.0):
     whether a sliding window (``WINDOW``) and a softcap (``SOFTCAP``) are compiled in."""
     head_dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(head_dim))
-    dot_in_fp32, precision = dot_mode(q.dtype)
+    dot_in_fp32, precision = dot_mode(q.dtype, q.device)
     return dict(
         CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d, PAD_D=block_d != head_dim,
         DOT_IN_FP32=dot_in_fp32, PRECISION=precision, RAW_MAX=q.dtype == torch.float32,

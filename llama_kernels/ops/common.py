@@ -190,13 +190,6 @@ def row_layout(x: torch.Tensor):
     return x, inner, stride_outer, stride_inner, x.stride(-1)
 
 
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (a small constant on the CPU interpreter)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def compilable(name: str, fake):
     """Register a launcher as the custom operator ``llama_kernels::<name>``.
 

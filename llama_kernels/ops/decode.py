@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from .attention_launch import tile_family
 from .attention_tiles import (
     LOG2E,
     capped_scores,
@@ -79,16 +80,18 @@ from .common import (
     check_tensor,
     compilable,
     count_launch,
-    num_sms,
     use_triton,
 )
+from .device import NoFittingConfig, config_fits, device_limits, num_sms
 
 # The rule ``flash_attention`` uses (see ``use_decode``): the query tile of one (batch, KV head)
 # holds ``Tq * group`` rows; up to this many it is a decode-shaped problem.
 DECODE_MAX_ROWS = 64
 # A split gets at least this many keys, so that the combine stays cheap next to the key reads.
 MIN_KEYS_PER_SPLIT = 64 if INTERPRET else 256
-SHARED_MEMORY_BUDGET = 160 * 1024
+# The K/V stages worth keeping in flight (a speed choice: the H100 reads its cache at full
+# bandwidth with this much); what fits is the device's question (``decode_configs``).
+PIPELINE_BUDGET = 160 * 1024
 
 
 def use_decode(seq_q: int, group: int, needs_grad: bool) -> bool:
@@ -244,22 +247,33 @@ def attention_decode_combine_kernel(
     tl.store(o_ptrs, cast_rne(o, O.dtype.element_ty), mask=d_in)
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, rows: int = 1):
-    """``(BLOCK_N, num_warps, num_stages)`` of the split kernel for ``rows = Tq * group`` query
-    rows: K/V tiles as large as shared memory allows with a few stages in flight (the kernel is
-    bound by reading the cache)."""
+def decode_configs(head_dim: int, dtype: torch.dtype, rows: int = 1, family: str = "hopper"):
+    """``(BLOCK_N, num_warps, num_stages)`` candidates of the split kernel for ``rows = Tq * group``
+    query rows on a GPU of tile ``family`` (``attention_launch.tile_family``), best first; the
+    launcher takes the first that fits the device (``device.config_fits``).  Best: K/V tiles of 64 keys with as many stages in flight as
+    ``PIPELINE_BUDGET`` allows (the kernel is bound by reading the cache); then fewer stages, then
+    narrower tiles, for devices with less shared memory (99 KB consumer cards, AMD's 64 KB LDS)."""
     if INTERPRET:
-        return 32, 4, 1
+        return [(32, 4, 1)]
     block_d = max(16, triton.next_power_of_2(head_dim))
     elt = torch.empty((), dtype=dtype).element_size()
     if elt == 4:
         # float32 multiplies with FMA dots whose operand tiles live in registers: 8 warps, and
         # narrow key tiles once the rows are many (sizes checked for spills by compiling for sm_90).
-        return (32 if rows <= 16 else 16), 8, 2
-    block_n, stages = 64, 4
-    while stages * 2 * block_n * block_d * elt > SHARED_MEMORY_BUDGET and stages > 2:
+        first = 32 if rows <= 16 else 16
+        return [(first, 8, 2)] + [(16, 8, s) for s in (2, 1) if (16, 8, s) != (first, 8, 2)]
+    stages = 4
+    while stages * 2 * 64 * block_d * elt > PIPELINE_BUDGET and stages > 2:
         stages -= 1
-    return block_n, 4, stages
+    # More than 16 rows of head dim >= 128 hold a float32 accumulator of 32-64 KB next to the
+    # scores: 4 warps spill it (sm_86/89 at D 128, sm_90 at D 256), 8 do not.
+    warps = 8 if block_d >= 128 and rows > 16 else 4
+    # Beyond Hopper (wgmma), more than 16 rows of 64-key scores spill a little (8-36 bytes:
+    # gfx950 at D 128; sm_80, sm_86, sm_120 with Triton 3.9's ptxas): 32-key tiles there.
+    first = 64 if family == "hopper" or rows <= 16 else 32
+    best = [(first, warps, s) for s in range(stages, 1, -1)]
+    narrower = [(block_n, warps, s) for block_n in (64, 32, 16) if block_n <= first for s in (2, 1)]
+    return best + [t for t in narrower if t not in best]
 
 
 def decode_splits(batch: int, kv_heads: int, seq_k: int, block_n: int, device: torch.device):
@@ -297,32 +311,52 @@ def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftp
             f"attention_decode takes at most {DECODE_MAX_ROWS} query rows per KV head "
             f"(Tq * Hq / Hk); got {seq_q} * {group}"
         )
-    block_n, num_warps, num_stages = decode_config(head_dim, q.dtype, seq_q * group)
-    splits, keys_per_split = decode_splits(programs, kv_heads, max(seq_k, 1), block_n, q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    dot_in_fp32, precision = dot_mode(q.dtype)
+    dot_in_fp32, precision = dot_mode(q.dtype, q.device)
     rows = batch * heads * total_q
+    has_seqlens, has_leftpad = cache_seqlens is not None, cache_leftpad is not None
+    window = effective_window(window, seq_k)  # a window as long as the keys hides nothing
+    consts = dict(
+        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)), DOT_IN_FP32=dot_in_fp32,
+        PRECISION=precision, RAW_MAX=q.dtype == torch.float32, HAS_SEQLENS=has_seqlens,
+        HAS_LEFTPAD=has_leftpad, VARLEN=varlen, WINDOW=window > 0, SOFTCAP=softcap > 0,
+    )
+
+    def split_args(o_part, stats_part, keys_per_split, splits):
+        return (q, k, v, o, o_part, stats_part, cache_seqlens if has_seqlens else o,
+                cache_leftpad if has_leftpad else o,
+                *((cu_seqlens_q, cu_seqlens_k) if varlen else (o, o)),
+                *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                kv_heads, group, seq_q, total_q, total_k, programs, sm_scale * LOG2E, keys_per_split,
+                splits, cache_seqlens.stride(0) if has_seqlens else 0,
+                cache_leftpad.stride(0) if has_leftpad else 0, window, softcap_arg(softcap, sm_scale))
+
+    # The first candidate whose compiled kernel fits the device (partials: placeholders of their
+    # dtype; shared memory depends on the tiles, never on the buffers).
+    limits = device_limits(q.device)
+    placeholder = o.new_empty(0, dtype=torch.float32)
+    family = tile_family(limits)
+    for block_n, num_warps, num_stages in decode_configs(head_dim, q.dtype, seq_q * group, family):
+        splits, keys_per_split = decode_splits(programs, kv_heads, max(seq_k, 1), block_n, q.device)
+        meta = dict(BLOCK_N=block_n, WRITE_PARTIAL=splits > 1)
+        partial = (placeholder, placeholder) if splits > 1 else (o, o)
+        if config_fits(attention_decode_split_kernel, split_args(*partial, keys_per_split, splits),
+                       {**consts, **meta}, dict(num_warps=num_warps, num_stages=num_stages), limits):
+            break
+    else:
+        raise NoFittingConfig(
+            f"llama_kernels: no tile of flash_decode (head dim {head_dim}, {seq_q * group} rows, "
+            f"{q.dtype}) fits {limits.arch} ({limits.shared_memory} bytes of shared memory)")
     if splits > 1:
         alloc = torch.zeros if varlen else torch.empty
         o_part = alloc((rows, splits, head_dim), dtype=torch.float32, device=q.device)
         stats_part = alloc((rows, splits, 2), dtype=torch.float32, device=q.device)
     else:  # the split kernel writes o directly; these are never touched
         o_part = stats_part = o
-    has_seqlens, has_leftpad = cache_seqlens is not None, cache_leftpad is not None
-    window = effective_window(window, seq_k)  # a window as long as the keys hides nothing
     attention_decode_split_kernel[(splits, programs * kv_heads)](
-        q, k, v, o, o_part, stats_part, cache_seqlens if has_seqlens else o,
-        cache_leftpad if has_leftpad else o, *((cu_seqlens_q, cu_seqlens_k) if varlen else (o, o)),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        kv_heads, group, seq_q, total_q, total_k, programs, sm_scale * LOG2E, keys_per_split,
-        splits, cache_seqlens.stride(0) if has_seqlens else 0,
-        cache_leftpad.stride(0) if has_leftpad else 0, window, softcap_arg(softcap, sm_scale),
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)), BLOCK_N=block_n,
-        WRITE_PARTIAL=splits > 1, DOT_IN_FP32=dot_in_fp32, PRECISION=precision,
-        RAW_MAX=q.dtype == torch.float32, HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad,
-        VARLEN=varlen, WINDOW=window > 0, SOFTCAP=softcap > 0, num_warps=num_warps,
-        num_stages=num_stages,
+        *split_args(o_part, stats_part, keys_per_split, splits), **consts, **meta,
+        num_warps=num_warps, num_stages=num_stages,
     )
     count_launch(attention_decode_split_kernel)
     if splits > 1:

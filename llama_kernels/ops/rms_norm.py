@@ -55,9 +55,9 @@ from .common import (
     compilable,
     count_launch,
     merged_row_dims,
-    num_sms,
     use_triton,
 )
+from .device import device_limits, first_fit, num_sms
 
 MAX_HIDDEN = 65536  # one row must fit in a program's registers
 CASTINGS = ("llama", "gemma")
@@ -181,8 +181,10 @@ def rms_norm_dw_kernel(DW_PARTIAL, DW, P, N, BLOCK_P: tl.constexpr, BLOCK_N: tl.
     tl.store(DW + cols, cast_rne(total, DW.dtype.element_ty), mask=col_mask)
 
 
-def _launch_config(n: int, element_size: int):
-    """(BLOCK_M, BLOCK_N, num_warps): whole rows per program, at least 4k elements per program."""
+def _launch_config(n: int, element_size: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows per program, at least 4k elements per program;
+    the warps are counted in threads, so that 64-wide AMD waves halve them (a block holds at most
+    1024 threads)."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, 4096 // block_n))
     if INTERPRET:  # the interpreter's cost is per program: give each one more rows
@@ -191,13 +193,16 @@ def _launch_config(n: int, element_size: int):
     # dw partial): 16 elements per thread fit without spilling (sm_90 compile: <= 210 registers),
     # except for float32 rows of 8k, whose 16 warps cap registers at 128: those get 32 warps.
     per_thread = 8 if element_size == 4 and block_m * block_n >= 8192 else 16
-    num_warps = min(32, max(4, triton.next_power_of_2(block_m * block_n // (32 * per_thread))))
+    limits = device_limits(device)
+    threads = max(4 * 32, block_m * block_n // per_thread)
+    num_warps = limits.warps(min(32, triton.next_power_of_2(max(1, threads // limits.warp_size))))
     return block_m, block_n, num_warps
 
 
-# Shared memory the backward's pipelined loads may take: 2 buffers x (dy, x, dh) rows; more than
-# this (float32 rows of 8k) would leave one program per SM, better served by a plain loop.
-PIPELINE_BYTES = 100 * 1024
+# The backward's pipelined loads keep 2 buffers x (dy, x, dh) rows in shared memory; a row block
+# whose buffers would take more than half the device's shared memory (float32 rows of 8k on an
+# H100) would leave one program per SM, better served by a plain loop (NUM_STAGES = 1).
+PIPELINE_SHARE = 2
 
 
 def _out_dtype(x, residual):
@@ -227,7 +232,7 @@ def rms_norm_fwd(
     m = rstd.numel()
     if m == 0 or n == 0:  # nothing to normalise (rstd of an empty row is never read)
         return y, h, rstd
-    block_m, block_n, num_warps = _launch_config(n, y.element_size())
+    block_m, block_n, num_warps = _launch_config(n, y.element_size(), x.device)
     has_residual = residual is not None
     x, *x_strides = _row_layout(x)
     residual, *r_strides = _row_layout(residual) if has_residual else (x, *x_strides)
@@ -256,20 +261,24 @@ def rms_norm_bwd(
     m = rstd.numel()
     if m == 0 or n == 0:
         return dx, torch.zeros_like(weight)
-    block_m, block_n, num_warps = _launch_config(n, x.element_size())
+    block_m, block_n, num_warps = _launch_config(n, x.element_size(), x.device)
     programs = min(triton.cdiv(m, block_m), 2 * num_sms(x.device))
     dw_partial = torch.empty((programs, n), dtype=torch.float32, device=x.device)
     has_dh_out = dh_out is not None
     buffered = 2 * (2 + has_dh_out) * block_m * block_n * x.element_size()
-    num_stages = 3 if buffered <= PIPELINE_BYTES else 1
+    limits = device_limits(x.device)
     dy, *dy_strides = _row_layout(dy)
     x, *x_strides = _row_layout(x)
     dh_out, *dh_strides = _row_layout(dh_out) if has_dh_out else (dy, *dy_strides)
-    rms_norm_bwd_kernel[(programs,)](
-        dy, x, weight, rstd, dh_out, dx, dw_partial, m, n, offset,
-        *dy_strides, *x_strides, *dh_strides, weight.stride(0),
-        HAS_DH_OUT=has_dh_out, BLOCK_M=block_m, BLOCK_N=block_n, NUM_STAGES=num_stages, num_warps=num_warps,
-    )
+    args = (dy, x, weight, rstd, dh_out, dx, dw_partial, m, n, offset,
+            *dy_strides, *x_strides, *dh_strides, weight.stride(0))
+    consts = dict(HAS_DH_OUT=has_dh_out, BLOCK_M=block_m, BLOCK_N=block_n)
+    # Pipelined where its buffers fit (the compiled kernel's shared memory), else a plain loop.
+    stages = [3, 1] if buffered * PIPELINE_SHARE <= limits.shared_memory else [1]
+    config = first_fit(rms_norm_bwd_kernel, args, consts,
+                       [{"NUM_STAGES": s, "num_warps": num_warps} for s in stages], limits,
+                       f"rms_norm backward (hidden {n})")
+    rms_norm_bwd_kernel[(programs,)](*args, **consts, **config)
     count_launch(rms_norm_bwd_kernel)
     return dx, _reduce_dw(dw_partial, weight.dtype)
 
