@@ -84,6 +84,14 @@ CONFIGS = {
     ("dq", FP32, 256): [(32, 32, 8, 1)],
 }
 
+# Triton 3.7 to 3.9 fail to compile the warp-specialised TMA forward with 128-row query tiles
+# ("descriptor block and tensor must have the same number of elements", triton-lang/triton issue
+# 11587; 3.6 compiles it): there its lists keep the 64-row candidates.
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+TMA_MAX_BLOCK_M = 128 if TRITON_VERSION < (3, 7) else 64
+for _key in [key for key in CONFIGS if key[0] == "fwd_tma"]:
+    CONFIGS[_key] = [tile for tile in CONFIGS[_key] if tile[0] <= TMA_MAX_BLOCK_M]
+
 
 # Lists for the GPUs whose tensor cores are not Hopper's wgmma, where the lists above (made for
 # sm_90) spill: NVIDIA's mma.sync (A100 sm_80, RTX 3090/A10 sm_86, RTX 4090/L4 sm_89, RTX 5090
@@ -148,13 +156,6 @@ def tile_family(limits) -> str:
     return "hopper"
 
 
-# Triton 3.7 to 3.9 fail to compile the warp-specialised TMA forward with 128-row query tiles
-# ("descriptor block and tensor must have the same number of elements", triton-lang/triton issue
-# 11587; 3.6 compiles it): there its lists keep the 64-row candidates.
-TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
-TMA_MAX_BLOCK_M = 128 if TRITON_VERSION < (3, 7) else 64
-
-
 def candidates(kind, block_d, element_size, varlen=False, softcap=False, family="hopper"):
     """Configurations for ``kind`` at padded head dim ``block_d`` and element size ``element_size``
     (with a softcap, the ``<kind>_softcap`` list where there is one; for packed sequences,
@@ -168,10 +169,7 @@ def candidates(kind, block_d, element_size, varlen=False, softcap=False, family=
             for table in tables:
                 for name in names:
                     if (name, width, bound) in table:
-                        tiles = table[(name, width, bound)]
-                        if kind == "fwd_tma":
-                            tiles = [t for t in tiles if t[0] <= TMA_MAX_BLOCK_M]
-                        return tiles
+                        return table[(name, width, bound)]
     raise AssertionError(f"no {kind} configuration for head dim {block_d}")
 
 

@@ -250,9 +250,10 @@ def attention_decode_combine_kernel(
 def decode_configs(head_dim: int, dtype: torch.dtype, rows: int = 1, family: str = "hopper"):
     """``(BLOCK_N, num_warps, num_stages)`` candidates of the split kernel for ``rows = Tq * group``
     query rows on a GPU of tile ``family`` (``attention_launch.tile_family``), best first; the
-    launcher takes the first that fits the device (``device.config_fits``).  Best: K/V tiles of 64 keys with as many stages in flight as
-    ``PIPELINE_BUDGET`` allows (the kernel is bound by reading the cache); then fewer stages, then
-    narrower tiles, for devices with less shared memory (99 KB consumer cards, AMD's 64 KB LDS)."""
+    launcher takes the first that fits the device (``device.config_fits``).  Best: K/V tiles of
+    64 keys (32 off Hopper beyond 16 rows) with as many stages in flight as ``PIPELINE_BUDGET``
+    allows (the kernel is bound by reading the cache); then fewer stages, then narrower tiles, for
+    devices with less shared memory (99 KB consumer cards, AMD's 64 KB LDS)."""
     if INTERPRET:
         return [(32, 4, 1)]
     block_d = max(16, triton.next_power_of_2(head_dim))
