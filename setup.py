@@ -2,6 +2,8 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HF = ["transformers>=5.0,<6", "gguf>=0.10", "accelerate", "safetensors"]
+
 setup(
     name="llama-kernels",
     version="0.1.0",
@@ -18,8 +20,11 @@ setup(
     extras_require={
         # Triton 3.6's CPU interpreter fails on numpy >= 2.3 (loop bounds from tl.program_id).
         "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis>=6", "numpy<2.3"],
-        "hf": ["transformers>=5.0,<6", "gguf>=0.10", "accelerate", "safetensors"],
+        "hf": HF,
         "bench": ["matplotlib"],
+        # LoRA / QLoRA (tests/test_peft.py): the releases it was checked on; bitsandbytes runs 4-bit
+        # and 8-bit layers on the CPU too.
+        "lora": [*HF, "peft>=0.21", "bitsandbytes>=0.50"],
     },
     entry_points={"console_scripts": ["llama-kernels=llama_kernels.cli:main"]},
 )

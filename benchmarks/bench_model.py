@@ -52,6 +52,12 @@ name the family and head dim.  The work counts above take the family's head dim 
 256, not hidden / heads), and a local (sliding-window) layer of Gemma 2 counts only the causal
 query-key pairs inside its window (T^2 / 2 - (T - W)^2 / 2 for T > W); soft-capping's tanh and the
 norms are not counted (the records' note says so).
+
+The compiled providers (:data:`COMPILED`: ``torch.compile``, ``hf+compile``) are each measured in a
+fresh process of their own (:mod:`benchmarks.isolated`), never in this one: ``hf+ours`` and
+``hf+liger`` change transformers' modeling modules for every later model of their process, which
+would break a compiled unpatched model's graphs (and flatter ours).  Their records' ``extra`` has
+the graph breaks Dynamo counted over the provider's figures (``graph_breaks``, ``graphs``).
 """
 from __future__ import annotations
 
@@ -137,7 +143,13 @@ LOSS_TOLERANCE = 1e-2  # relative difference of the first loss from the family's
 # too: the reference model, eager and patched.  transformers' generate has no such step here, and
 # a compiled model keeps its plain generate (its decode runs in full mode only).
 GRAPH_DECODE = ("eager", "ours")
-COMPILED = ("torch.compile", "hf+compile")  # compiled models: more warm-up, decode in full mode only
+# Compiled models: more warm-up, decode in full mode only, and each measured in a fresh process of
+# its own (benchmarks/isolated.py), never in the one where other providers patched transformers.
+COMPILED = ("torch.compile", "hf+compile")
+# torch.compile's backend for COMPILED (inductor: torch.compile's default); handed to their process.
+# Tests set "eager" (Dynamo's tracing, graph breaks included, without inductor's CPU compile time).
+COMPILE_BACKEND = "inductor"
+ISOLATED_NOTE = "measured in a fresh process, where nothing was patched"
 DECODE_NOTES = {True: "decode: generate(cuda_graphs=True), one CUDA-graph replay per step",
                 False: "decode: plain generate, not graph-captured (one launch per kernel per step)"}
 
@@ -268,7 +280,8 @@ def _liger_patched(stack: contextlib.ExitStack, model, family: str = "llama"):
 def _compiled(model, settings):
     if not settings.compile:
         raise Skipped("torch.compile providers are off (--no-compile, or --smoke; --compile turns them on)")
-    model.compile()  # compiles the module's __call__, so generate() runs the compiled forward too
+    # compiles the module's __call__, so generate() runs the compiled forward too
+    model.compile(backend=COMPILE_BACKEND)
     return model
 
 
@@ -276,7 +289,7 @@ def _compiled_runner(cfg, settings) -> LlamaRunner:
     # Llama.loss does not go through __call__ (it stops at the hidden states): compiled on its own.
     model = _compiled(_llama(cfg, settings), settings)
     return LlamaRunner(model, "model.compile() and torch.compile(model.loss), default mode; compile time not "
-                              "timed", loss=torch.compile(model.loss))
+                              f"timed; {ISOLATED_NOTE}", loss=torch.compile(model.loss, backend=COMPILE_BACKEND))
 
 
 def provider_notes(family: str = "llama") -> dict:
@@ -331,7 +344,7 @@ def providers(cfg: dict, settings: Settings, family: str = "llama") -> dict:
                 "apply_kernels on transformers' model", fam.ours_note)))),
             "hf+compile": lambda stack: HFRunner(_compiled(hf(), settings),
                                                  "model.compile() of transformers' model, default mode; compile "
-                                                 "time not timed"),
+                                                 f"time not timed; {ISOLATED_NOTE}"),
             "hf+liger": lambda stack: HFRunner(_liger_patched(stack, hf(), family),
                                                f"{fam.liger} defaults (fused linear cross-entropy: no logits in "
                                                "training)"),
@@ -575,22 +588,40 @@ def run(settings: Settings, limits: dict, records: list, progress=None, family: 
         else f"model: tiny smoke config ({family})")
     ref_losses: dict = {}
     for name, build in providers(cfg, settings, family).items():
-        say(f"model {name}: building")
-        with contextlib.ExitStack() as stack:
-            try:
-                runner = build(stack)
-            except Exception as exc:
-                status, reason = classify(exc)
-                for op, tokens in _plan(settings, name):
-                    records.append(_record(name, op, tokens, cfg, settings, family, status=status, reason=reason))
-                    say(records[-1].describe())
-            else:
-                try:
-                    _measure(name, runner, cfg, settings, limits, records, ref_losses, family)
-                finally:
-                    del runner
-                    if name in COMPILED:
-                        torch._dynamo.reset()
-                    free_memory()
+        if name in COMPILED and settings.compile:
+            # Never in this process: an earlier provider may have patched transformers' modules
+            # (apply_kernels, Liger) or compiled something; see benchmarks/isolated.py.
+            from . import isolated
+
+            isolated.run_provider(name, cfg, settings, limits, records, ref_losses, family)
+        else:
+            run_provider(name, build, cfg, settings, limits, records, ref_losses, family)
         if progress is not None:
             progress(f"model {name}")
+
+
+def run_provider(name, build, cfg, settings, limits, records, ref_losses, family="llama") -> None:
+    """Build provider ``name`` (``build(stack)``), measure its figures into ``records``, free it.
+
+    ``ref_losses`` holds the first losses of each family's unpatched model (set by the first
+    provider of a family to get there).  :func:`run` calls this in its own process for every
+    provider but the compiled ones, which :mod:`benchmarks.isolated` runs through this same
+    function in a fresh process.
+    """
+    say(f"model {name}: building")
+    with contextlib.ExitStack() as stack:
+        try:
+            runner = build(stack)
+        except Exception as exc:
+            status, reason = classify(exc)
+            for op, tokens in _plan(settings, name):
+                records.append(_record(name, op, tokens, cfg, settings, family, status=status, reason=reason))
+                say(records[-1].describe())
+        else:
+            try:
+                _measure(name, runner, cfg, settings, limits, records, ref_losses, family)
+            finally:
+                del runner
+                if name in COMPILED:
+                    torch._dynamo.reset()
+                free_memory()

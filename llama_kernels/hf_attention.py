@@ -8,8 +8,10 @@ this module's pair under ``"llama_kernels"``:
   would build SDPA's ``(B, 1, Tq, Tk)`` boolean mask.  It builds a
   :class:`MaskPlan` instead: what the mask means, in terms the kernels take.
 * :func:`kernel_attention` (``AttentionInterface``) runs in every layer with that forward's mask
-  and picks a kernel, or transformers' own SDPA function when the kernels cannot give the answer
-  (for soft-capped scores, which SDPA cannot compute, the model's own eager attention).
+  and picks a kernel, or, when the kernels cannot give the answer, the attention implementation
+  the model had before it was patched (``"sdpa"``, ``"eager"``, ...; kept on each attention module
+  as ``_lk_unpatched_attention``), with the mask that implementation would have had; for
+  soft-capped scores, which SDPA cannot compute, the model's own eager attention.
 
 **The semantics, whichever path runs.**  Keys sit in slots ``j = 0 .. Tk-1`` of the layer's key
 tensor (the current tokens, or a dynamic/static KV cache; a full sliding-window cache layer holds
@@ -26,41 +28,50 @@ Gemma 2's ``softcap`` keyword squashes the scores (``softcap * tanh(s / softcap)
 kernel.  Without a mask every slot up to ``p_i`` counts.  Packed rows (several sequences one after the other
 in one row, see below) add: ``j`` and ``p_i`` belong to the same sequence.  Every query that sees
 some key gets exactly this attention, padding queries included (right padding: ``generate`` reads
-the last one); a query that sees no key (left padding) outputs zeros, where SDPA gives NaN and
-eager attention an average over all slots.
+the last one).  A query that sees no key (left padding) gets what the unpatched implementation
+gives it: zeros from SDPA (torch >= 2.5) and from the kernels; from eager attention, whose mask adds
+``finfo.min`` rather than ``-inf``, the average of every value slot, so for such models those rows
+are computed by the model's eager function (:func:`_with_empty_queries`; the count is read with the
+plan's other host values, nothing is computed where no row is empty).
 
 **What the mask function returns.**
 
 * ``None`` where transformers' SDPA mask would be ``None`` too (no padding, no packing, and
   ``Tq == 1`` or ``Tk == Tq``): plain causal attention, aligned bottom-right, over all ``Tk`` keys.
-  The attention function may still find packed sequences in ``cu_seq_lens_*`` keyword arguments or
-  restarting ``position_ids`` (below).
+  (A model whose unpatched attention is FlashAttention may still find packed sequences there, by
+  FlashAttention's own rule: below.)
 * Otherwise a 2-D boolean *marker* tensor ``(B, kv_offset + Tk)``: the padding mask over the key
   positions (all true without padding), which is what the mask means, so it is still right if transformers feeds
   it back in as a 2-D ``attention_mask`` (``generate`` does so with static caches).  Its plan lives
   in a weak table keyed on the marker object, so that every layer of this forward shares one plan
   and one host synchronisation.
-* A 4-D mask from transformers' ``sdpa_mask`` where the kernels cannot express the mask (another
-  mask function, such as a chunked one): every layer then runs SDPA (or eager attention,
-  soft-capped), exactly.
+* A marker whose plan says "the unpatched implementation" (``sdpa_only``) where the kernels
+  cannot express the mask (another mask function, such as a chunked one): every layer then runs
+  it, with its own mask built from the same arguments, exactly.
+* Under ``torch.compile`` the plan object itself instead of a marker (Dynamo traces it; a weak
+  table keyed on a tensor it cannot).  Dynamo can neither read a closure's cells (the mask
+  function's window or packed sequence ids) nor read values back, so there the kernels take the
+  layers whose mask is plain causal without padding (a static cache's decode steps included), and
+  every other layer runs the unpatched implementation: no graph break, the same answers.
 
 **Which path each layer takes** ("decode-sized": no gradient and ``Tq * Hq / Hk <= 64``, the rule
 of ``ops.decode.use_decode``), and the host synchronisations (never one per layer):
 
-* no mask: ``flash_attention(causal=True)``, bottom-right; no sync.  If ``Tk == Tq``, packed
-  sequences: FA2's keyword arguments give the varlen kernel its offsets (no sync when the max
-  lengths are ints, as the collator gives them); else ``position_ids`` are checked for packing once
-  per forward (one sync), and packed ones run the varlen kernel over the flattened tokens.
+* no mask: ``flash_attention(causal=True)``, bottom-right; no sync.  Only for a model whose
+  unpatched attention is FlashAttention, if ``Tk == Tq``: FA2's keyword arguments give the varlen
+  kernel its offsets (no sync when the max lengths are ints, as the collator gives them), else
+  FlashAttention's own test of ``position_ids`` runs once per forward (one sync).
 * a marker, decode-sized: ``flash_decode`` over the whole key buffer with
   ``cache_seqlens = q_start + Tq`` and ``cache_leftpad`` = each row's first real slot, both made on
   the device; one read per forward checks that the mask has that form (none without padding).
 * a marker, prefill-sized (or a mask ``flash_decode`` cannot express): one sync per forward for
   the sizes; no padding before ``q_start + Tq``: the plain kernel on those keys; else unpad ->
   varlen kernel -> pad.
-* transformers' ``sdpa_attention_forward`` with the mask SDPA would have had (soft-capped: the
-  model's ``eager_attention_forward``): attention dropout, ``output_attentions``, 4-D masks, masks
-  only SDPA can apply, modules without the kernel, and a sliding window over padding that is not
-  all on the left (unpadding would change the distances between slots).
+* the unpatched implementation with the mask it would have had (:func:`_fallback`): attention
+  dropout, ``output_attentions`` where that implementation returns weights (eager), 4-D masks,
+  masks only it can apply, modules without the kernel, a sliding window over padding that is not
+  all on the left (unpadding would change the distances between slots), and under
+  ``torch.compile`` every mask but plain causal.
 
 Unpadding is exact for any padding pattern: a row's real queries are the last of its real keys
 (both are the real slots, in order, up to ``q_start + Tq``), so bottom-right causality within the
@@ -70,16 +81,24 @@ varlen launch that only such masks pay for.  ``flash_decode`` only sees a contig
 ``[cache_leftpad, cache_seqlens)``: that covers left padding, not a hole (right padding followed by
 generated tokens, a masked query token).  Whether a mask has that form is read on the host once per
 forward (``MaskPlan.decode_ok``); a mask that does not goes the unpad way instead.  Under CUDA-graph
-capture or ``torch.compile`` nothing can be read back, so the decode path runs unchecked and rows
-whose mask it cannot express come out as NaN (never a silent wrong answer).
+capture nothing can be read back, so the decode path runs unchecked and rows whose mask it cannot
+express come out as NaN (never a silent wrong answer); under ``torch.compile`` padded masks never
+reach it (above).
 
-**Packed sequences** (padding-free batches, e.g. ``DataCollatorWithFlattening``) are found as
-FlashAttention-2 finds them in transformers: the ``cu_seq_lens_q/k``, ``max_length_q/k`` keyword
-arguments (all four given), else ``position_ids`` that do not count up by one (a new sequence starts
-where ``position_ids[t] - position_ids[t-1] != 1``, transformers' ``find_packed_sequence_indices``
-rule; FA2 itself starts one where the position equals the row's minimum, which agrees for
-positions that restart at 0).  transformers' own mask only looks for packing when there is no cache
-(``use_cache=False``); then its packed mask function is recognised and its sequence ids are used.
+**Packed sequences** (padding-free batches, e.g. ``DataCollatorWithFlattening``) are what the
+unpatched model makes of them, by transformers' own rule for its implementation, per version:
+
+* SDPA and eager attention see packing only in the mask: transformers looks for it (its
+  ``_preprocess_mask_arguments``) only with ``position_ids``, no 2-D ``attention_mask`` and no cache
+  (``use_cache=False``, or gradient checkpointing; the default ``use_cache=True`` makes a
+  DynamicCache, in training too), and starts a sequence wherever ``position_ids[t] -
+  position_ids[t-1] != 1`` (``find_packed_sequence_indices``).  Its packed mask function is then
+  recognised and its sequence ids run the varlen kernel.  FlashAttention-2's ``cu_seq_lens_*``
+  keyword arguments are ignored, as SDPA and eager attention ignore them.
+* FlashAttention models (``flash_attention_2``/``_3``) find packing themselves, mask or not: the
+  four keyword arguments, else ``_is_packed_sequence(position_ids)`` and
+  ``prepare_fa_kwargs_from_position_ids`` (a sequence starts where the position is the minimum),
+  transformers' own functions, called here.
 """
 from __future__ import annotations
 
@@ -177,19 +196,26 @@ def _packing_from_segments(segments: torch.Tensor):
     return cu, longest, count
 
 
-def _packing_from_positions(position_ids: Optional[torch.Tensor], batch: int, length: int):
-    """Packed sequences in ``position_ids (B or 1, T)`` by transformers' rule, or None if every
-    row holds one sequence.  Memoised per forward (every layer gets the same tensor)."""
-    if position_ids is None or length < 2 or position_ids.ndim != 2 or position_ids.shape[-1] != length:
-        return None
+def _flash_attention_packing(kwargs: dict, batch: int):
+    """Packed sequences as transformers' FlashAttention functions find them (for models whose
+    unpatched attention is one of those): its four keyword arguments (``cu_seq_lens_q/k``,
+    ``max_length_q/k``, all given), else its own test of ``position_ids``
+    (``_is_packed_sequence``, then ``prepare_fa_kwargs_from_position_ids``), once per forward."""
+    from transformers.modeling_flash_attention_utils import (_is_packed_sequence,
+                                                             prepare_fa_kwargs_from_position_ids)
+
+    packing = _packing_from_kwargs(kwargs)
+    position_ids = kwargs.get("position_ids")
+    if packing is not None or position_ids is None:
+        return packing
 
     def detect():
-        positions = position_ids.expand(batch, -1)
-        jumps = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1) != 1
-        cu, longest, count = _packing_from_segments(jumps.cumsum(-1))
-        return None if count == batch else (cu, cu, longest, longest)
+        if not bool(_is_packed_sequence(position_ids, batch)):
+            return None
+        (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
 
-    return _memoised(position_ids, ("packing", batch), detect)
+    return _memoised(position_ids, ("flash_packing", batch), detect)
 
 
 def _packing_from_kwargs(kwargs: dict):
@@ -272,6 +298,9 @@ class MaskPlan:
         self.sdpa_args, self.sdpa_only, self.window = sdpa_args, sdpa_only, window
         self.batch, self.q_length, self.kv_length, self.device = batch, q_length, kv_length, device
         self.q_start, self.q_slots, self.padding, self.segments = q_start, q_slots, padding, segments
+        # Whether query rows that see no key need their unpatched answer (:meth:`empty_queries`):
+        # set by the attention function, before the plan's host values are read.
+        self.fill_empty = False
         self._memo = {}
 
     def _once(self, key, compute):
@@ -279,13 +308,31 @@ class MaskPlan:
             self._memo[key] = compute()
         return self._memo[key]
 
-    def sdpa_mask(self):
-        """The mask transformers' SDPA would have had for this forward (for a fallback)."""
-        return self._once("sdpa", lambda: sdpa_mask(**self.sdpa_args))
+    def fallback_mask(self, implementation: str, dtype: torch.dtype):
+        """The mask ``implementation`` (transformers' name: ``"sdpa"``, ``"eager"``, ...) would have
+        had for this forward, from the arguments its own mask function would have had."""
+        def compute():
+            if implementation == "sdpa":
+                return sdpa_mask(**self.sdpa_args)
+            if implementation == "eager":
+                return _additive(sdpa_mask(**{**self.sdpa_args, "allow_is_causal_skip": False}), dtype)
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    def dense_mask(self):
-        """That mask as a 4-D boolean tensor, never None (for eager attention)."""
-        return self._once("dense", lambda: sdpa_mask(**{**self.sdpa_args, "allow_is_causal_skip": False}))
+            return ALL_MASK_ATTENTION_FUNCTIONS[implementation](**{"dtype": dtype, **self.sdpa_args})
+        return self._once(("mask", implementation, dtype), compute)
+
+    def empty_queries(self) -> torch.Tensor:
+        """Device bool ``(B, Tq)``: the queries that see no key (padding before a row's first real
+        token, a row of padding only).  The kernels give them zeros, as SDPA does; eager attention
+        gives them the average of every value slot (its mask adds ``finfo.min``, not ``-inf``)."""
+        return self._once("empty", lambda: self._tokens()["seen"] == 0)
+
+    def has_empty_queries(self) -> bool:
+        """Whether :meth:`empty_queries` has any (read with the plan's other host values, if the
+        attention function set ``fill_empty``)."""
+        if self.padding is None or not self.fill_empty:
+            return False
+        return self._once("has_empty", lambda: bool(_read(self.empty_queries().any())[0]))
 
     def _slots_ok(self):
         """Device bool: the queries sit in slots ``q_start .. q_start + Tq - 1`` inside the keys;
@@ -332,6 +379,9 @@ class MaskPlan:
             row_ok = self.decode_inputs()[2]
             if row_ok is None or not _can_sync(row_ok):
                 return True
+            if self.fill_empty and "has_empty" not in self._memo:
+                ok, self._memo["has_empty"] = map(bool, _read(row_ok.all(), self.empty_queries().any()))
+                return ok
             return bool(_read(row_ok.all())[0])
         return self._once("decode_ok", compute)
 
@@ -358,7 +408,12 @@ class MaskPlan:
                 nk, nq = t["key_real"].sum(1), t["query_real"].sum(1)
                 values += [(nk == end).all(), nk.sum(), nq.sum(), nk.max(), nq.max(), t["pad_sees"].sum(),
                            t["run_start"].sum(), t["run_keys"].sum(), t["run_length"].max(), t["run_keys"].max()]
+            fill_empty = self.padding is not None and self.fill_empty and "has_empty" not in self._memo
+            if fill_empty:
+                values.append(self.empty_queries().any())
             read = _read(*values)
+            if fill_empty:
+                self._memo["has_empty"] = bool(read.pop())
             host = {"end": read[0], "ok": bool(read[1]) and read[0] <= self.kv_length}
             if self.padding is not None:
                 names = ("all_real", "total_k", "total_q", "max_k", "max_q", "pad_queries", "runs", "run_keys",
@@ -446,8 +501,8 @@ def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_fun
                 attention_mask: Optional[torch.Tensor] = None, q_length: Optional[int] = None, q_offset=0,
                 cache_position: Optional[torch.Tensor] = None, local_size: Optional[int] = None,
                 allow_is_causal_skip: bool = True, **kwargs):
-    """transformers' mask interface (``AttentionMaskInterface``): ``None``, a marker tensor with
-    its :class:`MaskPlan`, or SDPA's 4-D mask (see the module docstring).
+    """transformers' mask interface (``AttentionMaskInterface``): ``None``, or what stands for a
+    :class:`MaskPlan` (a marker tensor; under torch.compile the plan itself), see the module docstring.
 
     Takes the arguments of ``masking_utils.sdpa_mask`` of either transformers 5.x API: the queries
     as ``q_length``/``q_offset`` (5.1+) or as ``cache_position`` (5.0).  ``kv_offset`` is the
@@ -471,24 +526,28 @@ def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_fun
         sdpa_args.update(q_length=q_length, q_offset=q_offset)
         device = kwargs.get("device", "cpu") if attention_mask is None else attention_mask.device
 
-    def sdpa():
-        mask = sdpa_mask(**sdpa_args)
-        if mask is not None:
-            return mask
-        # SDPA's is_causal (or no mask at all) stands for this pattern: a plan that says "SDPA".
+    def fallback():  # a mask only transformers' own attention applies, exactly
         plan = MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, sdpa_only=True)
-        return _marker(plan, None, kv_offset + kv_length)
+        return _carrier(plan, None, kv_offset + kv_length)
 
-    pattern = _mask_pattern(mask_function)
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # Dynamo cannot read a closure's cells, nor may anything be read back from the device: the
+        # kernels take plain causal masks without padding, every other layer runs transformers'.
+        if mask_function is not causal_mask_function or attention_mask is not None:
+            return fallback()
+        pattern = (None, None)
+    else:
+        pattern = _mask_pattern(mask_function)
     if pattern is None:
-        return sdpa()  # another mask pattern: SDPA, exactly
+        return fallback()  # another mask pattern
     window, segments = pattern
     if segments is not None and (attention_mask is not None or kv_length != q_length):
-        return sdpa()
+        return fallback()
     if local_size is not None and local_size != window:
-        return sdpa()
+        return fallback()
     if not isinstance(q_start, torch.Tensor) and q_start + q_length > kv_length:
-        return sdpa()  # queries past the keys: not a layout the kernels assume
+        return fallback()  # queries past the keys: not a layout the kernels assume
     if window is not None and window >= kv_length:
         window = None  # every key slot is within the window of every query
     if (segments is None and window is None and attention_mask is None and allow_is_causal_skip
@@ -501,13 +560,17 @@ def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_fun
         padding = by_position[:, kv_offset:]  # by slot
     plan = MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, q_start=q_start, q_slots=q_slots,
                     padding=padding, segments=segments, window=window)
-    return _marker(plan, by_position, kv_offset + kv_length)
+    return _carrier(plan, by_position, kv_offset + kv_length)
 
 
-def _marker(plan: MaskPlan, padding: Optional[torch.Tensor], width: int) -> torch.Tensor:
-    """A new 2-D tensor standing for ``plan``: its padding mask over the key positions
-    ``0 .. width - 1`` (``kv_offset + Tk``; all true without padding), so that it means the same if
-    transformers passes it back in as a 2-D ``attention_mask`` (which it reads by position)."""
+def _carrier(plan: MaskPlan, padding: Optional[torch.Tensor], width: int):
+    """What the layers get as their mask for ``plan``.  Under torch.compile, the plan itself
+    (Dynamo traces the object; it never leaves the compiled forward).  Otherwise a new 2-D tensor,
+    its padding mask over the key positions ``0 .. width - 1`` (``kv_offset + Tk``; all true
+    without padding), so that it means the same if transformers passes it back in as a 2-D
+    ``attention_mask`` (which it reads by position); the plan is found in a weak table."""
+    if torch.compiler.is_compiling():
+        return plan
     if padding is None:
         padding = torch.ones((plan.batch, width), dtype=torch.bool, device=plan.device)
     marker = padding[:, :width]  # always a new object, so that the plan is this call's alone
@@ -522,18 +585,20 @@ def _plan_of(mask: torch.Tensor, q_length: int, kv_length: int) -> MaskPlan:
     """The plan behind a 2-D mask: the mask function's, or (for a 2-D padding mask that did not come
     through it) FlashAttention-2's reading: its ``S`` columns are the first ``S`` key slots and the
     queries are the last ``Tq`` of them."""
+    def make():
+        padding = prepare_padding_mask(mask.to(torch.bool), kv_length, 0)[:, :kv_length]
+        q_start = mask.shape[1] - q_length
+        sdpa_args = dict(batch_size=mask.shape[0], q_length=q_length, q_offset=q_start, kv_length=kv_length,
+                         attention_mask=padding, allow_is_causal_skip=False, device=mask.device,
+                         cache_position=torch.arange(q_length, device=mask.device) + q_start)
+        # Under torch.compile the values cannot be read back: transformers' attention applies it.
+        sdpa_only = torch.compiler.is_compiling() or not 0 <= q_start <= kv_length - q_length
+        return MaskPlan(sdpa_args, mask.shape[0], q_length, kv_length, mask.device, q_start=q_start,
+                        padding=padding, sdpa_only=sdpa_only)
+    if torch.compiler.is_compiling():
+        return make()
     plan = _PLANS.get(mask)
-    if plan is None:
-        def make():
-            padding = prepare_padding_mask(mask.to(torch.bool), kv_length, 0)[:, :kv_length]
-            q_start = mask.shape[1] - q_length
-            sdpa_args = dict(batch_size=mask.shape[0], q_length=q_length, q_offset=q_start, kv_length=kv_length,
-                             attention_mask=padding, allow_is_causal_skip=False, device=mask.device,
-                             cache_position=torch.arange(q_length, device=mask.device) + q_start)
-            return MaskPlan(sdpa_args, mask.shape[0], q_length, kv_length, mask.device, q_start=q_start,
-                            padding=padding, sdpa_only=not 0 <= q_start <= kv_length - q_length)
-        plan = _memoised(mask, ("plan", q_length, kv_length), make)
-    return plan
+    return plan if plan is not None else _memoised(mask, ("plan", q_length, kv_length), make)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,38 +607,51 @@ def _plan_of(mask: torch.Tensor, q_length: int, kv_length: int) -> MaskPlan:
 def kernel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface: ``query (B, Hq, Tq, D)``, ``key, value (B, Hk, Tk, D)``
     -> ``(output (B, Tq, Hq, D), None)``.  The kernels where they give the answer (module docstring),
-    else transformers' own attention with the mask it would have had (:func:`_fallback`).
+    else the model's own (unpatched) attention with the mask it would have had (:func:`_fallback`).
 
     A sliding window comes with the mask (the plan's ``window``: what SDPA and eager attention
     apply), soft-capping (Gemma 2) as the ``softcap`` keyword; both go to every kernel path."""
     plan = None
-    if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
+    if isinstance(attention_mask, MaskPlan):
+        plan = attention_mask
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.ndim == 2:
         plan = _plan_of(attention_mask, query.shape[2], key.shape[2])
-    if not _kernel_runs(module, attention_mask, plan, dropout, kwargs):
+    implementation = _unpatched_implementation(module, kwargs)
+    if not _kernel_runs(module, attention_mask, plan, dropout, implementation, kwargs, key.shape[2]):
         return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
 
     batch, _, q_length, _ = query.shape
     kv_length = key.shape[2]
     options = dict(sm_scale=scaling, window=None if plan is None else plan.window, softcap=kwargs.get("softcap"))
+    flash_rules = implementation.startswith("flash_attention")
     if plan is None or plan.segments is not None:
         packing = None
-        if q_length == kv_length:
-            packing = _packing_from_kwargs(kwargs)
-            if packing is None:
-                packing = plan.packing() if plan is not None else _packing_from_positions(
-                    kwargs.get("position_ids"), batch, q_length)
+        if flash_rules and q_length == kv_length:
+            # transformers' FlashAttention functions find packed batches themselves (their rule,
+            # not the mask's); SDPA and eager attention see them only in the mask (segments).
+            if not _can_sync(query):
+                return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
+            packing = _flash_attention_packing(kwargs, batch)
+        elif plan is not None:
+            packing = plan.packing()
         if packing is not None:
             return _packed_attention(query, key, value, *packing, **options), None
         return flash_attention(query, key, value, causal=True, **options).transpose(1, 2), None
 
+    # Eager attention gives a query that sees no key the average of all value slots (the kernels:
+    # zeros, as SDPA); the count is read with the plan's other host values.
+    plan.fill_empty = implementation == "eager"
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if use_decode(q_length, query.shape[1] // key.shape[1], needs_grad):
         seqlens, leftpad, row_ok = plan.decode_inputs()
         if row_ok is None or plan.decode_ok():
             out = flash_decode(query, key, value, seqlens, cache_leftpad=leftpad, **options)
-            return plan.decode_output(out).transpose(1, 2), None
+            out = plan.decode_output(out).transpose(1, 2)
+            return _with_empty_queries(module, plan, out, query, key, value, scaling, kwargs), None
         # A hole in some row's keys: unpadding below expresses any mask.
 
+    if not _can_sync(query):  # a static cache's prefill under CUDA-graph capture
+        return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
     host = plan.host()
     if not host["ok"]:
         return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
@@ -585,35 +663,108 @@ def kernel_attention(module, query, key, value, attention_mask, scaling=None, dr
         # Unpadding keeps the window only where each row's real keys are contiguous slots (left
         # padding): then a key's distance in the unpadded sequence is its distance in slots.
         return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
-    return _unpadded_attention(plan, query, key, value, **options), None
+    out = _unpadded_attention(plan, query, key, value, **options)
+    return _with_empty_queries(module, plan, out, query, key, value, scaling, kwargs), None
+
+
+def _unpatched_implementation(module, kwargs) -> str:
+    """The attention implementation the model had before it was patched (transformers' name),
+    which decides corner cases and computes wherever the kernels step aside.  Soft-capped scores
+    under SDPA (which cannot soft-cap: transformers 5.0 skips it, later releases refuse) use the
+    model's eager attention, the model's math."""
+    implementation = getattr(module, "_lk_unpatched_attention", None) or "sdpa"
+    if implementation == "sdpa" and kwargs.get("softcap") is not None:
+        return "eager"
+    return implementation
+
+
+def _eager_attention(module):
+    """The ``eager_attention_forward`` of ``module``'s modeling module (or of a base class's)."""
+    return next(vars(sys.modules[cls.__module__])["eager_attention_forward"] for cls in type(module).__mro__
+                if "eager_attention_forward" in vars(sys.modules[cls.__module__]))
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention's additive one (``finfo(dtype).min`` where hidden)."""
+    return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype) if mask.dtype == torch.bool else mask
 
 
 def _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs):
-    """transformers' SDPA function with the mask SDPA would have had; for soft-capped scores, which
-    SDPA cannot compute, the model's own eager attention with that mask as an additive float mask."""
-    if kwargs.get("softcap") is None:
-        mask = plan.sdpa_mask() if plan is not None else attention_mask
-        return sdpa_attention_forward(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
-    eager = next(vars(sys.modules[cls.__module__])["eager_attention_forward"] for cls in type(module).__mro__
-                 if "eager_attention_forward" in vars(sys.modules[cls.__module__]))
+    """The model's unpatched attention (SDPA, eager, ...) with the mask it would have had."""
+    implementation = _unpatched_implementation(module, kwargs)
+    dtype = query.dtype if plan is None else plan.sdpa_args.get("dtype", query.dtype)
     if plan is not None:
-        mask = plan.dense_mask()
-    elif attention_mask is None:  # plain causal, aligned bottom-right
+        mask = plan.fallback_mask(implementation, dtype)
+    elif attention_mask is None and implementation == "eager":  # eager never skips the causal mask
         q_length, kv_length = query.shape[2], key.shape[2]
         mask = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
+        mask = _additive(mask, dtype)[None, None]
+    elif implementation == "eager" and attention_mask.ndim == 4:
+        mask = _additive(attention_mask, dtype)
     else:
         mask = attention_mask
-    if mask.dtype == torch.bool:  # eager attention adds its mask to the scores
-        mask = torch.where(mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
-    if mask.ndim == 2:
-        mask = mask[None, None]
-    return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    if implementation == "eager":
+        function = _eager_attention(module)
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        function = sdpa_attention_forward if implementation == "sdpa" else ALL_ATTENTION_FUNCTIONS[implementation]
+    return function(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
-def _kernel_runs(module, attention_mask, plan, dropout, kwargs) -> bool:
-    """Whether the kernels can give this call's answer (else SDPA runs, exactly)."""
-    if "attention" not in getattr(module, "_lk_kernels", ()) or dropout > 0 or kwargs.get("output_attentions"):
+def _with_empty_queries(module, plan: MaskPlan, out, query, key, value, scaling, kwargs):
+    """``out (B, Tq, Hq, D)`` with the queries that see no key given eager attention's answer
+    (the model's own function over all key slots with an all-``finfo.min`` mask) if the model's
+    unpatched attention is eager; nothing to do (and nothing read) otherwise."""
+    if plan.padding is None or not plan.fill_empty:
+        return out
+    dtype = plan.sdpa_args.get("dtype", query.dtype)
+    eager = _eager_attention(module)
+    if not _can_sync(query):  # (CUDA-graph capture) every query's eager answer, kept where empty
+        hidden = torch.full((1, 1, *query.shape[2:3], key.shape[2]), torch.finfo(dtype).min, dtype=dtype,
+                            device=query.device)
+        filled, _ = eager(module, query, key, value, hidden, dropout=0.0, scaling=scaling, **kwargs)
+        return torch.where(plan.empty_queries()[..., None, None], filled.to(out.dtype), out)
+    if not plan.has_empty_queries():
+        return out
+    rows, positions = plan.empty_queries().nonzero(as_tuple=True)
+    for b in rows.unique().tolist():  # at most one eager call per batch row that has some
+        t = positions[rows == b]
+        hidden = torch.full((1, 1, t.numel(), key.shape[2]), torch.finfo(dtype).min, dtype=dtype,
+                            device=query.device)
+        filled, _ = eager(module, query[b:b + 1, :, t], key[b:b + 1], value[b:b + 1], hidden, dropout=0.0,
+                          scaling=scaling, **kwargs)
+        out = out.index_put((torch.full_like(t, b), t), filled[0].to(out.dtype))
+    return out
+
+
+def _attentions_requested(module, kwargs) -> bool:
+    """Whether this forward returns attention weights (``output_attentions``: a call argument,
+    transformers' output collector of 5.x after 5.0, or the model's config)."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # transformers 5.0 passes the argument down
+        collected = None
+    else:
+        collected = _active_collector.get()
+    if collected is not None:
+        return "attentions" in collected
+    return bool(getattr(getattr(module, "config", None), "output_attentions", False))
+
+
+def _kernel_runs(module, attention_mask, plan, dropout, implementation, kwargs, kv_length) -> bool:
+    """Whether the kernels can give this call's answer (else the unpatched attention runs, exactly)."""
+    if "attention" not in getattr(module, "_lk_kernels", ()) or dropout > 0:
         return False
+    if plan is not None and plan.kv_length != kv_length:
+        # More keys than the mask describes: a sliding-window cache of window 1 keeps every token
+        # (it keeps the last `window - 1`, sliced as `[-0:]`) while the mask covers one slot, which
+        # SDPA then broadcasts over all of them.  transformers' own answer, whatever it is.
+        return False
+    if implementation == "eager" and _attentions_requested(module, kwargs):
+        return False  # eager attention returns its weights (SDPA and FlashAttention return None)
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal", True) is False:
         return False
     if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS):

@@ -15,8 +15,9 @@ than a copied forward:
 * Attention: transformers' own extension points (:mod:`llama_kernels.hf_attention`) see each
   layer's sliding window in its mask and its ``softcap`` in the call, so Mistral's and Qwen2's
   windows, Gemma 2/3's alternating local and global layers and Gemma 2's soft-capping need no row
-  option.  RoPE: each family's ``apply_rotary_pos_emb`` is routed to the kernel while a patched
-  attention module runs (Phi-3's partial rotary: the kernel on the rotated slice).
+  option.  RoPE: a patched attention module runs its class's own forward with the kernel as
+  ``apply_rotary_pos_emb`` (Phi-3's partial rotary: the kernel on the rotated slice); transformers'
+  modules themselves are never changed, so other models in the process are untouched.
 * ``*ForCausalLM``: the fused loss of :mod:`llama_kernels.hf_loss`; Gemma 2's final-logit
   soft-capping is refused at patch time (that model keeps transformers' loss).
 
@@ -25,9 +26,9 @@ Rows apply to a model's modules whatever the model around them (``*ForCausalLM``
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import importlib
+import types
 from dataclasses import dataclass
 from typing import Optional
 
@@ -64,11 +65,6 @@ FAMILIES = (
     Family("Gemma 3", "gemma3", "Gemma3", gemma_norm=True),
     Family("Phi-3", "phi3", "Phi3", fused_mlp=True),
 )
-
-# Kernel families active in the attention forward now running (rope is read by the modeling
-# module's `apply_rotary_pos_emb`, which transformers calls without the module).
-_active_kernels: contextvars.ContextVar = contextvars.ContextVar("llama_kernels_active", default=())
-
 
 # ---------------------------------------------------------------------------------------------
 # forwards of the patched modules
@@ -113,19 +109,48 @@ def _mlp_activation_unsupported(module) -> Optional[str]:
             "(GeGLU, 'gelu_pytorch_tanh'))")
 
 
-def _attention_forward(self, *args, **kwargs):
-    token = _active_kernels.set(self._lk_kernels)
+@functools.cache
+def _forward_with_rope_kernel(forward):
+    """``forward`` (an attention module's, decorators included) reading ``apply_rotary_pos_emb`` as
+    the kernel: the same code objects, run with a copy of their modeling module's globals.
+
+    transformers' attention forwards call their module's global ``apply_rotary_pos_emb``; changing
+    that global would change every model of the family in the process, patched or not (and a
+    dispatcher reading which model runs is a context variable, which Dynamo cannot trace)."""
+    inner = getattr(forward, "__wrapped__", None)
+    closure = forward.__closure__ or ()
+    if inner is not None and any(_cell_holds(cell, inner) for cell in closure):
+        # A decorator's wrapper (deprecate_kwarg): rebuild it around the rebuilt inner function.
+        rebuilt = _forward_with_rope_kernel(inner)
+        closure = tuple(types.CellType(rebuilt) if _cell_holds(cell, inner) else cell for cell in closure)
+        function = types.FunctionType(forward.__code__, forward.__globals__, forward.__name__,
+                                      forward.__defaults__, closure)
+        function.__dict__.update(vars(forward), __wrapped__=rebuilt)
+    else:
+        original = forward.__globals__.get("apply_rotary_pos_emb")
+        if original is None:
+            return forward  # not a forward of the family's shape: eager RoPE
+        scope = {**forward.__globals__, "apply_rotary_pos_emb": _rotary_with_kernel(original)}
+        function = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, closure)
+        function.__dict__.update(vars(forward))
+    function.__kwdefaults__, function.__qualname__ = forward.__kwdefaults__, forward.__qualname__
+    function.__doc__, function.__module__ = forward.__doc__, forward.__module__
+    return function
+
+
+def _cell_holds(cell, value) -> bool:
     try:
-        return original_class(self).forward(self, *args, **kwargs)
-    finally:
-        _active_kernels.reset(token)
+        return cell.cell_contents is value
+    except ValueError:  # an empty cell
+        return False
 
 
-def _rotary_dispatcher(original):
-    """Stands in for a modeling module's ``apply_rotary_pos_emb``: the kernel inside patched attention."""
+def _rotary_with_kernel(original):
+    """A modeling module's ``apply_rotary_pos_emb`` computed by the kernel (``original`` for calls
+    it does not take)."""
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         # Under autocast q, k are half and cos, sin float32: the kernel promotes as eager does.
-        if "rope" in _active_kernels.get() and unsqueeze_dim == 1 and q.dtype == k.dtype:
+        if unsqueeze_dim == 1 and q.dtype == k.dtype:
             rotary_dim = cos.shape[-1]
             if rotary_dim == q.shape[-1]:
                 return apply_rotary(q, k, cos, sin)
@@ -161,13 +186,16 @@ def _family_rows(family: Family, modeling) -> list[Replacement]:
                for kind in ("RMSNorm", "MLP", "Attention", "ForCausalLM")}
     norm_forward = _gemma_rms_norm_forward if family.gemma_norm else _llama_rms_norm_forward
     mlp_forward = _fused_mlp_forward if family.fused_mlp else _mlp_forward
-    causal_lm = classes["ForCausalLM"]
+    causal_lm, attention = classes["ForCausalLM"], classes["Attention"]
     return [
         Replacement("rms_norm", classes["RMSNorm"], {"forward": norm_forward}, rms_norm_size_unsupported),
         Replacement("swiglu", classes["MLP"], {"forward": mlp_forward}, _mlp_activation_unsupported),
-        Replacement("rope", classes["Attention"], {"forward": _attention_forward}, rope_head_dim_unsupported),
-        Replacement("attention", classes["Attention"], {"forward": _attention_forward},
-                    attention_head_dim_unsupported),
+        # Attention runs through transformers' attention interface (switched in `_finish`): its row
+        # keeps the class's own forward, which also keeps it off subclasses with another forward.
+        # The RoPE row comes after it, so that with both on the forward is RoPE's.
+        Replacement("attention", attention, {"forward": attention.forward}, attention_head_dim_unsupported),
+        Replacement("rope", attention, {"forward": _forward_with_rope_kernel(attention.forward)},
+                    rope_head_dim_unsupported),
         Replacement("cross_entropy", causal_lm, {"forward": hf_loss.causal_lm_forward(causal_lm)},
                     hf_loss.lm_head_unsupported),
     ]
@@ -183,22 +211,12 @@ def hf_table() -> tuple[list[Replacement], callable]:
             f"apply_kernels supports transformers 5.x models; transformers {transformers.__version__} "
             "is installed (pip install 'transformers>=5,<6')"
         )
-    modules = modeling_modules()
-    _install_hooks(modules.values())
-    rows = [row for family, modeling in modules.items() for row in _family_rows(family, modeling)]
-    return rows, _finish
-
-
-def _install_hooks(modeling_modules) -> None:
-    """Register the attention and mask functions with transformers and route each family's
-    ``apply_rotary_pos_emb`` through a dispatcher.  Both are inert for models nobody patched;
-    idempotent."""
     from . import hf_attention
 
-    hf_attention.register()
-    for modeling in modeling_modules:
-        if not hasattr(modeling.apply_rotary_pos_emb, "original"):
-            modeling.apply_rotary_pos_emb = _rotary_dispatcher(modeling.apply_rotary_pos_emb)
+    hf_attention.register()  # inert for models that were not switched to it
+    modules = modeling_modules()
+    rows = [row for family, modeling in modules.items() for row in _family_rows(family, modeling)]
+    return rows, _finish
 
 
 def _finish(model, enabled: dict) -> None:
@@ -222,6 +240,13 @@ def _finish(model, enabled: dict) -> None:
             pretrained.set_attn_implementation(HF_ATTENTION)
         elif not enabled["attention"] and current == HF_ATTENTION:
             pretrained.set_attn_implementation(getattr(pretrained, "_lk_previous_attention", "sdpa"))
+        # What the model computed before patching is the rule wherever the kernels step aside, and
+        # for corner cases (query rows that see no key, packed batches): each attention module
+        # keeps the name of that implementation.
+        unpatched = getattr(pretrained, "_lk_previous_attention", "sdpa")
+        for module in pretrained.modules():
+            if hasattr(type(module), "_lk_kernels"):  # (also those whose rows stayed eager)
+                module._lk_unpatched_attention = unpatched
 
 
 def family_names() -> str:

@@ -14,7 +14,6 @@ models' heads it cannot stand in for (final-logit soft-capping, heads that are n
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 from typing import Optional
@@ -81,9 +80,9 @@ def _causal_lm_forward(base: type, self, *args, **kwargs):
     bound.apply_defaults()
     arguments = dict(bound.arguments)
     kinds = {name: p.kind for name, p in params.items()}
-    if (arguments.get("labels") is None  # no loss to compute
-            or inspect.Parameter.VAR_POSITIONAL in kinds.values()  # a signature not of the family
-            or not _fused_loss_applies(self)):
+    # kernel_summary counts this model's fused loss by the same _fused_loss_applies: only training
+    # mode and the labels, which depend on the call, are decided here alone.
+    if arguments.get("labels") is None or not _fused_loss_applies(self):
         return forward(self, *args, **kwargs)
     # The original body: self.model(every named argument but labels and logits_to_keep, **kwargs),
     # the loss function getting those same **kwargs (num_items_in_batch, ignore_index, shift_labels).
@@ -102,17 +101,29 @@ def _causal_lm_forward(base: type, self, *args, **kwargs):
 
     # The cache field is `past_key_values` in transformers 5.0 and `cache` later: copy whichever
     # the output class has from the base model's output, as the original does.
-    copied = {f.name: getattr(outputs, f.name, None) for f in dataclasses.fields(CausalLMOutputWithPast)
-              if f.name not in ("loss", "logits")}
+    # (the class's field table, not dataclasses.fields(): Dynamo traces a dict's keys)
+    copied = {name: getattr(outputs, name, None) for name in CausalLMOutputWithPast.__dataclass_fields__
+              if name not in ("loss", "logits")}
     output = CausalLMOutputWithPast(loss=loss, logits=None, **copied)
     return output if return_dict else output.to_tuple()
 
 
 def _fused_loss_applies(model) -> bool:
-    """Whether the fused loss computes what ``model``'s own LM head and loss function would."""
+    """Whether the fused loss computes what ``model``'s own LM head and loss function would, i.e.
+    whether a training call with labels runs it now.
+
+    The one test of both the patched forward (on every call) and ``patch.kernel_summary`` (which
+    counts the model's ``cross_entropy`` only while this holds), so the two cannot disagree.  It is
+    asked again at each call, not only at patch time, because the head can change after patching:
+    PEFT's ``modules_to_save=["lm_head"]`` wraps it in a ``ModulesToSaveWrapper``, a LoRA on
+    ``lm_head`` replaces it, accelerate hooks it.
+    """
     from transformers.loss.loss_utils import ForCausalLMLoss
 
+    from .replacements import original_class
+
     head = getattr(model, "lm_head", None)
+    params = _signature(original_class(model).forward).parameters.values()
     return (
         lm_head_unsupported(model) is None
         # Hooks may move the weight in (accelerate's offloading, tensor parallelism) or change the
@@ -120,6 +131,8 @@ def _fused_loss_applies(model) -> bool:
         and not head._forward_hooks and not head._forward_pre_hooks and "forward" not in vars(head)
         and isinstance(getattr(model, "model", None), torch.nn.Module)
         and model.loss_function is ForCausalLMLoss
+        # a signature not of the family (the fused path rebinds the call's arguments)
+        and all(p.kind is not inspect.Parameter.VAR_POSITIONAL for p in params)
     )
 
 
@@ -140,17 +153,20 @@ def _signature(function) -> inspect.Signature:
     return inspect.signature(function)
 
 
+try:  # recent 5.x forwards call this helper (it also takes 2-D index tensors and boolean masks)
+    from transformers.modeling_utils import slice_logits_to_keep as _transformers_slice
+except ImportError:  # (imported here, once: Dynamo cannot trace a failing import)
+    _transformers_slice = None
+
+
 def _slice_logits_to_keep(hidden, logits_to_keep):
     """The hidden states the original forward feeds its LM head for ``logits_to_keep``."""
-    try:
-        # Recent 5.x forwards call this helper (it also takes 2-D index tensors and boolean masks).
-        from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:
+    if _transformers_slice is None:
         # transformers 5.0 inlines it: an int keeps the last k positions (0 keeps all of them), a
         # tensor indexes the sequence dimension.
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         return hidden[:, keep, :]
-    return slice_logits_to_keep(hidden, logits_to_keep)
+    return _transformers_slice(hidden, logits_to_keep)
 
 
 def _causal_lm_loss(hidden, lm_head, labels, /, *, num_items_in_batch=None, ignore_index=-100,

@@ -31,13 +31,14 @@ kernel.
 from __future__ import annotations
 
 import collections
+import sys
 import types
 import warnings
 from typing import Optional
 
 import torch
 
-from .ops.common import KernelFallbackWarning, triton_runs_on
+from .ops.common import FLOAT_DTYPES, KernelFallbackWarning, triton_runs_on
 from .replacements import FLAGS, Replacement, original_class, reference_model_table  # noqa: F401 (API)
 from . import model as reference_model
 
@@ -128,7 +129,7 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
     the loss with ``logits=None`` (eval mode, and calls without labels, keep the logits).
 
     A module the kernels cannot take (e.g. an attention head dim that is not a multiple of 16, an
-    MLP whose activation is neither SiLU nor GELU-tanh) keeps its eager code for that family,
+    MLP whose activation is neither SiLU nor GELU-tanh, float64 weights) keeps its eager code for that family,
     ``print(model)`` says ``eager=[flag: why]`` on it, and one warning lists them; so does a module
     on a device where no Triton kernel runs (see :func:`kernel_summary`).
     """
@@ -150,7 +151,9 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
         for row in matching:
             if not enabled[row.flag]:
                 continue
-            reason = row.unsupported(module) if row.unsupported is not None else None
+            reason = _dtype_unsupported(module)
+            if reason is None and row.unsupported is not None:
+                reason = row.unsupported(module)
             if reason is None:
                 rows.append(row)
             else:
@@ -172,6 +175,16 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
     if unsupported or off_device:
         warnings.warn(_eager_modules_message(unsupported, off_device), KernelFallbackWarning, stacklevel=2)
     return model
+
+
+def _dtype_unsupported(module: torch.nn.Module) -> Optional[str]:
+    """Why ``module``'s floating-point weights are beyond the kernels (float64: they take float32,
+    float16 and bfloat16), or None.  Such a module keeps its eager code, which runs."""
+    beyond = {p.dtype for p in module.parameters() if p.is_floating_point()} - set(FLOAT_DTYPES)
+    if not beyond:
+        return None
+    names = ", ".join(sorted(str(dtype).removeprefix("torch.") for dtype in beyond))
+    return f"{names} weights (the kernels take float32, float16 and bfloat16)"
 
 
 def _rebind_instance_forward(module: torch.nn.Module, base: type) -> None:
@@ -242,12 +255,60 @@ def _first_parameter_device(module) -> Optional[torch.device]:
 def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
     """How many modules of ``model`` run each kernel family now, e.g. ``{"rms_norm": 61, ...}``.
 
-    Counts only modules that are patched for the family and compute on a device where the
-    kernels run (a module offloaded by accelerate counts on its execution device).
+    Counts only modules that are patched for the family, compute on a device where the kernels
+    run (a module offloaded by accelerate counts on its execution device), would run the kernel
+    if called now (a transformers ``*ForCausalLM``'s fused loss by the test its forward makes at
+    each call: not while PEFT's ``modules_to_save`` or a LoRA wraps its ``lm_head``, see
+    ``hf_loss._fused_loss_applies``), and are reached by the model's forward (of the copies a PEFT
+    ``ModulesToSaveWrapper`` holds, only the one it calls).
     """
     counts = dict.fromkeys(FLAGS, 0)
+    idle = _idle_modules(model)
     for module, device in _compute_devices(model).items():
-        if triton_runs_on(device):
+        if module not in idle and triton_runs_on(device):
             for flag in type(module)._lk_kernels:
-                counts[flag] += 1
+                counts[flag] += _runs_kernel(module, flag)
     return counts
+
+
+def _runs_kernel(module: torch.nn.Module, flag: str) -> bool:
+    """Whether ``module``, patched for ``flag``, runs that kernel when called now.
+
+    Every row decides at patch time except the fused loss of a transformers ``*ForCausalLM``,
+    whose forward checks its LM head at each call (:func:`llama_kernels.hf_loss._fused_loss_applies`,
+    asked here too); the reference model's ``Llama.loss`` always runs it.
+    """
+    if flag == "cross_entropy" and not isinstance(module, reference_model.Llama):
+        from .hf_loss import _fused_loss_applies
+
+        return _fused_loss_applies(module)
+    return True
+
+
+def _idle_modules(model: torch.nn.Module) -> set:
+    """The modules inside ``model`` that its forward does not reach now: PEFT's
+    ``ModulesToSaveWrapper`` (``modules_to_save=[...]``) holds the original module and a copy per
+    adapter and calls one of them, as its ``forward`` decides (the active adapter's copy; the
+    original while adapters are disabled or the active adapter has no copy)."""
+    other = sys.modules.get("peft.utils.other")  # no PEFT imported: no wrappers
+    wrapper_class = getattr(other, "ModulesToSaveWrapper", None)
+    if wrapper_class is None:
+        return set()
+    idle = set()
+    for wrapper in model.modules():
+        if not isinstance(wrapper, wrapper_class):
+            continue
+        copies = wrapper.modules_to_save
+        active = getattr(wrapper, "active_adapters", None)  # older PEFT: only active_adapter
+        if active is None:
+            active = wrapper.active_adapter
+        if isinstance(active, str):
+            active = [active]
+        if wrapper.disable_adapters or not active or any(name not in copies for name in active):
+            called = wrapper.original_module
+        else:
+            called = copies[active[0]]
+        for branch in (wrapper.original_module, *copies.values()):
+            if branch is not called:
+                idle.update(branch.modules())
+    return idle

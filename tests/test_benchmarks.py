@@ -542,6 +542,116 @@ def test_family_option_runs_another_transformers_family(monkeypatch, tmp_path):
     assert main(["--smoke", "--only", "model", "--family", "nope", "--out", str(tmp_path)]) == 2
 
 
+def test_a_compiled_baseline_is_measured_where_nothing_was_patched(monkeypatch, tmp_path):
+    """--family runs hf+ours before hf+compile.  A provider that changes transformers' modeling
+    module for every later model (as apply_kernels' RoPE dispatcher, which reads a ContextVar,
+    did) must not reach the compiled baseline: compiled in that process it broke its graph at
+    every layer.  hf+compile is measured in a fresh process: no graph break there, nothing
+    compiled here, and its losses checked against hf's all the same.  The compile backend is
+    Dynamo's "eager" (its tracing and graph breaks, not inductor's ~20 s per graph on the CPU)."""
+    import contextvars
+
+    from torch._dynamo.utils import counters
+    from transformers.models.qwen3 import modeling_qwen3
+
+    real = bench_model.providers
+    active = contextvars.ContextVar("active", default=())
+    original = modeling_qwen3.apply_rotary_pos_emb
+    calls = []
+
+    def dispatcher(q, k, cos, sin, unsqueeze_dim=1):  # inert for an unpatched model; Dynamo cannot trace .get()
+        calls.append("rope" in active.get())
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    def providers(cfg, settings, family="llama"):
+        built = real(cfg, settings, family)
+
+        def patched(stack):  # stands for hf+ours' side effect on the module (cheap: no interpreter)
+            monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", dispatcher)
+            return built["hf"](stack)
+
+        return {"hf": built["hf"], "hf+ours": patched, "hf+compile": built["hf+compile"]}
+
+    monkeypatch.setattr(bench_model, "providers", providers)
+    monkeypatch.setattr(bench_model, "COMPILE_BACKEND", "eager")
+    counters.clear()
+    assert main(["--smoke", "--only", "model", "--family", "qwen3", "--compile", "--out", str(tmp_path)]) == 0
+    assert calls and not any(calls)  # the fake patch was in place for the providers after it
+    assert not counters["graph_break"] and not counters["stats"]["unique_graphs"]  # nothing compiled here
+    by = {(r["op"], r["provider"]): r for r in _records(tmp_path)}
+    for op in ("prefill", "train"):
+        compiled, hf = by[op, "hf+compile"], by[op, "hf"]
+        assert compiled["status"] == "ok", compiled
+        assert compiled["extra"]["graph_breaks"] == 0 and compiled["extra"]["graphs"] > 0, compiled["extra"]
+        assert compiled["extra"]["loss"] == pytest.approx(hf["extra"]["loss"], rel=bench_model.LOSS_TOLERANCE)
+    assert by["train", "hf+compile"]["extra"]["train_loss"] == pytest.approx(
+        by["train", "hf"]["extra"]["train_loss"], rel=bench_model.LOSS_TOLERANCE)
+    assert by["decode", "hf+compile"]["status"] == "skipped"  # compiled decode: full mode only
+
+
+def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
+    """The fresh process checks before measuring that no kernel library's function is found in
+    transformers (module names, class attributes, attention registrations) and says what it found;
+    a process that fails or refuses leaves every figure of its provider failed, with the reason."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.models.qwen3 import modeling_qwen3
+
+    from benchmarks import isolated
+    from benchmarks.common import make_settings
+
+    def rope(*args, **kwargs):
+        pass
+
+    def lce_forward(self, **kwargs):
+        pass
+
+    rope.__module__, rope.__qualname__ = "llama_kernels.hf_family", "rope"
+    lce_forward.__module__ = "liger_kernel.transformers.model.qwen3"
+    before = set(isolated.patches_present())  # other tests of this process may have patched already
+    monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", rope)
+    monkeypatch.setattr(modeling_qwen3.Qwen3ForCausalLM, "forward", lce_forward)
+    monkeypatch.setitem(AttentionInterface._global_mapping, "llama_kernels", rope)
+    found = set(isolated.patches_present()) - before
+    assert found == {
+        "transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb is llama_kernels.hf_family.rope",
+        "transformers.models.qwen3.modeling_qwen3.Qwen3ForCausalLM.forward is liger_kernel.transformers.model.qwen3's",
+        "transformers.modeling_utils.AttentionInterface._global_mapping['llama_kernels'] is llama_kernels.hf_family's",
+    }
+    request, result = tmp_path / "request.json", tmp_path / "result.json"
+    request.write_text(json.dumps({"name": "hf+compile", "settings": {"device": "cpu"}}))
+    assert isolated.main([str(request), str(result)]) == 0
+    error = json.loads(result.read_text())["error"]
+    assert error.startswith("Patched: hf+compile (a compiled baseline) refused: this process has patched "
+                            "transformers (") and "apply_rotary_pos_emb is llama_kernels.hf_family.rope" in error
+    monkeypatch.undo()
+    assert set(isolated.patches_present()) == before
+
+    # What the main process makes of a child that refused, or died without a result.
+    settings = make_settings("smoke", torch.device("cpu"), True)
+    cfg = bench_model._config(settings, "qwen3")
+
+    class Child:
+        def __init__(self, argv, **kwargs):
+            self.pid, self.returncode = 1, (0 if error_result else -9)
+            if error_result:
+                Path(argv[-1]).write_text(json.dumps({"error": "Patched: refused"}))
+
+        def wait(self, timeout=None):
+            return self.returncode
+
+        def poll(self):
+            return self.returncode
+
+    for error_result, reason in ((True, "Patched: refused"), (False, "exited with status -9 without a result")):
+        monkeypatch.setattr(isolated.subprocess, "Popen", Child)
+        records, refs = [], {"hf": 1.0}
+        isolated.run_provider("hf+compile", cfg, settings, {}, records, refs, "qwen3")
+        assert [(r.op, r.status) for r in records] == [("prefill", "failed"), ("decode", "failed"),
+                                                      ("train", "failed")]
+        assert all(reason in r.reason for r in records) and refs == {"hf": 1.0}
+
+
 def test_decode_bytes_split_at_the_graph_baseline():
     """The graph figure times steps 2..N-1 (generate(N) - generate(2)); the plain one steps 1..N-1:
     both count the weights once a step and the cache rows each step reads."""

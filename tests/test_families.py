@@ -124,7 +124,8 @@ def test_family_greedy_generation(family, device):
 def test_sliding_window_with_padding(family, device):
     """Left padding keeps the real keys contiguous: the kernels run the window on the unpadded
     tokens.  Right padding does not (unpadding would shorten the distances): transformers'
-    attention runs (Gemma 2's eager one, soft-capped).  Real positions match either way."""
+    attention runs (Gemma 2's eager one, soft-capped).  Every position matches, left padding's
+    too, which see no key (Gemma 2's unpatched attention is eager: the average of all value slots)."""
     model = tiny_model(family, device)
     patched = lk.apply_kernels(copy.deepcopy(model))
     ids = torch.randint(3, VOCAB, (3, 12), device=device)
@@ -133,13 +134,35 @@ def test_sliding_window_with_padding(family, device):
     mask[1, 9:] = 0  # right padding
     with torch.no_grad():
         want, got = model(ids, attention_mask=mask).logits, patched(ids, attention_mask=mask).logits
-    real = mask.bool()
-    assert relative_error(got[real], want[real]) <= 1e-5
+    assert relative_error(got, want) <= 1e-5
     # left padding only: every layer in the kernels
     with torch.no_grad(), pytest.MonkeyPatch.context() as m:
         m.setattr(hf_attention, "_fallback", lambda *a, **k: pytest.fail("fell back"))
         got = patched(ids[[0, 2]], attention_mask=mask[[0, 2]]).logits
-    assert relative_error(got[real[[0, 2]]], want[[0, 2]][real[[0, 2]]]) <= 1e-5
+    assert relative_error(got, want[[0, 2]]) <= 1e-5
+
+
+def test_left_padded_training_with_eager_attention(device, no_fallback):
+    """Gemma 2 (eager attention unpatched, soft-capped) on a left-padded training batch, labels
+    -100 on the padding (``DataCollatorForSeq2Seq``): the first real token's label is predicted at
+    the last padding position, whose query sees no key; the loss and gradients are the unpatched
+    model's."""
+    model = tiny_model("gemma2", device)
+    patched = lk.apply_kernels(copy.deepcopy(model))
+    ids = torch.randint(3, VOCAB, (2, 10), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = []
+    for m in (model.train(), patched.train()):
+        m.zero_grad()
+        loss = m(ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (loss, grads), (p_loss, p_grads) = results
+    assert abs(p_loss - loss) <= 1e-5 * abs(loss)
+    worst = max(relative_error(p_grads[n], grads[n]) for n in grads)
+    assert worst <= 1e-4, f"worst relative gradient error {worst:.2e}"
 
 
 def test_sliding_window_packed_sequences(device, no_fallback):
@@ -230,3 +253,21 @@ def test_generation_past_the_window_runs_the_kernels(family, device, no_fallback
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     for options in (greedy, dict(greedy, attention_mask=mask), dict(greedy, cache_implementation="static")):
         assert torch.equal(patched.generate(ids, **options), model.generate(ids, **options))
+
+
+def test_sliding_window_of_one_with_a_cache(device):
+    """transformers is inconsistent here: a sliding-window cache of window 1 keeps every token (it
+    keeps the last ``window - 1``) while its mask covers one key slot, which SDPA broadcasts over
+    all of them.  The patched model gives the unpatched model's answer all the same (its attention
+    runs those layers), in greedy generation of a left-padded batch."""
+    model = tiny_model("mistral", device, sliding_window=1)
+    patched = lk.apply_kernels(copy.deepcopy(model))
+    ids = torch.randint(3, VOCAB, (2, 6), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=mask,
+                  output_scores=True, return_dict_in_generate=True)
+    ours, theirs = patched.generate(ids, **greedy), model.generate(ids, **greedy)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.scores, theirs.scores):
+        assert relative_error(a, b) <= 1e-5

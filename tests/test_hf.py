@@ -7,7 +7,7 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels.model import Llama
-from llama_kernels.ops.common import LAUNCHES
+from llama_kernels.ops.common import LAUNCHES, KernelFallbackWarning
 from llama_kernels.patch import kernel_summary
 from helpers import max_error
 
@@ -222,3 +222,22 @@ def test_tiny_hf_accelerate_hooks_keep_the_kernels(tiny, device):
         LAUNCHES.clear()
         assert relative_error(model(ids).logits, expected) <= 1e-4
     assert "swiglu_fwd_kernel" not in LAUNCHES and kernel_summary(model)["swiglu"] == 0
+
+
+def test_tiny_hf_float64_stays_eager(tiny, device):
+    """A float64 transformers model: every module keeps its eager code at patch time, and the
+    patched model gives the unpatched logits, loss and gradients."""
+    tiny = tiny.double()
+    with pytest.warns(KernelFallbackWarning, match="float64 weights"):
+        patched = lk.apply_kernels(copy.deepcopy(tiny))
+    assert set(kernel_summary(patched).values()) == {0}
+    ids = torch.randint(1, 120, (2, 9), device=device)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    LAUNCHES.clear()
+    with torch.no_grad():
+        assert torch.equal(patched(ids, attention_mask=mask).logits, tiny(ids, attention_mask=mask).logits)
+    assert not LAUNCHES
+    loss, grads = loss_and_grads(tiny.train(), ids, mask)
+    p_loss, p_grads = loss_and_grads(patched.train(), ids, mask)
+    assert torch.equal(loss, p_loss) and all(torch.equal(grads[n], p_grads[n]) for n in grads)

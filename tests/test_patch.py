@@ -6,7 +6,7 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels.model import Llama, LlamaConfig
-from llama_kernels.ops.common import LAUNCHES
+from llama_kernels.ops.common import LAUNCHES, KernelFallbackWarning
 from llama_kernels.patch import kernel_summary
 from helpers import max_error
 
@@ -164,3 +164,15 @@ def test_kernel_summary_counts_only_modules_that_run_kernels(model, monkeypatch)
     monkeypatch.setattr(common, "INTERPRET", False)
     if next(model.parameters()).device.type == "cpu":
         assert kernel_summary(patched) == dict.fromkeys(lk.patch.FLAGS, 0)
+
+
+def test_float64_model_stays_eager_with_one_warning(model, device):
+    """float64 weights are beyond the kernels: decided at patch time (one warning naming them,
+    ``eager=[...]`` in the repr, nothing counted), and the model runs, as eager does."""
+    model = model.double()
+    with pytest.warns(KernelFallbackWarning, match="float64 weights"):
+        patched = lk.apply_kernels(copy.deepcopy(model))
+    assert set(kernel_summary(patched).values()) == {0} and "eager=[" in repr(patched)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 7), device=device)
+    LAUNCHES.clear()
+    assert torch.equal(patched(ids), model(ids)) and not LAUNCHES

@@ -14,17 +14,34 @@ Forward, elementwise (math in float32)::
 
     y = cast(cast(g / (1 + exp(-a(g)))) * u)    (act rounded to gate's dtype first, as eager does)
 
-Backward, recomputing ``s = sigmoid(a(g))`` from the saved inputs (only ``gate`` and ``up`` are
-saved), with ``act'(g) = s + g s (1 - s) a'(g)``::
+Backward, recomputing ``s = sigmoid(a(g))`` and ``act`` from the saved inputs (only ``gate`` and
+``up`` are saved), with ``act'(g) = s + g s (1 - s) a'(g)``::
 
-    silu:       d_gate = dy * u * s * (1 + g * (1 - s))
-    gelu_tanh:  d_gate = dy * u * (s + act * (1 - s) * a'(g)),   a'(g) = 2k (1 + 3c g^2)
-                (= 0.5 (1 + tanh z) + 0.5 g (1 - tanh^2 z) k (1 + 3c g^2), z = a / 2: the
-                derivative of the tanh form)
-    d_up   = dy * act
+    d_act  = cast_g(cast_y(dy * u))           (mul's backward, in y's dtype, cast to the
+                                               activation's output dtype)
+    silu:       d_gate = cast_g(d_act * s * (1 + g * (1 - s)))
+                         (SiluBackward, float32 inside, in aten's order)
+    gelu_tanh:  d_gate = cast_g(d_act * (s + act * (1 - s) * a'(g))),   a'(g) = 2k (1 + 3c g^2)
+                         (= 0.5 (1 + tanh z) + 0.5 g (1 - tanh^2 z) k (1 + 3c g^2), z = a / 2:
+                         the derivative of the tanh form; GeluBackward, float32 inside)
+    d_up   = cast_u(cast_y(dy * cast_g(act)))  (mul's backward of the saved, rounded activation)
 
-each rounded once to its input's dtype.  GELU's sigmoid is evaluated stably from ``e = exp(-|a|)``
-(never overflows: ``a`` is cubic in ``g``, so ``exp(-a)`` would overflow from ``g < -4.7`` on)::
+where ``cast_g``, ``cast_u``, ``cast_y`` round to nearest even to gate's, up's and ``dy``'s (= y's)
+dtype and everything else is float32.  That is eager autograd's sequence for ``F.silu(gate) * up``
+and ``F.gelu(gate, approximate="tanh") * up``, rounding for rounding, so in half precision the
+gradients equal eager's bit for bit except where the float32 values before the last rounding
+differ.  SiLU's are eager's own float32 formulas (``g / (1 + exp(-g))``, ``1 / (1 + exp(-g))``):
+they differ only by ``exp``'s last bit (and, on the GPU, the approximate division below), so only
+on near-ties.  GeGLU's ``act`` and ``act'`` are other float32 formulas than eager's tanh ones: they
+differ on near-ties, near gelu's minimum (``g = -0.752``, where ``act'`` cancels in both: a few
+float16 ulps) and in the left tail (``g < -2``), where eager's ``1 + tanh`` cancels.  The backward
+recomputes ``act`` with the forward's expression exactly (``_silu``, ``_gelu_tanh``), so ``d_up``
+multiplies the activation the forward returned.  Keeping ``dy * u`` and ``act`` in float32 instead
+is no less accurate, but moved ~25% of the half-precision gradients by an ulp off eager's, and the
+gate projection's weight gradient (their sum over tokens) visibly.
+
+GELU's sigmoid is evaluated stably from ``e = exp(-|a|)`` (never overflows: ``a`` is cubic in
+``g``, so ``exp(-a)`` would overflow from ``g < -4.7`` on)::
 
     s = 1 / (1 + e),  1 - s = e / (1 + e)      (a >= 0; the other way round for a < 0)
     act = g / (1 + e)  or  g * e / (1 + e)
@@ -106,6 +123,28 @@ def _sigmoid_arg(g, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _silu_denominator(g):
+    # 1 + exp(-g): silu(g) = g / it, sigmoid(g) = 1 / it (eager's float32 formulas, forward and
+    # SiluBackward).  exp(-g) = inf for g < -88: silu = -0, sigmoid = 0, as they should be.
+    return 1.0 + tl.exp(-g)
+
+
+@triton.jit
+def _silu(g, denominator, EXACT_DIV: tl.constexpr):
+    # g / (1 + exp(-g)): rounds twice where g * sigmoid(g) rounds three times, and is what eager
+    # computes.  The forward's activation and the backward's recomputation of it (as _gelu_tanh).
+    return _divide(g, denominator, EXACT_DIV)
+
+
+@triton.jit
+def _gelu_tanh(g, a, e, EXACT_DIV: tl.constexpr):
+    # g * sigmoid(a) from e = exp(-|a|), stably (module docstring).  The forward's activation, and
+    # the backward's recomputation of it: the same expression, so the backward's d_up multiplies
+    # exactly the act the forward rounded and returned (what eager saves for mul's backward).
+    return _divide(tl.where(a >= 0, g, g * e), 1.0 + e, EXACT_DIV)
+
+
+@triton.jit
 def swiglu_fwd_kernel(
     G, U, Y,
     M, N,
@@ -120,15 +159,14 @@ def swiglu_fwd_kernel(
     u_ptrs = row_tile_ptrs(U, rows, cols, u_inner, u_so, u_si, u_sn)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
-    # g / (1 + exp(-g)) rounds twice where g * sigmoid(g) rounds three times (and is what eager
-    # computes); exp(-g) = inf for g < -88 gives silu = -0, as it should.  Eager stores silu(g) in
-    # gate's dtype before multiplying (in the promoted dtype): round it the same way.
+    # Eager stores act(g) in gate's dtype before multiplying (in the promoted dtype): round it the
+    # same way.
     if ACTIVATION == "gelu_tanh":  # g * sigmoid(a), stably (see the module docstring)
         a = _sigmoid_arg(g, ACTIVATION)
         e = tl.exp(-tl.abs(a))
-        act = _divide(tl.where(a >= 0, g, g * e), 1.0 + e, EXACT_DIV)
+        act = _gelu_tanh(g, a, e, EXACT_DIV)
     else:
-        act = _divide(g, 1.0 + tl.exp(-g), EXACT_DIV)
+        act = _silu(g, _silu_denominator(g), EXACT_DIV)
     act = cast_rne(act, G.dtype.element_ty).to(tl.float32)
     y_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # Y is contiguous
     tl.store(Y + y_offsets, cast_rne(act * u, Y.dtype.element_ty), mask=mask)
@@ -152,21 +190,32 @@ def swiglu_bwd_kernel(
     dy = tl.load(dy_ptrs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptrs, mask=mask, other=0.0).to(tl.float32)
+    # Eager autograd's roundings, in its order (module docstring).  mul's backward materialises
+    # dy * u in dy's dtype (y's) and the engine casts it to the activation's output dtype (gate's);
+    # SiluBackward / GeluBackward multiplies that rounded value by act'(g) in float32 and rounds
+    # once.  Keeping dy * u in float32 instead moved d_gate by an ulp on 22-26% of elements (bf16,
+    # fp16), and the gate projection's weight gradient, their sum over tokens, with it.
+    d_act = cast_rne(dy * u, DY.dtype.element_ty).to(tl.float32)
+    d_act = cast_rne(d_act, G.dtype.element_ty).to(tl.float32)
     if ACTIVATION == "gelu_tanh":
         a = _sigmoid_arg(g, ACTIVATION)
         e = tl.exp(-tl.abs(a))
         r = _divide(1.0, 1.0 + e, EXACT_DIV)
         s = tl.where(a >= 0, r, e * r)
         one_minus_s = tl.where(a >= 0, e * r, r)
-        act = g * s
+        act = _gelu_tanh(g, a, e, EXACT_DIV)
         da = GELU_2K + GELU_3X2KC * _capped_square(g)
-        d_gate = dy * u * (s + act * one_minus_s * da)
-        d_up = dy * act
+        d_gate = d_act * (s + act * one_minus_s * da)
     else:
-        denom = 1.0 + tl.exp(-g)
-        s = _divide(1.0, denom, EXACT_DIV)
-        d_gate = dy * u * s * (1.0 + g * (1.0 - s))
-        d_up = dy * _divide(g, denom, EXACT_DIV)
+        denominator = _silu_denominator(g)
+        s = _divide(1.0, denominator, EXACT_DIV)
+        act = _silu(g, denominator, EXACT_DIV)
+        # SiluBackward's float32 expression, in aten's order: grad * s * (1 + x * (1 - s)).
+        d_gate = d_act * s * (1.0 + g * (1.0 - s))
+    # d_up: mul's backward of the saved activation (act rounded to gate's dtype, as the forward
+    # rounds it), a product in dy's dtype, cast to up's dtype at the store.
+    d_up = cast_rne(dy * cast_rne(act, G.dtype.element_ty).to(tl.float32), DY.dtype.element_ty)
+    d_up = d_up.to(tl.float32)
     out_offsets = rows.to(tl.int64)[:, None] * N + cols[None, :]  # DG and DU are contiguous
     tl.store(DG + out_offsets, cast_rne(d_gate, DG.dtype.element_ty), mask=mask)
     tl.store(DU + out_offsets, cast_rne(d_up, DU.dtype.element_ty), mask=mask)
