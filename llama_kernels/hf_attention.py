@@ -379,7 +379,7 @@ class MaskPlan:
             row_ok = self.decode_inputs()[2]
             if row_ok is None or not _can_sync(row_ok):
                 return True
-            if self.fill_empty and "has_empty" not in self._memo:
+            if self.padding is not None and self.fill_empty and "has_empty" not in self._memo:
                 ok, self._memo["has_empty"] = map(bool, _read(row_ok.all(), self.empty_queries().any()))
                 return ok
             return bool(_read(row_ok.all())[0])
