@@ -334,6 +334,15 @@ class MaskPlan:
             return False
         return self._once("has_empty", lambda: bool(_read(self.empty_queries().any())[0]))
 
+    def _read(self, *values) -> list:
+        """``_read(*values)``, with :meth:`has_empty_queries`' flag read in the same host
+        synchronisation where it is wanted and not known yet (so it never costs a read of its own)."""
+        fold = self.padding is not None and self.fill_empty and "has_empty" not in self._memo
+        read = _read(*values, *([self.empty_queries().any()] if fold else []))
+        if fold:
+            self._memo["has_empty"] = bool(read.pop())
+        return read
+
     def _slots_ok(self):
         """Device bool: the queries sit in slots ``q_start .. q_start + Tq - 1`` inside the keys;
         None when that holds by construction (an int ``q_start`` is checked when the plan is made,
@@ -379,10 +388,7 @@ class MaskPlan:
             row_ok = self.decode_inputs()[2]
             if row_ok is None or not _can_sync(row_ok):
                 return True
-            if self.padding is not None and self.fill_empty and "has_empty" not in self._memo:
-                ok, self._memo["has_empty"] = map(bool, _read(row_ok.all(), self.empty_queries().any()))
-                return ok
-            return bool(_read(row_ok.all())[0])
+            return bool(self._read(row_ok.all())[0])
         return self._once("decode_ok", compute)
 
     def decode_output(self, out: torch.Tensor) -> torch.Tensor:
@@ -408,12 +414,7 @@ class MaskPlan:
                 nk, nq = t["key_real"].sum(1), t["query_real"].sum(1)
                 values += [(nk == end).all(), nk.sum(), nq.sum(), nk.max(), nq.max(), t["pad_sees"].sum(),
                            t["run_start"].sum(), t["run_keys"].sum(), t["run_length"].max(), t["run_keys"].max()]
-            fill_empty = self.padding is not None and self.fill_empty and "has_empty" not in self._memo
-            if fill_empty:
-                values.append(self.empty_queries().any())
-            read = _read(*values)
-            if fill_empty:
-                self._memo["has_empty"] = bool(read.pop())
+            read = self._read(*values)
             host = {"end": read[0], "ok": bool(read[1]) and read[0] <= self.kv_length}
             if self.padding is not None:
                 names = ("all_real", "total_k", "total_q", "max_k", "max_q", "pad_queries", "runs", "run_keys",
