@@ -89,11 +89,14 @@ def family_name(text: str) -> str:
 
 
 PARTS = ("ops", "model", "batches")
+# Run only when named in --only: training-step memory on fake tensors (benchmarks/bench_memory.py,
+# CPU-heavy, exact without a GPU; its own files, <cpu|gpu>-fake-memory-<date>.*).
+OPT_IN_PARTS = ("memory",)
 
 
 def part_list(text: str) -> tuple[str, ...]:
-    """``--only`` value: comma-separated parts of the run, each one of :data:`PARTS`."""
-    return _name_list(text, PARTS, "part")
+    """``--only`` value: comma-separated parts of the run, each one of :data:`PARTS` or :data:`OPT_IN_PARTS`."""
+    return _name_list(text, PARTS + OPT_IN_PARTS, "part")
 
 
 def token_list(text: str) -> tuple[int, ...]:
@@ -119,7 +122,8 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
     p.add_argument("--only", type=part_list, metavar="PARTS",
                    help="comma-separated parts to run (default: all): ops (every op, varlen attention included), "
                         "model (LLaMA-3-8B-shaped, or --family's, training, prefill, decode), batches (transformers "
-                        "LLaMA on padded and packed batches: padded generation, packed training)")
+                        "LLaMA on padded and packed batches: padded generation, packed training); memory (only when "
+                        "named: training-step memory at real model sizes on fake tensors, see --memory-*)")
     p.add_argument("--out", type=Path,
                    help="output folder (default benchmarks/results; for smoke runs a new temporary folder)")
     p.add_argument("--ops", type=op_list, metavar="NAMES",
@@ -135,6 +139,9 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
                         "family only (hf, hf+ours, hf+compile, hf+liger); results named <stem>-NAME")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the torch.compile providers (default: yes, except in smoke mode)")
+    from . import bench_memory  # torch only, no triton: safe before TRITON_INTERPRET is chosen
+
+    bench_memory.add_arguments(p)
     return p
 
 
@@ -174,6 +181,14 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     if not on_gpu and "triton" not in sys.modules:
         # The kernels run on the CPU only under Triton's interpreter, chosen before triton loads.
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    memory_rc = None
+    if args.only and "memory" in args.only:  # its own run and files (bench_memory.run), first
+        from . import bench_memory
+
+        memory_rc = bench_memory.run(args, on_gpu, RESULTS)
+        args.only = tuple(part for part in args.only if part != "memory")
+        if not args.only:
+            return memory_rc
     from . import bench_batches, bench_model, bench_ops, common
     from .common import say
 
@@ -278,7 +293,8 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         say(f"PROBLEM: {r.describe()}")
     if settings.warning:
         say(settings.warning)
-    return 1 if bad else 130 if interrupted else 0
+    rc = 1 if bad else 130 if interrupted else 0
+    return rc if memory_rc in (None, 0) or rc == 1 else memory_rc
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ Public API::
     fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
                                reduction="mean", label_smoothing=0.0)   (LM head + loss, no logits)
     apply_kernels(model, *, rms_norm=True, swiglu=True, rope=True, attention=True, cross_entropy=True)
+    chunked_mlp(model, chunk_tokens=4096)     (long context: MLPs over chunks of tokens, recomputed)
+    checkpoint_layers(model, *, offload=True, offload_device="cpu", enabled=True)
+                                         (activation checkpointing, inputs kept in host memory)
+    offloaded_checkpoint(function, *args, offload_device="cpu", params=None, **kwargs)
     model.Llama, model.LlamaConfig       (the eager reference LLaMA)
     reference                            (the eager twin of every op)
 
@@ -33,8 +37,11 @@ _EXPORTS = {
     "flash_decode": ".ops.decode",
     "fused_linear_cross_entropy": ".ops.cross_entropy",
     "apply_kernels": ".patch",
+    "chunked_mlp": ".long_context",
+    "checkpoint_layers": ".long_context",
+    "offloaded_checkpoint": ".long_context",
 }
-_SUBMODULES = ("model", "reference", "patch", "ops", "cli")
+_SUBMODULES = ("model", "reference", "patch", "ops", "cli", "long_context")
 __all__ = [*_EXPORTS, "model", "reference", "__version__"]
 
 

@@ -53,6 +53,10 @@ plan's other host values, nothing is computed where no row is empty).
   function's window or packed sequence ids) nor read values back, so there the kernels take the
   layers whose mask is plain causal without padding (a static cache's decode steps included), and
   every other layer runs the unpatched implementation: no graph break, the same answers.
+* Meta and fake tensors (FakeTensorMode: memory tracking, planning at model sizes): no value can
+  be read, but closures can, so plain causal and sliding-window layers without padding take the
+  kernels (their fake implementations; nothing launches); padded or packed batches, whose mask
+  lives in values, run the unpatched implementation.
 
 **Which path each layer takes** ("decode-sized": no gradient and ``Tq * Hq / Hk <= 64``, the rule
 of ``ops.decode.use_decode``), and the host synchronisations (never one per layer):
@@ -115,6 +119,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, prepare_padding_mask, sdpa_mask
 
 from .ops.attention import flash_attention
+from .ops.common import is_abstract, values_readable
 from .ops.decode import flash_decode, use_decode
 
 HF_ATTENTION = "llama_kernels"  # the name the attention/mask pair is registered under
@@ -171,10 +176,16 @@ def _read(*values) -> list:
 
 
 def _can_sync(t: torch.Tensor) -> bool:
-    """False while a value cannot be read back: torch.compile tracing, CUDA-graph capture."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    """False while a value cannot be read back: torch.compile tracing, CUDA-graph capture, meta
+    and fake tensors."""
+    return values_readable(t)
+
+
+def _traced(*tensors) -> bool:
+    """Whether this forward is traced rather than run: torch.compile, or tensors without values
+    (meta, fake: a memory tracker, a planner), whose values (padding, packed sequence ids) cannot
+    be read: the layers whose masks need them run the unpatched attention."""
+    return torch.compiler.is_compiling() or is_abstract(*tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +412,10 @@ class MaskPlan:
                             lambda: torch.where(row_ok, 1.0, math.nan).to(out.dtype).view(-1, 1, 1, 1))
         return out * poison
 
+    def host_known(self) -> bool:
+        """Whether :meth:`host` reads nothing back: no padding, the queries' slots known."""
+        return self.padding is None and self.q_slots is None and not isinstance(self.q_start, torch.Tensor)
+
     def host(self) -> dict:
         """The prefill path's values, read in one host synchronisation per forward:
         ``ok`` (the queries' slots are as assumed), ``end = q_start + Tq`` and, with padding,
@@ -531,8 +546,7 @@ def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_fun
         plan = MaskPlan(sdpa_args, batch_size, q_length, kv_length, device, sdpa_only=True)
         return _carrier(plan, None, kv_offset + kv_length)
 
-    compiling = torch.compiler.is_compiling()
-    if compiling:
+    if torch.compiler.is_compiling():
         # Dynamo cannot read a closure's cells, nor may anything be read back from the device: the
         # kernels take plain causal masks without padding, every other layer runs transformers'.
         if mask_function is not causal_mask_function or attention_mask is not None:
@@ -543,7 +557,7 @@ def kernel_mask(*, batch_size: int, kv_length: int, kv_offset: int = 0, mask_fun
     if pattern is None:
         return fallback()  # another mask pattern
     window, segments = pattern
-    if segments is not None and (attention_mask is not None or kv_length != q_length):
+    if segments is not None and (attention_mask is not None or kv_length != q_length or _traced(segments)):
         return fallback()
     if local_size is not None and local_size != window:
         return fallback()
@@ -593,7 +607,7 @@ def _plan_of(mask: torch.Tensor, q_length: int, kv_length: int) -> MaskPlan:
                          attention_mask=padding, allow_is_causal_skip=False, device=mask.device,
                          cache_position=torch.arange(q_length, device=mask.device) + q_start)
         # Under torch.compile the values cannot be read back: transformers' attention applies it.
-        sdpa_only = torch.compiler.is_compiling() or not 0 <= q_start <= kv_length - q_length
+        sdpa_only = _traced(mask) or not 0 <= q_start <= kv_length - q_length
         return MaskPlan(sdpa_args, mask.shape[0], q_length, kv_length, mask.device, q_start=q_start,
                         padding=padding, sdpa_only=sdpa_only)
     if torch.compiler.is_compiling():
@@ -651,7 +665,8 @@ def kernel_attention(module, query, key, value, attention_mask, scaling=None, dr
             return _with_empty_queries(module, plan, out, query, key, value, scaling, kwargs), None
         # A hole in some row's keys: unpadding below expresses any mask.
 
-    if not _can_sync(query):  # a static cache's prefill under CUDA-graph capture
+    if not (_can_sync(query) or plan.host_known()):
+        # A static cache's prefill under CUDA-graph capture; padding of meta or fake tensors.
         return _fallback(module, query, key, value, attention_mask, plan, scaling, dropout, kwargs)
     host = plan.host()
     if not host["ok"]:

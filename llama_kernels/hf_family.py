@@ -38,8 +38,8 @@ from .ops import rope as rope_kernel
 from .ops.rms_norm import rms_norm
 from .ops.rope import apply_rotary
 from .ops.swiglu import geglu, swiglu
-from .replacements import (Replacement, attention_head_dim_unsupported, original_class, rms_norm_size_unsupported,
-                           rope_head_dim_unsupported)
+from .replacements import (Replacement, attention_head_dim_unsupported, gated_down_projection, original_class,
+                           outermost_pretrained, rms_norm_size_unsupported, rope_head_dim_unsupported)
 
 SUPPORTED_TRANSFORMERS = (5,)  # major versions whose modules the rows below were checked on
 
@@ -93,12 +93,13 @@ def _gated_unit(activation):
 
 
 def _mlp_forward(self, x):
-    return self.down_proj(_gated_unit(self.act_fn)(self.gate_proj(x), self.up_proj(x)))
+    gelu = _gated_unit(self.act_fn) is geglu
+    return gated_down_projection(self.down_proj, self.gate_proj(x), self.up_proj(x), gelu=gelu)
 
 
 def _fused_mlp_forward(self, hidden_states):
     gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)  # views: no copy
-    return self.down_proj(_gated_unit(self.activation_fn)(gate, up))
+    return gated_down_projection(self.down_proj, gate, up, gelu=_gated_unit(self.activation_fn) is geglu)
 
 
 def _mlp_activation_unsupported(module) -> Optional[str]:
@@ -222,18 +223,9 @@ def hf_table() -> tuple[list[Replacement], callable]:
 def _finish(model, enabled: dict) -> None:
     """Switch every outermost transformers model inside ``model`` to the kernels' attention (or
     back to the implementation it had)."""
-    from transformers import PreTrainedModel
-
     from .hf_attention import HF_ATTENTION
 
-    def outermost(module):
-        if isinstance(module, PreTrainedModel):
-            yield module
-        else:
-            for child in module.children():
-                yield from outermost(child)
-
-    for pretrained in outermost(model):
+    for pretrained in outermost_pretrained(model):
         current = pretrained.config._attn_implementation
         if enabled["attention"] and current != HF_ATTENTION:
             pretrained._lk_previous_attention = current

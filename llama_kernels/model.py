@@ -313,6 +313,9 @@ class Llama(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Activation checkpointing (llama_kernels.long_context.checkpoint_layers): called as
+        # checkpoint(block, x, residual, cos=cos, sin=sin) in place of each block in training; None: off.
+        self.layer_checkpoint = None
         self.apply(self._init_weights)
 
     def _apply(self, fn, *args, **kwargs):
@@ -359,9 +362,14 @@ class Llama(nn.Module):
         else:
             positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
         cos, sin = reference.rotary_cos_sin(positions, self.inv_freq, x.dtype)
+        # Not with a cache: the recompute would write its keys and values a second time.
+        checkpoint = self.layer_checkpoint if self.training and cache is None and torch.is_grad_enabled() else None
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, cache, start_pos, cache_seqlens)
+            if checkpoint is None:
+                x, residual = layer(x, residual, cos, sin, cache, start_pos, cache_seqlens)
+            else:  # cos, sin by keyword: shared by every block, the checkpoint need not copy them
+                x, residual = checkpoint(layer, x, residual, cos=cos, sin=sin)
         x, _ = self.norm(x, residual)
         return x
 

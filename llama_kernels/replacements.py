@@ -6,6 +6,7 @@ both import from here, and :mod:`llama_kernels.patch` applies them.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -18,7 +19,7 @@ from .ops.cross_entropy import fused_linear_cross_entropy
 from .ops.decode import flash_decode
 from .ops.rms_norm import MAX_HIDDEN as RMS_NORM_MAX_HIDDEN, rms_norm
 from .ops.rope import apply_rotary
-from .ops.swiglu import swiglu
+from .ops.swiglu import gated_linear, geglu, swiglu
 
 FLAGS = ("rms_norm", "swiglu", "rope", "attention", "cross_entropy")
 
@@ -52,6 +53,23 @@ def original_class(module: torch.nn.Module) -> type:
     return vars(type(module)).get("_lk_base", type(module))
 
 
+def outermost_pretrained(model: torch.nn.Module) -> list:
+    """The outermost transformers ``PreTrainedModel`` modules inside ``model`` (``model`` itself,
+    if it is one): none when transformers was never imported (nothing in the model comes from it)."""
+    if "transformers" not in sys.modules:
+        return []
+    from transformers import PreTrainedModel
+
+    def outermost(module):
+        if isinstance(module, PreTrainedModel):
+            yield module
+        else:
+            for child in module.children():
+                yield from outermost(child)
+
+    return list(outermost(model))
+
+
 def attention_head_dim_unsupported(module) -> Optional[str]:
     d = module.head_dim
     if attention_kernels.supports_head_dim(d):
@@ -71,12 +89,31 @@ def rms_norm_size_unsupported(module) -> Optional[str]:
     return f"hidden size {n} (the RMSNorm kernel takes up to {RMS_NORM_MAX_HIDDEN})" if n > RMS_NORM_MAX_HIDDEN else None
 
 
+def gated_down_projection(down_proj: torch.nn.Module, gate, up, *, gelu: bool = False):
+    """``down_proj(act(gate) * up)``, the end of every patched gated MLP: through
+    :func:`~llama_kernels.ops.swiglu.gated_linear` where ``down_proj`` is a plain ``nn.Linear``
+    without hooks of its own (its ``tokens x intermediate`` input is then recomputed in the
+    backward instead of kept: the same gradients, bit for bit); any other module (a LoRA layer, a
+    quantised linear, one with hooks or with a forward of its own: accelerate's offloading binds one
+    on the instance, which moves the weight in) is called on the gated unit's output as it is."""
+    hooked = (down_proj._forward_hooks or down_proj._forward_pre_hooks or down_proj._backward_hooks
+              or down_proj._backward_pre_hooks or "forward" in vars(down_proj))
+    if type(down_proj) is torch.nn.Linear and not hooked:
+        return gated_linear(gate, up, down_proj.weight, down_proj.bias, gelu=gelu)
+    return down_proj((geglu if gelu else swiglu)(gate, up))
+
+
+def _reference_mlp_forward(self, x):
+    return gated_down_projection(self.down_proj, self.gate_proj(x), self.up_proj(x))
+
+
 def reference_model_table() -> list[Replacement]:
-    """Rows for :class:`llama_kernels.model.Llama`: point each op slot at its kernel."""
+    """Rows for :class:`llama_kernels.model.Llama`: point each op slot at its kernel (the MLP's
+    forward also ends in :func:`gated_down_projection`, which keeps less for the backward)."""
     return [
         Replacement("rms_norm", reference_model.RMSNorm, {"rms_norm": staticmethod(rms_norm)},
                     rms_norm_size_unsupported),
-        Replacement("swiglu", reference_model.MLP, {"swiglu": staticmethod(swiglu)}),
+        Replacement("swiglu", reference_model.MLP, {"swiglu": staticmethod(swiglu), "forward": _reference_mlp_forward}),
         Replacement("rope", reference_model.Attention, {"apply_rotary": staticmethod(apply_rotary)},
                     rope_head_dim_unsupported),
         Replacement("attention", reference_model.Attention, {"attention": staticmethod(flash_attention),

@@ -381,3 +381,82 @@ def test_mlp_weight_gradients_match_eager(name, dtype, device):
     assert LAUNCHES["swiglu_bwd_kernel"] == 1
     for grad, k, e in zip(("dWg", "dWu"), kernel, weight_grads(twin)):
         torch.testing.assert_close(k, e, rtol=1e-2, atol=1e-2, msg=lambda m: f"{name} {grad} vs eager: {m}")
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for the backward while ``fn()`` runs."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, bias", [((2, 9, 40), False), ((1, 1, 40), True), ((13, 40), False)])
+def test_gated_linear_is_the_unfused_pair_bit_for_bit(gelu, dtype, shape, bias):
+    """gated_linear = F.linear(act(gate) * up, W, b): the output and every gradient bitwise equal
+    to the two ops' (gate and up the halves of one fused projection: views), while nothing of the
+    gated unit's output size is saved beyond gate and up."""
+    from llama_kernels.ops.swiglu import gated_linear
+
+    torch.manual_seed(0)
+    gu = torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype)
+    weight = torch.randn(24, shape[-1], dtype=dtype) / shape[-1] ** 0.5
+    b = torch.randn(24, dtype=dtype) if bias else None
+    d_out = torch.randn(*shape[:-1], 24, dtype=dtype)
+    unit = geglu if gelu else swiglu
+    results = []
+    for fused in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (gu, weight) + ((b,) if bias else ())]
+        gate, up = leaves[0].chunk(2, -1)
+        bias_leaf = leaves[2] if bias else None
+        if fused:
+            out, saved = _saved_bytes(lambda: gated_linear(gate, up, leaves[1], bias_leaf, gelu=gelu))
+        else:
+            out, saved = _saved_bytes(lambda: torch.nn.functional.linear(unit(gate, up), leaves[1], bias_leaf))
+        out.backward(d_out)
+        results.append((out, [t.grad for t in leaves], saved))
+    (out, grads, saved), (fused_out, fused_grads, fused_saved) = results
+    assert torch.equal(fused_out, out)
+    for g, fg in zip(grads, fused_grads):
+        assert torch.equal(fg, g)
+    product = gu.numel() // 2 * gu.element_size()
+    assert fused_saved == saved - product  # gate/up (one buffer) and the weight; not act(gate) * up
+
+
+def test_gated_linear_steps_aside_for_what_it_cannot_fuse():
+    """Under autocast, or with a weight of another dtype than the product, gated_linear is the
+    unfused pair (what F.linear would do: cast, or refuse); patched MLPs call a down projection
+    that is not a plain nn.Linear (LoRA, hooks) as it is."""
+    from llama_kernels.ops.swiglu import GatedLinearFunction, gated_linear
+    from llama_kernels.replacements import gated_down_projection
+
+    gate, up = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
+    weight = torch.randn(8, 16)
+    applied = []
+    original = GatedLinearFunction.apply
+    try:
+        GatedLinearFunction.apply = lambda *a: applied.append(1) or original(*a)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gated_linear(gate, up, weight)
+        assert out.dtype == torch.bfloat16 and not applied
+        with pytest.raises(RuntimeError):
+            gated_linear(gate, up, weight.half())  # F.linear's own dtype error
+        assert not applied
+        down = torch.nn.Linear(16, 8, bias=False)
+        gated_down_projection(down, gate, up)
+        assert applied == [1]
+        down.register_forward_hook(lambda *a: None)
+        torch.testing.assert_close(gated_down_projection(down, gate, up), down(swiglu(gate, up)), rtol=0, atol=0)
+        assert applied == [1]
+    finally:
+        GatedLinearFunction.apply = original
+    with pytest.raises(ValueError, match="weight"):
+        gated_linear(gate, up, torch.randn(8, 15))
+    with pytest.raises(TypeError, match="weight"):
+        gated_linear(gate, up, weight.double())

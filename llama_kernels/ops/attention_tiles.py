@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import _INTERPRET, INTERPRET, cast_rne, check_float_arg, check_same, check_tensor
+from .common import _INTERPRET, INTERPRET, cast_rne, check_float_arg, check_same, check_tensor, is_abstract
 from .device import device_limits
 from triton.language.extra import libdevice
 
@@ -103,7 +103,9 @@ def validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     Returns ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)`` with ``cu_seqlens_k``
     defaulting to ``cu_seqlens_q``.  A missing max length costs one host synchronisation, which
     also checks the offsets (non-decreasing, within the packed tensors); given max lengths are
-    trusted (they must be at least the longest sequence) and nothing is read back.
+    trusted (they must be at least the longest sequence) and nothing is read back.  Offsets
+    without values (meta or fake tensors: nothing is launched) are not read: a missing max length
+    is then the packed length, which bounds every sequence.
     """
     if cu_seqlens_q is None:
         if cu_seqlens_k is not None or max_seqlen_q is not None or max_seqlen_k is not None:
@@ -128,6 +130,9 @@ def validate_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
         )
     max_seqlen_q = _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if (max_seqlen_q is None or max_seqlen_k is None) and is_abstract(cu_seqlens_q, cu_seqlens_k):
+        max_seqlen_q = q.shape[2] if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = k.shape[2] if max_seqlen_k is None else max_seqlen_k
     if max_seqlen_q is None or max_seqlen_k is None:
         measured = []
         for name, cu, total in (("cu_seqlens_q", cu_seqlens_q, q.shape[2]),

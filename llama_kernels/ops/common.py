@@ -18,6 +18,7 @@ import warnings
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 # Triton decides at `@triton.jit` time whether a kernel is interpreted, from this variable, so it
 # is read once here, when the first kernel module imports us.
@@ -45,9 +46,32 @@ def triton_runs_on(device) -> bool:
     return device is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRET))
 
 
+def is_abstract(*values) -> bool:
+    """Whether any of ``values`` is a tensor without values: on the ``meta`` device, or a fake
+    tensor (``torch._subclasses.FakeTensor``: FakeTensorMode, memory tracking at model sizes).
+
+    Nothing may be read back from such a tensor (as under torch.compile or CUDA-graph capture),
+    and no kernel may be launched on it: the ops run their fake implementations instead.
+    """
+    return any(isinstance(v, torch.Tensor) and (v.is_meta or isinstance(v, FakeTensor)) for v in values)
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values may be read back on the host now: not while torch.compile traces,
+    not during CUDA-graph capture, never from a meta or fake tensor (:func:`is_abstract`)."""
+    if torch.compiler.is_compiling() or is_abstract(t):
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def use_triton(op: str, device: torch.device) -> bool:
-    """True when Triton kernels can run on ``device``; otherwise warn that ``op`` falls back."""
-    if triton_runs_on(device):
+    """True when Triton kernels can run on ``device``; otherwise warn that ``op`` falls back.
+
+    ``meta`` tensors take the kernels' path too: they run the ops' fake implementations (shapes
+    and dtypes, nothing launched; see :func:`compilable`), so a patched model can be planned or
+    measured at any size.  Fake tensors follow the device they stand for.
+    """
+    if triton_runs_on(device) or (device is not None and device.type == "meta"):
         return True
     if torch.compiler.is_compiling():
         return False  # Dynamo cannot trace warnings.warn; eager calls and apply_kernels warn
@@ -195,7 +219,10 @@ def compilable(name: str, fake):
 
     ``torch.compile`` sees the operator as one opaque node whose output shapes come from ``fake``
     (no graph break, no tracing into Triton); eager calls skip the dispatcher (~10 us per call) and
-    run the launcher directly.  The launcher must not mutate its inputs and needs type annotations.
+    run the launcher directly, except on tensors without values (:func:`is_abstract`: meta and
+    fake tensors), which go through the dispatcher to ``fake``: nothing is launched, and memory
+    trackers see exactly the outputs the launcher would allocate.  The launcher must not mutate its
+    inputs and needs type annotations; ``fake`` must allocate what the launcher returns.
     """
 
     def register(launcher):
@@ -203,7 +230,7 @@ def compilable(name: str, fake):
         op.register_fake(fake)
 
         def call(*args):
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() or is_abstract(*args):
                 return op(*args)
             return launcher(*args)
 

@@ -56,6 +56,7 @@ from .common import (
     compilable,
     count_launch,
     use_triton,
+    values_readable,
 )
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -349,10 +350,10 @@ def _check_arguments(hidden, weight, target, bias, ignore_index, reduction, labe
 def _check_target_values(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """ValueError for a target outside ``[0, vocab)`` that is not ``ignore_index`` (one host read).
 
-    Skipped where nothing may be read back (torch.compile, CUDA-graph capture): the kernels then
-    give that row a NaN loss and NaN gradients.
+    Skipped where nothing may be read back (torch.compile, CUDA-graph capture, meta and fake
+    tensors): the kernels then give that row a NaN loss and NaN gradients.
     """
-    if torch.compiler.is_compiling() or (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not values_readable(target):
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= vocab))
     if bad.any():

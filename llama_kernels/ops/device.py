@@ -127,6 +127,8 @@ def _from_driver(index: int) -> DeviceLimits:
 def _cached_limits(device_type: str, index: Optional[int]) -> DeviceLimits:
     if device_type == "cpu" and INTERPRET:
         return INTERPRETER
+    if device_type == "meta":  # nothing runs (fake implementations): the GPU here, if any, else the interpreter
+        return _cached_limits("cuda", None) if torch.cuda.is_available() else INTERPRETER
     if device_type == "cuda":
         index = torch.cuda.current_device() if index is None else index
         with torch.cuda.device(index):

@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -327,6 +328,64 @@ class SwiGLUFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         d_gate, d_up = geglu_bwd(dy, gate, up) if ctx.gelu else swiglu_bwd(dy, gate, up)
         return d_gate, d_up, None
+
+
+class GatedLinearFunction(torch.autograd.Function):
+    """Autograd of ``F.linear(act(gate) * up, weight, bias)`` (an MLP's down projection of its
+    gated unit) that saves ``gate``, ``up`` and ``weight`` only: the product, the projection's
+    ``tokens x intermediate`` input that ``nn.Linear`` would keep for its weight gradient, is
+    recomputed in the backward by one more elementwise pass.  The backward runs the ops eager
+    autograd runs (``MmBackward``'s two products, the gated unit's backward kernel), so every
+    gradient is the unfused pair's, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight, bias, gelu):
+        ctx.gelu = gelu
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(geglu_fwd(gate, up) if gelu else swiglu_fwd(gate, up), weight, bias)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        gate, up, weight = ctx.saved_tensors
+        y = geglu_fwd(gate, up) if ctx.gelu else swiglu_fwd(gate, up)
+        d_out = d_out.reshape(-1, d_out.shape[-1])
+        # What linear's MmBackward computes for the folded (tokens, intermediate) input: dW from
+        # the input's transpose (then transposed back), d_y against the weight.
+        d_weight = y.reshape(-1, y.shape[-1]).t().mm(d_out).t() if ctx.needs_input_grad[2] else None
+        d_bias = d_out.sum(0) if ctx.needs_input_grad[3] else None
+        d_y = d_out.mm(weight).reshape(y.shape)
+        del y
+        d_gate, d_up = geglu_bwd(d_y, gate, up) if ctx.gelu else swiglu_bwd(d_y, gate, up)
+        return d_gate, d_up, d_weight, d_bias, None
+
+
+def _autocasting(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
+def gated_linear(gate, up, weight, bias=None, *, gelu=False):
+    """``F.linear(swiglu(gate, up), weight, bias)`` (``geglu`` with ``gelu=True``): the down
+    projection of a gated MLP, equal to the two ops bit for bit, forward and backward, but saving
+    for the backward only ``gate`` and ``up`` (which the gated unit keeps anyway) and not the
+    ``(..., intermediate)`` product: that is recomputed (:class:`GatedLinearFunction`).
+
+    ``weight (hidden, intermediate)`` and ``bias (hidden,)`` (or None) must have the dtype of the
+    gated unit's output, as ``F.linear`` requires; under ``torch.autocast`` (which would cast the
+    product for the matmul) the unfused pair runs.
+    """
+    _check_inputs(gate, up)
+    check_tensor("weight", weight, ndim=2)
+    if weight.shape[1] != gate.shape[-1]:
+        raise ValueError(f"weight must have shape (out_features, {gate.shape[-1]}) to take the gated unit's "
+                         f"output; got {tuple(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    unit = geglu if gelu else swiglu
+    y_dtype = torch.promote_types(gate.dtype, up.dtype)
+    if (not use_triton("geglu" if gelu else "swiglu", gate.device) or weight.dtype != y_dtype
+            or (bias is not None and bias.dtype != y_dtype) or _autocasting(gate.device)):
+        return F.linear(unit(gate, up), weight, bias)
+    return GatedLinearFunction.apply(gate, up, weight, bias, gelu)
 
 
 def _check_inputs(gate, up):
