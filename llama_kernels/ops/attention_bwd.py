@@ -57,6 +57,7 @@ from .attention_tiles import (
     key_tile_scores,
     load_tile,
     query_tile_program,
+    score_dot,
     sequence_rows,
     softcap_arg,
     softmax_log_prob,
@@ -190,7 +191,7 @@ def _key_tile_program(
             log2_l = tl.load(STATS + stats_plane + row_base + queries, mask=rows_in, other=0.0)
             delta = tl.load(DELTA + row_base + queries, mask=rows_in, other=0.0)
             # Transposed tiles: rows are keys, columns queries; the row stats broadcast along rows.
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            s_t = score_dot(k, q, PRECISION)
             s_t, tanh_t = capped_scores(s_t, softcap, SOFTCAP)
             x_t = softmax_log_prob(s_t, m[None, :], log2_l[None, :], qk_scale, RAW_MAX)
             needs_mask = start_m < diag_end

@@ -41,6 +41,7 @@ from .attention_tiles import (
     load_tile,
     online_softmax_step,
     query_tile_program,
+    score_dot,
     softcap_arg,
     store_tile,
     visible_keys,
@@ -205,7 +206,7 @@ def attention_fwd_tma_kernel(
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = _tma_tile(desc_k, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
         v = _tma_tile(desc_v, b, kvh, start_n, BLOCK_N, BLOCK_D, DOT_IN_FP32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = score_dot(q, k, PRECISION)
         s, _tanh = capped_scores(s, softcap, SOFTCAP)
         visible = visible_keys(start_n + tl.arange(0, BLOCK_N), offs_m, seq_q, seq_k, window,
                                CAUSAL, WINDOW)

@@ -219,6 +219,23 @@ def dot_operand(x, DTYPE: tl.constexpr, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
+def score_dot(a, b, PRECISION: tl.constexpr):
+    """``a b^T`` for the attention scores (``q k^T``, or ``k q^T`` transposed in the backward).
+
+    The backward recomputes the forward's scores and takes ``P = 2^(s - lse)`` from the forward's
+    row stats, so at large logits the two must agree to the bit (a score ~1e4 off by one float32
+    ulp moves a one-hot row's ``P = 1`` by 1e-3).  The GPU's float32 dot sums the head dim in one
+    order with fused multiply-adds whatever the operands' roles, so they do; numpy's float32
+    matmul, which the interpreter calls, does not (OpenBLAS picks kernels, and their summation
+    orders, by shape and operand order).  Under the interpreter the products are summed in
+    float64 and rounded once, which is the same float32 result either way round.
+    """
+    if _INTERPRET:
+        return tl.dot(a.to(tl.float64), tl.trans(b).to(tl.float64)).to(tl.float32)
+    return tl.dot(a, tl.trans(b), input_precision=PRECISION)
+
+
+@triton.jit
 def softmax_row_max(m_i, s, qk_scale, RAW_MAX: tl.constexpr):
     """Running row max of the scores ``s``: raw units (RAW_MAX) or scaled by ``qk_scale``.
 
@@ -463,5 +480,5 @@ def key_tile_scores(q, k_base, v_base, k_offs, v_offs, k_st, v_st, start_n, offs
     keys_in = keys < seq_k
     k = load_tile(k_base + tile * k_st + k_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
     v = load_tile(v_base + tile * v_st + v_offs, keys_in, d_in, MASK, PAD_D, DOT_IN_FP32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    s = score_dot(q, k, PRECISION)
     return k, v, s, visible_keys(keys, offs_m, seq_q, seq_k, window, CAUSAL, WINDOW)

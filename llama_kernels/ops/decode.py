@@ -66,6 +66,7 @@ from .attention_tiles import (
     dot_mode,
     effective_window,
     online_softmax_step,
+    score_dot,
     sequence_rows,
     softcap_arg,
     softmax_rescale,
@@ -191,7 +192,7 @@ def attention_decode_split_kernel(
         if DOT_IN_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = score_dot(q, k, PRECISION)
         s, _tanh = capped_scores(s, softcap, SOFTCAP)
         visible = keys_in[None, :]
         if HAS_LEFTPAD:
