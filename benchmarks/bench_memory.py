@@ -16,7 +16,10 @@ One step = forward + loss + ``loss.backward()`` + ``AdamW.step()`` + ``zero_grad
 with the optimizer states already there (one step on zero gradients first, outside the count: the
 steady state of training, not the first step, which has no states yet).  bf16 everywhere (weights,
 activations, AdamW's states, which follow the parameters' dtype; LoRA adapters as PEFT makes them),
-batch 1, one sequence of T tokens whose labels are its ids.
+batch 1, one sequence of T tokens whose labels are its ids.  Each record has two peaks: the whole
+step's (what a card must hold; in full fine-tuning often the AdamW step's, gradients and states
+whole) and forward + backward's alone less the parameters and optimizer states (the activations,
+gradients and temporaries: what the kernels change, "AdamW states reported apart").
 
 Fake tensors stand for CPU tensors here (fake CUDA tensors need a CUDA build of torch: on a GPU
 machine the fake device is ``cuda``).  SDPA on fake CPU tensors takes torch's CPU flash backend,
@@ -41,6 +44,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -205,6 +209,13 @@ class MemRecord:
     peak_minus_params_bytes: int | None = None
     ratio_to_hf_sdpa: float | None = None  # (peak - params) / hf-sdpa's, same model, mode, tokens
     opt_state_bytes: int | None = None  # AdamW's exp_avg + exp_avg_sq, as allocated
+    # The peak of forward + loss + backward alone (before the AdamW step), its split, and that
+    # peak less the parameters and the optimizer's states (OPT): what the activations, gradients
+    # and temporaries add, the part the kernels change.
+    fwd_bwd_peak_bytes: int | None = None
+    fwd_bwd_categories: dict = field(default_factory=dict)
+    fwd_bwd_minus_params_states_bytes: int | None = None
+    fwd_bwd_ratio_to_hf_sdpa: float | None = None
     trainable_params: int | None = None
     offloaded_peak_bytes: int | None = None  # peak on 'meta' (host memory stand-in), hf+ours+long
     cuda_max_allocated_bytes: int | None = None  # the same step for real on a GPU
@@ -266,8 +277,6 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
     notes = []
     if provider.startswith("ref") and not spec.ref:
         raise Skipped(f"the reference model builds LLaMA shapes only, not {spec.family}")
-    if provider.startswith("ref") and ckpt:
-        raise Skipped("the reference model has no gradient checkpointing (gradient_checkpointing_enable)")
     if ours and device == "cpu" and not _interpreting():
         raise Skipped("TRITON_INTERPRET was not 1 when triton was imported: on CPU tensors (fake or not) our "
                       "kernels would fall back to eager, so the figure would be eager's")
@@ -286,7 +295,15 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
             def loss_fn(m, ids):
                 return m.loss(ids)
         else:
-            model = _hf_model(spec, "eager" if provider == "hf-eager" else "sdpa")
+            # transformers refuses SDPA for soft-capped attention (Gemma 2): its model runs eager.
+            softcapped = spec.config.get("attn_logit_softcapping") is not None
+            if provider == "hf-sdpa" and softcapped:
+                raise Skipped("transformers refuses SDPA for soft-capped attention: this model runs eager "
+                              "attention (hf-eager), and hf+ours patches that")
+            if ours and softcapped:
+                notes.append("patched model built with attn_implementation='eager' (transformers refuses SDPA "
+                             "with a softcap)")
+            model = _hf_model(spec, "eager" if provider == "hf-eager" or softcapped else "sdpa")
 
             def loss_fn(m, ids):
                 return m(input_ids=ids, labels=ids).loss
@@ -300,7 +317,10 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
             if long_context is not None:
                 long_context.chunked_mlp(model, chunk_tokens=CHUNK_TOKENS)
             if ckpt:
-                if long_context is not None:
+                if provider.startswith("ref"):  # the reference model's own hook, non-reentrant
+                    model.layer_checkpoint = functools.partial(torch.utils.checkpoint.checkpoint,
+                                                               use_reentrant=False)
+                elif long_context is not None:
                     long_context.checkpoint_layers(model, offload=True, offload_device=offload_device)
                 else:
                     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -365,9 +385,11 @@ def _optimizer(model):
     return opt, states, sum(p.numel() for p in params)
 
 
-def _train_step(model, loss_fn, opt, ids) -> None:
+def _train_step(model, loss_fn, opt, ids, after_backward=None) -> None:
     loss = loss_fn(model, ids)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -521,9 +543,23 @@ def measure_fake(spec: ModelSpec, mode: str, provider: str, tokens: int, device:
         ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
         tracker = _peak_tracker()
         tracker.track_external(model, opt, ids)
+        snapshots = []
         with tracker:
-            _train_step(model, loss_fn, opt, ids)
+            _train_step(model, loss_fn, opt, ids,
+                        after_backward=lambda: snapshots.append(tracker.get_tracker_snapshot("peak")))
         peak = tracker.get_tracker_snapshot("peak")
+    total, cats, meta = _split(peak, device)
+    fwd_bwd_total, fwd_bwd_cats, _ = _split(snapshots[0], device)
+    workspace = getattr(tracker, "workspace_bytes", 0)
+    if workspace:
+        notes.append(f"kernel workspace modelled: up to {workspace / GIB:.2f} GiB in one op")
+    return {"total": total, "categories": cats, "offloaded": meta, "opt_states": states,
+            "fwd_bwd_total": fwd_bwd_total, "fwd_bwd_categories": fwd_bwd_cats,
+            "trainable": trainable, "notes": notes, "workspace": workspace}
+
+
+def _split(peak: dict, device: str) -> tuple:
+    """``(total, {category: bytes}, total on 'meta')`` of a MemTracker peak snapshot on ``device``."""
     by_dev = {str(d): {(k.name if hasattr(k, "name") else str(k)): int(v) for k, v in snap.items()}
               for d, snap in peak.items()}
     main = next((v for d, v in by_dev.items() if d.split(":")[0] == device), None)
@@ -532,12 +568,7 @@ def measure_fake(spec: ModelSpec, mode: str, provider: str, tokens: int, device:
     cats = {c: main.get(c, 0) for c in CATEGORIES}
     if sum(cats.values()) != main["Total"]:
         raise RuntimeError(f"MemTracker's categories {cats} do not sum to its total {main['Total']}")
-    meta = by_dev.get("meta", {}).get("Total")
-    workspace = getattr(tracker, "workspace_bytes", 0)
-    if workspace:
-        notes.append(f"kernel workspace modelled: up to {workspace / GIB:.2f} GiB in one op")
-    return {"total": main["Total"], "categories": cats, "offloaded": meta, "opt_states": states,
-            "trainable": trainable, "notes": notes, "workspace": workspace}
+    return main["Total"], cats, by_dev.get("meta", {}).get("Total")
 
 
 def measure_cuda(spec: ModelSpec, mode: str, provider: str, tokens: int) -> int:
@@ -664,6 +695,10 @@ def _measure_record(s: Settings, name: str, mode: str, provider: str, tokens: in
         rec.categories = m["categories"]
         rec.peak_minus_params_bytes = m["total"] - m["categories"]["PARAM"]
         rec.opt_state_bytes = m["opt_states"]
+        rec.fwd_bwd_peak_bytes = m["fwd_bwd_total"]
+        rec.fwd_bwd_categories = m["fwd_bwd_categories"]
+        rec.fwd_bwd_minus_params_states_bytes = (
+            m["fwd_bwd_total"] - m["fwd_bwd_categories"]["PARAM"] - m["fwd_bwd_categories"]["OPT"])
         rec.trainable_params = m["trainable"]
         rec.offloaded_peak_bytes = m["offloaded"]
         rec.note = "; ".join(dict.fromkeys(m["notes"])) or None
@@ -751,6 +786,9 @@ def add_ratios(records: list) -> None:
         b = base.get((r.model, r.mode, r.tokens))
         if r.status == "ok" and b is not None and b.peak_minus_params_bytes:
             r.ratio_to_hf_sdpa = r.peak_minus_params_bytes / b.peak_minus_params_bytes
+        if r.status == "ok" and b is not None and b.fwd_bwd_minus_params_states_bytes and (
+                r.fwd_bwd_minus_params_states_bytes is not None):
+            r.fwd_bwd_ratio_to_hf_sdpa = r.fwd_bwd_minus_params_states_bytes / b.fwd_bwd_minus_params_states_bytes
 
 
 def describe(r: MemRecord) -> str:
@@ -811,6 +849,39 @@ def _gib(b) -> str:
     return "" if b is None else f"{b / GIB:.2f}"
 
 
+def _step_cell(r: MemRecord) -> str:
+    ratio = f", {r.ratio_to_hf_sdpa:.2f}x" if r.ratio_to_hf_sdpa is not None else ""
+    return f"{r.peak_bytes / GIB:.2f} ({r.peak_minus_params_bytes / GIB:.2f}{ratio})"
+
+
+def _fwd_bwd_cell(r: MemRecord) -> str:
+    if r.fwd_bwd_minus_params_states_bytes is None:
+        return ""
+    ratio = f" ({r.fwd_bwd_ratio_to_hf_sdpa:.2f}x)" if r.fwd_bwd_ratio_to_hf_sdpa is not None else ""
+    return f"{r.fwd_bwd_minus_params_states_bytes / GIB:.2f}{ratio}"
+
+
+def _mode_table(title: str, records: list, cell) -> list:
+    """Markdown lines: one row per sweep length, one column per provider, ``cell(record)`` each."""
+    providers = list(dict.fromkeys(r.provider for r in records))
+    header = ["tokens", *providers]
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    footnotes: dict = {}
+    for t in sorted(dict.fromkeys(r.tokens for r in records)):
+        cells = [f"{t:,}"]
+        for p in providers:
+            r = next((x for x in records if x.provider == p and x.tokens == t), None)
+            if r is None:
+                cells.append("")
+            elif r.status != "ok":
+                n = footnotes.setdefault((r.status, r.reason), len(footnotes) + 1)
+                cells.append(f"{r.status} [{n}]")
+            else:
+                cells.append(cell(r))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""] + [f"[{n}] {st}: {why}  " for (st, why), n in footnotes.items()]
+
+
 def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
     lines = [f"# Training-step memory at real model sizes (fake tensors, {report['fake_device']}), {report['date']}", ""]
     if report.get("warning"):
@@ -864,32 +935,18 @@ def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
                       "reaches the limit; not measured); `skipped`: see the tables below.", ""]
         for mode in dict.fromkeys(r.mode for r in rs):
             mr = [r for r in rs if r.mode == mode and r.source == "sweep"]
-            providers = list(dict.fromkeys(r.provider for r in mr))
-            lines += [f"### {mode}: peak GiB (peak minus parameters GiB, ratio of that to hf-sdpa's)", ""]
-            header = ["tokens", *providers]
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            footnotes: dict = {}
-            for t in sorted(dict.fromkeys(r.tokens for r in mr)):
-                cells = [f"{t:,}"]
-                for p in providers:
-                    r = next((x for x in mr if x.provider == p and x.tokens == t), None)
-                    if r is None:
-                        cells.append("")
-                    elif r.status != "ok":
-                        n = footnotes.setdefault((r.status, r.reason), len(footnotes) + 1)
-                        cells.append(f"{r.status} [{n}]")
-                    else:
-                        ratio = f", {r.ratio_to_hf_sdpa:.2f}x" if r.ratio_to_hf_sdpa is not None else ""
-                        cells.append(f"{r.peak_bytes / GIB:.2f} ({r.peak_minus_params_bytes / GIB:.2f}{ratio})")
-                lines.append("| " + " | ".join(cells) + " |")
-            lines += [""] + [f"[{n}] {st}: {why}  " for (st, why), n in footnotes.items()]
+            lines += _mode_table(f"### {mode}: peak of the whole step GiB (peak minus parameters GiB, ratio of "
+                                 "that to hf-sdpa's)", mr, _step_cell)
+            lines += _mode_table(f"### {mode}: forward + backward alone, peak minus parameters and optimizer "
+                                 "states GiB (ratio to hf-sdpa's)", mr, _fwd_bwd_cell)
     lines += ["", "## Every measurement (GiB)", "",
               "`source`: sweep (the fixed lengths) or search (measured by the longest-fit search). "
-              "`opt states`: AdamW's exp_avg + exp_avg_sq as allocated (inside OPT). `offloaded`: peak on the "
+              "`opt states`: AdamW's exp_avg + exp_avg_sq as allocated (inside OPT). `fwd+bwd`: the peak of "
+              "forward, loss and backward alone (before the AdamW step) less the parameters and OPT. `offloaded`: peak on the "
               "host-memory stand-in ('meta'), not in the total. `CUDA real`: torch.cuda.max_memory_allocated of "
               "the same step on a GPU.", ""]
     header = ["model", "mode", "provider", "tokens", "source", *CATEGORIES, "total", "total - PARAM",
-              "vs hf-sdpa", "opt states", "offloaded", "CUDA real", "s", "note"]
+              "vs hf-sdpa", "opt states", "fwd+bwd", "vs hf-sdpa", "offloaded", "CUDA real", "s", "note"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     def order(r):
         return (r.model, list(MODES).index(r.mode) if r.mode in MODES else 9,
@@ -898,14 +955,16 @@ def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
     for r in sorted(records, key=order):
         if r.status != "ok":
             cells = [r.model, r.mode, r.provider, f"{r.tokens:,}", r.source, *([""] * len(CATEGORIES)),
-                     r.status, "", "", "", "", r.cuda_note or "", f"{r.seconds or 0:.1f}", r.reason or ""]
+                     r.status, "", "", "", "", "", "", r.cuda_note or "", f"{r.seconds or 0:.1f}", r.reason or ""]
         else:
             real = _gib(r.cuda_max_allocated_bytes) if r.cuda_max_allocated_bytes is not None else (r.cuda_note or "")
             cells = [r.model, r.mode, r.provider, f"{r.tokens:,}", r.source,
                      *(_gib(r.categories.get(c, 0)) for c in CATEGORIES), _gib(r.peak_bytes),
                      _gib(r.peak_minus_params_bytes),
                      f"{r.ratio_to_hf_sdpa:.2f}x" if r.ratio_to_hf_sdpa is not None else "",
-                     _gib(r.opt_state_bytes), _gib(r.offloaded_peak_bytes), real, f"{r.seconds:.1f}",
+                     _gib(r.opt_state_bytes), _gib(r.fwd_bwd_minus_params_states_bytes),
+                     f"{r.fwd_bwd_ratio_to_hf_sdpa:.2f}x" if r.fwd_bwd_ratio_to_hf_sdpa is not None else "",
+                     _gib(r.offloaded_peak_bytes), real, f"{r.seconds:.1f}",
                      (r.note or "").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     _write_text(path, "\n".join(lines) + "\n")

@@ -33,9 +33,16 @@
 #                 2 layers; hf, hf+ours, hf+compile, hf+liger), out to FAMILY_DIR; its files are named
 #                 <stem>-<family>* by the benchmark itself, packed into bench.tgz, its markdown appended
 #                 to bench.txt (no plain copies: 8 files at most come back)   FAMILY_TIMEOUT (240 s)
+#   m. bench.txt  (appended; not in the default PHASES) training-step memory, MEMORY_ARGS (default:
+#                 --only memory --memory-models llama3.2-1b --memory-modes full,lora+ckpt
+#                 --memory-providers hf-sdpa,hf+ours,hf+ours+long --memory-tokens 2048,4096
+#                 --memory-max-tokens 4096 --memory-no-search): the fake-tensor figure on fake CUDA
+#                 tensors beside torch.cuda.max_memory_allocated of the same step run for real (the
+#                 CPU results' table, checked on the device); out to MEMORY_DIR, its markdown appended
+#                 to bench.txt, its files packed into bench.tgz          MEMORY_TIMEOUT (180 s)
 #   c. tests.txt  the rest of the CUDA test suite in the time left (pytest-xdist / pytest-timeout
 #                 when importable)                                     the rest of SESSION_BUDGET
-# The phases run in the order a, b, v, d, f, c.  SESSION_BUDGET (default 540 s) bounds all of them
+# The phases run in the order a, b, v, d, f, m, c.  SESSION_BUDGET (default 540 s) bounds all of them
 # together (the device tool allows 600 s a call): each phase's limit is cut to what is left.
 # What phase v cost the others: phase b no longer runs flash_attention (phase d sweeps the same
 # shapes with the same providers) and its limit went from 300 s to 240 s.  linear_cross_entropy
@@ -60,6 +67,8 @@
 #   run(command="PHASES=v bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=240)
 # or the model benchmark of another family (Qwen3-8B's shapes; a session of its own, or instead of dc):
 #   run(command="SESSION_BUDGET=270 PHASES=f bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=300)
+# or the memory of real training steps beside the fake-tensor count (peft travels in .whl if missing):
+#   run(command="SESSION_BUDGET=200 PHASES=m bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=230)
 # The tool returns at most 8 files from $OUT, and these are the 8: check.txt, bench.txt,
 # <stem>.json, <stem>.md, <stem>-attention.json, <stem>-attention.md, bench.tgz, tests.txt.
 set -uo pipefail
@@ -70,12 +79,14 @@ BENCH_DIR=${BENCH_DIR:-/tmp/bench}
 ATTN_DIR=${ATTN_DIR:-/tmp/bench-attention}
 VARLEN_DIR=${VARLEN_DIR:-/tmp/bench-varlen}
 FAMILY_DIR=${FAMILY_DIR:-/tmp/bench-family}
+MEMORY_DIR=${MEMORY_DIR:-/tmp/bench-memory}
 PHASES=${PHASES:-abvdc}
 # Every op but flash_attention (phase d) and varlen_attention (phase v): a new op goes here.
 read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---quick --only ops,model --ops rms_norm,rms_norm+residual,swiglu,apply_rotary,decode,linear_cross_entropy}"
 read -r -a VARLEN_ARGS <<< "${VARLEN_ARGS:---quick --only ops,batches --ops varlen_attention --shapes llama3-8b,smollm2-135m}"
 read -r -a ATTN_ARGS <<< "${ATTN_ARGS:---quick --only ops --ops flash_attention --shapes llama3-8b,smollm2-135m --tokens 2048,4096,8192,16384 --no-compile}"
 read -r -a FAMILY_ARGS <<< "${FAMILY_ARGS:---quick --only model --family qwen3}"
+read -r -a MEMORY_ARGS <<< "${MEMORY_ARGS:---only memory --memory-models llama3.2-1b --memory-modes full,lora+ckpt --memory-providers hf-sdpa,hf+ours,hf+ours+long --memory-tokens 2048,4096 --memory-max-tokens 4096 --memory-no-search}"
 START=$SECONDS
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -111,16 +122,16 @@ limited() {
 }
 has() { "$PY" -c "import $1" 2>/dev/null; }
 wanted() { [[ $PHASES == *$1* ]]; }
-# `pack`: every file of phases b, v, d and f (the folders at the root: their names differ) in bench.tgz.
+# `pack`: every file of phases b, v, d, f and m (the folders at the root: their names differ) in bench.tgz.
 pack() {
   local args=() d
-  for d in "$BENCH_DIR" "$VARLEN_DIR" "$ATTN_DIR" "$FAMILY_DIR"; do
+  for d in "$BENCH_DIR" "$VARLEN_DIR" "$ATTN_DIR" "$FAMILY_DIR" "$MEMORY_DIR"; do
     compgen -G "$d/*" > /dev/null && args+=(-C "$d" .)
   done
   if ((${#args[@]})); then
     tar -czf "$OUT/bench.tgz" "${args[@]}" && echo "copied to $OUT: $(ls "$OUT" | tr '\n' ' ')"
   else
-    echo "the benchmarks wrote nothing to $BENCH_DIR, $VARLEN_DIR, $ATTN_DIR or $FAMILY_DIR"
+    echo "the benchmarks wrote nothing to $BENCH_DIR, $VARLEN_DIR, $ATTN_DIR, $FAMILY_DIR or $MEMORY_DIR"
   fi
 }
 # `add_suffix DIR SUFFIX`: <stem>.json, <stem>.md, <stem>-ops-<op>.png ... in DIR become <stem>-SUFFIX.json,
@@ -135,7 +146,7 @@ add_suffix() {
     done
   done
 }
-CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- VARLEN_RC=- ATTN_RC=- FAMILY_RC=- TESTS_RC=-
+CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- VARLEN_RC=- ATTN_RC=- FAMILY_RC=- MEMORY_RC=- TESTS_RC=-
 
 phase "setup" | tee "$OUT/check.txt"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -236,18 +247,33 @@ if wanted d; then
   pack | tee -a "$OUT/bench.txt"
 fi
 
-# --- f. another model family (not in the default PHASES) ----------------------------------------------
-if wanted f; then
-  phase "f. python -m benchmarks ${FAMILY_ARGS[*]} --out $FAMILY_DIR" | tee -a "$OUT/bench.txt"
-  rm -rf "${FAMILY_DIR:?}" # a fresh folder: only this run's files are packed and appended
-  limited "$(limit "${FAMILY_TIMEOUT:-240}")" "$PY" -m benchmarks "${FAMILY_ARGS[@]}" --out "$FAMILY_DIR" \
-    2>&1 | tee -a "$OUT/bench.txt"
-  FAMILY_RC=$?
-  # No plain copies in $OUT (8 files at most come back): the JSON is in bench.tgz, the tables here.
-  for f in "$FAMILY_DIR"/*.md; do
+# `appended NAME DIR SECONDS ARGS...`: phase NAME, the benchmark with ARGS into a fresh DIR (only this
+# run's files are packed and appended) under SECONDS; no plain copies in $OUT (8 files at most come
+# back): its JSON is in bench.tgz, its tables appended to bench.txt.  Returns the benchmark's status.
+appended() {
+  local name=$1 dir=$2 seconds=$3 rc f
+  shift 3
+  phase "$name. python -m benchmarks $* --out $dir" | tee -a "$OUT/bench.txt"
+  rm -rf "${dir:?}"
+  limited "$(limit "$seconds")" "$PY" -m benchmarks "$@" --out "$dir" 2>&1 | tee -a "$OUT/bench.txt"
+  rc=$?
+  for f in "$dir"/*.md; do
     [ -f "$f" ] && { echo "--- $(basename "$f")"; cat "$f"; } >> "$OUT/bench.txt"
   done
   pack | tee -a "$OUT/bench.txt"
+  return $rc
+}
+
+# --- f. another model family (not in the default PHASES) ----------------------------------------------
+if wanted f; then
+  appended f "$FAMILY_DIR" "${FAMILY_TIMEOUT:-240}" "${FAMILY_ARGS[@]}"
+  FAMILY_RC=$?
+fi
+
+# --- m. training-step memory, fake count beside the real step (not in the default PHASES) -------------
+if wanted m; then
+  appended m "$MEMORY_DIR" "${MEMORY_TIMEOUT:-180}" "${MEMORY_ARGS[@]}"
+  MEMORY_RC=$?
 fi
 
 # --- c. the rest of the CUDA test suite ---------------------------------------------------------------
@@ -266,6 +292,6 @@ if wanted c; then
 fi
 
 phase "done: check rc $CHECK_RC, quick tests rc $CHECK_TESTS_RC, benchmark rc $BENCH_RC, varlen rc $VARLEN_RC," \
-  "attention rc $ATTN_RC, family rc $FAMILY_RC, tests rc $TESTS_RC" \
+  "attention rc $ATTN_RC, family rc $FAMILY_RC, memory rc $MEMORY_RC, tests rc $TESTS_RC" \
   | tee -a "$OUT/check.txt"
 exit 0

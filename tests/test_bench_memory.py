@@ -47,11 +47,10 @@ def test_every_provider_is_measured_or_reported_with_a_reason(smoke):
         assert r["status"] == "ok" or r["reason"], r
     for mode in bm.SMOKE_MODES:
         assert {r["provider"] for r in records if r["mode"] == mode} == set(bm.PROVIDERS)
-    # The harness's own providers always run; the reference model has no checkpointing.
+    # The harness's own providers always run, the reference model with its own checkpointing too.
     ok = {(r["mode"], r["provider"]) for r in records if r["status"] == "ok"}
     assert {("full", "hf-eager"), ("full", "hf-sdpa"), ("full", "ref-eager"),
-            ("lora+ckpt", "hf-sdpa"), ("lora+ckpt", "hf-eager")} <= ok
-    assert all(r["status"] == "skipped" for r in records if r["mode"] == "lora+ckpt" and r["provider"].startswith("ref"))
+            ("lora+ckpt", "hf-sdpa"), ("lora+ckpt", "hf-eager"), ("lora+ckpt", "ref-eager")} <= ok
     failed = [f"{r['mode']} {r['provider']}: {r['reason']}" for r in records if r["status"] == "failed"]
     assert smoke[0] == (1 if failed else 0), failed
 
@@ -72,6 +71,25 @@ def test_categories_sum_to_the_peak_and_ratios_are_to_hf_sdpa(smoke):
             assert r["ratio_to_hf_sdpa"] == pytest.approx(r["peak_minus_params_bytes"] / b["peak_minus_params_bytes"])
     # Eager attention keeps the T x T scores: more than SDPA at the same length.
     assert all(r["ratio_to_hf_sdpa"] > 1 for r in ok if r["provider"] == "hf-eager" and r["tokens"] >= 256)
+
+
+def test_forward_backward_peak_is_reported_apart_from_the_optimizer_step(smoke):
+    _, out, doc = smoke
+    ok = [r for r in doc["records"] if r["status"] == "ok"]
+    base = {(r["mode"], r["tokens"]): r for r in ok if r["provider"] == "hf-sdpa"}
+    for r in ok:
+        cats = r["fwd_bwd_categories"]
+        assert sum(cats.values()) == r["fwd_bwd_peak_bytes"] <= r["peak_bytes"]
+        assert cats["PARAM"] == r["categories"]["PARAM"]
+        # The states were made before the step; the AdamW step adds only to OPT, not before it.
+        assert r["opt_state_bytes"] <= cats["OPT"] <= r["categories"]["OPT"]
+        assert r["fwd_bwd_minus_params_states_bytes"] == r["fwd_bwd_peak_bytes"] - cats["PARAM"] - cats["OPT"]
+        b = base.get((r["mode"], r["tokens"]))
+        if b is not None:
+            assert r["fwd_bwd_ratio_to_hf_sdpa"] == pytest.approx(
+                r["fwd_bwd_minus_params_states_bytes"] / b["fwd_bwd_minus_params_states_bytes"])
+    (md,) = out.glob("*.md")
+    assert "forward + backward alone" in md.read_text()
 
 
 def test_longest_fitting_lengths_are_verified_by_measurements(smoke):
@@ -113,6 +131,12 @@ def test_fake_tensor_figures_equal_a_count_by_hand(provider):
     assert m["categories"]["OTH"] == 8 * tokens  # the int64 input ids (the labels are the same tensor)
     assert m["offloaded"] is None
     assert sum(m["categories"].values()) == m["total"]
+    # Before the AdamW step: the same parameters, inputs and states (the step counters included), and
+    # at most every gradient (at this size the peak comes early in the backward, before most of them).
+    fwd_bwd = m["fwd_bwd_categories"]
+    assert fwd_bwd["PARAM"] == 2 * params and fwd_bwd["OTH"] == 8 * tokens
+    assert fwd_bwd["OPT"] == m["opt_states"] + 4 * 12
+    assert fwd_bwd["GRAD"] <= 2 * params
 
 
 def test_lora_freezes_the_base_and_counts_only_adapter_states():
@@ -210,3 +234,11 @@ def test_extrapolation_past_the_cap_is_the_line_through_the_two_longest_points()
     # 60 GB at 262144, 20 GB per 131072 tokens: 80 GB at 393216
     assert bm.extrapolate(known, 80e9, 1024) == 393216
     assert bm.extrapolate({2048: 1e9}, 80e9, 1024) is None
+
+
+def test_reference_model_checkpointing_keeps_less_of_the_forward():
+    """The reference model's +ckpt modes use its own hook (``Llama.layer_checkpoint``)."""
+    spec = bm.ALL_MODELS["smoke-llama"]
+    plain, ckpt = (bm.measure_fake(spec, mode, "ref+ours", 256) for mode in ("full", "full+ckpt"))
+    assert ckpt["categories"]["ACT"] < plain["categories"]["ACT"]
+    assert ckpt["total"] < plain["total"]

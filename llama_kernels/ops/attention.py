@@ -73,7 +73,9 @@ Precision: scores, softmax statistics and all accumulators are float32.  With fl
 dots run in IEEE float32 (the GPU's default TF32 would lose accuracy); with float16/bfloat16 the
 operands of every dot are in the input dtype.  Under the Triton interpreter, which computes
 bfloat16 dots and arithmetic wrongly, the operands are rounded to the input dtype (``cast_rne``) and
-then multiplied in float32, which gives the same values as the GPU's tensor cores.
+then multiplied in float32, which gives the same values as the GPU's tensor cores; the scores
+``q k^T`` are summed in float64 there and rounded once (``attention_tiles.score_dot``), so that the
+backward's recomputed scores equal the forward's to the bit, as the GPU's float32 dots give them.
 
 Where the code lives (imports run one way: ``attention_tiles`` and ``attention_launch`` at the
 bottom, then ``attention_fwd``, ``attention_bwd`` and ``decode``, then this module):
