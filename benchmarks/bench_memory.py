@@ -784,10 +784,11 @@ def add_ratios(records: list) -> None:
     base = {(r.model, r.mode, r.tokens): r for r in records if r.provider == "hf-sdpa" and r.status == "ok"}
     for r in records:
         b = base.get((r.model, r.mode, r.tokens))
-        if r.status == "ok" and b is not None and b.peak_minus_params_bytes:
+        if r.status != "ok" or b is None:
+            continue
+        if b.peak_minus_params_bytes:
             r.ratio_to_hf_sdpa = r.peak_minus_params_bytes / b.peak_minus_params_bytes
-        if r.status == "ok" and b is not None and b.fwd_bwd_minus_params_states_bytes and (
-                r.fwd_bwd_minus_params_states_bytes is not None):
+        if b.fwd_bwd_minus_params_states_bytes and r.fwd_bwd_minus_params_states_bytes is not None:
             r.fwd_bwd_ratio_to_hf_sdpa = r.fwd_bwd_minus_params_states_bytes / b.fwd_bwd_minus_params_states_bytes
 
 

@@ -1,6 +1,7 @@
 """Shared test helpers: the float64-oracle comparison every op test uses (the rule itself, and the
 small helpers re-exported here, live in llama_kernels.oracle, which `llama-kernels check` uses too)."""
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llama_kernels.oracle import as_tuple, error_bound, grads, leaf, max_error  # noqa: F401 (re-exported)
 
@@ -43,3 +44,19 @@ def check_against_oracle(name, kernel_fn, reference_fn, inputs, backward=True):
     for i, (k, e, o) in enumerate(zip(k_g, e_g, o_g)):
         assert_like_eager(f"{name} grad of input {i}", k, o, e)
     return k_out
+
+
+class OpOutputs(TorchDispatchMode):
+    """Records ``(op name, shape, dtype)`` of every tensor each op returns while it is active (on
+    fake tensors too: the shapes of what a step makes, with nothing computed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.seen.append((str(func), tuple(t.shape), t.dtype))
+        return out

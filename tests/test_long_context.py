@@ -12,17 +12,17 @@ autocast, LoRA with a frozen base, apply_kernels), and the saved hidden states r
 """
 import copy
 import functools
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import llama_kernels as lk
 from llama_kernels import long_context, model as reference_model
 from llama_kernels.long_context import checkpoint_layers, chunked_mlp, offloaded_checkpoint
 from llama_kernels.ops.common import LAUNCHES
-from helpers import assert_like_eager, grads, leaf
+from helpers import OpOutputs, assert_like_eager, grads, leaf
 
 transformers = pytest.importorskip("transformers")
 
@@ -186,21 +186,15 @@ def test_chunked_mlp_under_autocast_and_with_parameter_hooks(device):
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-class LargeTensors(TorchDispatchMode):
-    """Records the shape of every op output with more than ``rows`` rows of intermediate width."""
-
-    def __init__(self, rows):
-        super().__init__()
-        self.rows, self.seen = rows, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] in (INTERMEDIATE, 2 * INTERMEDIATE):
-                rows = t.numel() // t.shape[-1]
-                if rows > self.rows and rows != HIDDEN:  # (hidden, intermediate): down_proj's weight gradient
-                    self.seen.append(tuple(t.shape))
-        return out
+def large_intermediates(outputs, rows):
+    """The shapes of the recorded outputs of intermediate width with more than ``rows`` rows."""
+    large = []
+    for _, shape, _ in outputs:
+        if shape and shape[-1] in (INTERMEDIATE, 2 * INTERMEDIATE):
+            n = math.prod(shape) // shape[-1]
+            if n > rows and n != HIDDEN:  # (hidden, intermediate): down_proj's weight gradient
+                large.append(shape)
+    return large
 
 
 @pytest.mark.parametrize("kind", ["llama", "phi3"])
@@ -215,18 +209,18 @@ def test_chunked_mlp_saves_only_its_input_and_makes_no_token_by_intermediate_ten
     for chunk in (None, CHUNK):
         mlp = chunked_mlp(mlp_module(kind, device), chunk) if chunk else mlp_module(kind, device)
         saved.clear()
-        large = LargeTensors(rows=chunk or 0)
-        with large:
+        with OpOutputs() as outputs:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = mlp(x)
             out.sum().backward()
         activations = [t for t in saved if not isinstance(t, torch.nn.Parameter)]
         if chunk is None:  # the control: gate and up (or gate_up) of all 48 tokens, saved and made
             assert any(t.shape[-1] in (INTERMEDIATE, 2 * INTERMEDIATE) for t in activations)
-            assert large.seen
+            assert large_intermediates(outputs.seen, 0)
         else:
             assert len(activations) == 1 and activations[0] is x
-            assert not large.seen, large.seen
+            large = large_intermediates(outputs.seen, chunk)
+            assert not large, large
 
 
 def test_chunked_mlp_runs_the_plain_forward_without_grad_or_for_short_inputs(device, monkeypatch):

@@ -9,14 +9,15 @@
 """
 import dataclasses
 import inspect
+import math
 
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks import bench_memory as bm
 from benchmarks.memory_saved import saved_bytes
+from helpers import OpOutputs
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.timeout(300)
@@ -68,22 +69,11 @@ def test_a_patched_decoder_layer_keeps_what_its_backward_needs_and_no_more(famil
     assert ours < layer_bytes_per_token(family, False, **overrides)
 
 
-class LargestRows(TorchDispatchMode):
-    """The most rows (elements / width) of any op output with a last or first dimension of one of
-    ``widths``."""
-
-    def __init__(self, widths):
-        super().__init__()
-        self.rows = dict.fromkeys(widths, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim():
-                for w in self.rows:
-                    if w in (t.shape[-1], t.shape[0]):
-                        self.rows[w] = max(self.rows[w], t.numel() // w)
-        return out
+def most_rows(outputs, width):
+    """The most rows (elements / ``width``) of any recorded output whose first or last dimension
+    is ``width``."""
+    return max((math.prod(shape) // width for _, shape, _ in outputs
+                if shape and width in (shape[0], shape[-1])), default=0)
 
 
 @pytest.mark.parametrize("mode", ["full", "full+ckpt", "lora+ckpt"])
@@ -97,9 +87,9 @@ def test_long_context_options_make_no_tokens_by_intermediate_or_vocab_tensor(mod
         with FakeTensorMode(allow_non_fake_inputs=True), bm._one_sequence_masks():
             model, loss_fn, _ = bm.build(spec, mode, provider, "cpu", offload_device="meta")
             ids = torch.zeros((1, tokens), dtype=torch.long)
-            with LargestRows((inter, 2 * inter, vocab)) as seen:
+            with OpOutputs() as outputs:
                 loss_fn(model, ids).backward()
-        rows[provider] = seen.rows
+        rows[provider] = {w: most_rows(outputs.seen, w) for w in (inter, 2 * inter, vocab)}
     # The controls make them: transformers the logits, the plain patched model gate and up.
     assert rows["hf-sdpa"][vocab] >= tokens and rows["hf+ours"][inter] >= tokens
     # The fused loss never makes logits of every token; the chunked MLP at most a chunk of rows
@@ -107,21 +97,6 @@ def test_long_context_options_make_no_tokens_by_intermediate_or_vocab_tensor(mod
     assert rows["hf+ours"][vocab] < tokens and rows["hf+ours+long"][vocab] < tokens
     assert max(rows["hf+ours+long"][inter], rows["hf+ours+long"][2 * inter]) <= max(
         bm.CHUNK_TOKENS, spec.config["hidden_size"])
-
-
-class GrowingOutputs(TorchDispatchMode):
-    """Every op output with a dimension of at least ``length``: ``(op, shape, dtype)``."""
-
-    def __init__(self, length):
-        super().__init__()
-        self.length, self.seen = length, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dim() and max(t.shape) >= self.length:
-                self.seen.append((str(func), tuple(t.shape), t.dtype))
-        return out
 
 
 @pytest.mark.parametrize("cache_len", [1000, 3000])
@@ -146,9 +121,9 @@ def test_a_decode_step_grows_nothing_but_the_kv_cache(cache_len):
             name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
             with torch.no_grad():
                 cache = model(ids, use_cache=True).past_key_values
-                with GrowingOutputs(cache_len) as growing:
+                with OpOutputs() as outputs:
                     model(ids[:, -1:], use_cache=True, **{name: cache})
-        seen[provider] = growing.seen
+        seen[provider] = [o for o in outputs.seen if o[1] and max(o[1]) >= cache_len]
     cache_slots = (1, SHAPE["num_key_value_heads"], cache_len + 1, 16)
     assert seen["ours"] and all(shape == cache_slots and dtype == torch.bfloat16 and op == "aten.cat.default"
                                 for op, shape, dtype in seen["ours"]), seen["ours"]
