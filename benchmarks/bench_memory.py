@@ -399,7 +399,7 @@ def kernel_workspace(func, args) -> list:
     returns, for the ops that have any (``llama_kernels::<name>`` custom ops, positional args).
 
     Fake implementations allocate the outputs only, so MemTracker would miss these transient
-    buffers (read from the launchers, llama_kernels/ops/attention_bwd.py and cross_entropy.py):
+    buffers (read from the launchers, llama_kernels/ops/attention/backward.py and cross_entropy.py):
 
     * ``flash_attention_bwd``: ``delta (B, H, Tq)`` float32 and, in the fused (atomic dQ) schedule
       of half-precision inputs, ``dq_acc (B, H, Tq, BLOCK_D)`` float32. (Not modelled: the float32

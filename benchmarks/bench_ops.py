@@ -341,36 +341,30 @@ def _flash_attn(causal: bool):
     return factory
 
 
-def _ours_attention_fwd_module():
-    """``(llama_kernels, llama_kernels.ops.attention_fwd)``; Missing when either, or its
-    ``USE_TMA`` switch, is not there."""
+def _ours_with_options():
+    """``llama_kernels``; Missing when it, or its ``kernel_options``, is not importable."""
     try:
         import llama_kernels as lk
-        from llama_kernels.ops import attention_fwd
 
-        attention_fwd.USE_TMA  # noqa: B018  (the switch ours-portable-fwd flips)
+        lk.kernel_options  # noqa: B018  (the switch ours-portable-fwd sets)
     except Exception as exc:
-        raise Missing(f"llama_kernels.ops.attention_fwd.USE_TMA not importable: "
-                      f"{type(exc).__name__}: {exc}") from None
-    return lk, attention_fwd
+        raise Missing(f"llama_kernels.kernel_options not importable: {type(exc).__name__}: {exc}") from None
+    return lk
 
 
 def _ours_portable_fwd():
-    """Ours with ``attention_fwd.USE_TMA = False`` during each call (restored after it): the
-    portable forward kernel where ours would take the Hopper TMA one.  The backward does not read
-    the switch, so it is ours'."""
-    lk, attention_fwd = _ours_attention_fwd_module()
+    """Ours with the ``tma_forward=False`` kernel option during each call: the portable forward
+    kernel where ours would take the Hopper TMA one.  The backward does not read the option, so
+    it is ours'."""
+    lk = _ours_with_options()
+    options = lk.kernel_options
     call = _attention_call(lk.flash_attention)
 
     def run(q, k, v):
-        previous = attention_fwd.USE_TMA
-        attention_fwd.USE_TMA = False
-        try:
+        with options(tma_forward=False):
             return call(q, k, v)
-        finally:
-            attention_fwd.USE_TMA = previous
 
-    run.note = "attention_fwd.USE_TMA = False: the portable forward kernel; backward as ours"
+    run.note = "kernel_options(tma_forward=False): the portable forward kernel; backward as ours"
     return run
 
 
@@ -400,7 +394,7 @@ def _ours_deterministic():
     """Ours with deterministic algorithms on for each checked or timed step, its backward included
     (the ``context`` attribute, honoured by :func:`_steps_in`): the two-kernel backward schedule
     instead of the fused one with float32 atomic dQ."""
-    lk, _ = _ours_attention_fwd_module()
+    lk = _ours_with_options()
     run = _attention_call(lk.flash_attention)
     run.context = deterministic_algorithms
     run.note = ("torch.use_deterministic_algorithms(True) around each step, backward included: "
@@ -641,7 +635,7 @@ def provider_notes() -> dict:
     """What each provider is, for the report's provider list."""
     return {
         "ours": "llama_kernels (Triton)",
-        "ours-portable-fwd": "flash_attention only: ours with llama_kernels.ops.attention_fwd.USE_TMA = False "
+        "ours-portable-fwd": "flash_attention only: ours inside llama_kernels.kernel_options(tma_forward=False) "
                              "during each call (restored after), i.e. the portable forward kernel instead of "
                              "the Hopper TMA / warp-specialised one that ours takes on sm_90 in fp16/bf16; "
                              "the backward is ours'",

@@ -18,6 +18,8 @@ Public API::
     checkpoint_layers(model, *, offload=True, offload_device="cpu", enabled=True)
                                          (activation checkpointing, inputs kept in host memory)
     offloaded_checkpoint(function, *args, offload_device="cpu", params=None, **kwargs)
+    kernel_options(**overrides)          (a context manager: the launchers' runtime switches, e.g.
+                                          tma_forward=False; KernelOptions lists them)
     model.Llama, model.LlamaConfig       (the eager reference LLaMA)
     reference                            (the eager twin of every op)
 
@@ -34,12 +36,14 @@ _EXPORTS = {
     "geglu": ".ops.swiglu",
     "apply_rotary": ".ops.rope",
     "flash_attention": ".ops.attention",
-    "flash_decode": ".ops.decode",
+    "flash_decode": ".ops.attention",
     "fused_linear_cross_entropy": ".ops.cross_entropy",
     "apply_kernels": ".patch",
     "chunked_mlp": ".long_context",
     "checkpoint_layers": ".long_context",
     "offloaded_checkpoint": ".long_context",
+    "kernel_options": ".ops.options",
+    "KernelOptions": ".ops.options",
 }
 _SUBMODULES = ("model", "reference", "patch", "ops", "cli", "long_context")
 __all__ = [*_EXPORTS, "model", "reference", "__version__"]

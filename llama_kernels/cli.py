@@ -344,7 +344,7 @@ def check(args) -> int:
     say(f"check: shape {args.shape} ({dims}; norm/MLP inputs {shape['rows'][0]} x {shape['rows'][1]} tokens, "
         f"attention {shape['attn_tokens']} tokens)")
     if device.type == "cuda":  # what the launchers size their tiles from
-        from .ops.attention_launch import tile_family
+        from .ops.attention.configs import tile_family
         from .ops.device import device_limits
 
         limits = device_limits(device)

@@ -59,7 +59,7 @@ plan's other host values, nothing is computed where no row is empty).
   lives in values, run the unpatched implementation.
 
 **Which path each layer takes** ("decode-sized": no gradient and ``Tq * Hq / Hk <= 64``, the rule
-of ``ops.decode.use_decode``), and the host synchronisations (never one per layer):
+of ``ops.attention.use_decode``), and the host synchronisations (never one per layer):
 
 * no mask: ``flash_attention(causal=True)``, bottom-right; no sync.  Only for a model whose
   unpatched attention is FlashAttention, if ``Tk == Tq``: FA2's keyword arguments give the varlen
@@ -120,7 +120,7 @@ from transformers.masking_utils import causal_mask_function, prepare_padding_mas
 
 from .ops.attention import flash_attention
 from .ops.common import is_abstract, values_readable
-from .ops.decode import flash_decode, use_decode
+from .ops.attention import flash_decode, use_decode
 
 HF_ATTENTION = "llama_kernels"  # the name the attention/mask pair is registered under
 

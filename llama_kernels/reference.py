@@ -128,7 +128,7 @@ def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=No
                                  window=None, softcap=None):
     """``attention`` of ``q (B, Hq, Tq, D)`` over the first ``cache_seqlens[b]`` keys of each row of
     a preallocated cache ``k_cache, v_cache (B, Hk, Tmax, D)``: the eager twin of
-    ``ops.decode.flash_decode``.
+    ``ops.attention.flash_decode``.
 
     Row ``b`` holds ``L_b`` keys (clamped to ``[0, Tmax]``) and its queries are the last ``Tq`` of
     them: query ``i`` sees key ``j <= i + L_b - Tq`` (causal, bottom-right relative to ``L_b``); a

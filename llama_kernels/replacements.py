@@ -14,9 +14,8 @@ import torch
 
 from . import model as reference_model
 from .ops import attention as attention_kernels, rope as rope_kernel
-from .ops.attention import flash_attention
+from .ops.attention import flash_attention, flash_decode
 from .ops.cross_entropy import fused_linear_cross_entropy
-from .ops.decode import flash_decode
 from .ops.rms_norm import MAX_HIDDEN as RMS_NORM_MAX_HIDDEN, rms_norm
 from .ops.rope import apply_rotary
 from .ops.swiglu import gated_linear, geglu, swiglu

@@ -27,3 +27,15 @@ def device():
 def pytest_report_header(config):
     where = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter"
     return f"llama_kernels tests on {where}"
+
+
+@pytest.fixture
+def kernel_opts():
+    """``kernel_opts(**overrides)`` sets ``llama_kernels.kernel_options`` for the rest of the test
+    (calls nest; all are undone when the test ends)."""
+    import contextlib
+
+    from llama_kernels import kernel_options
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **overrides: stack.enter_context(kernel_options(**overrides))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama_kernels import reference
-from llama_kernels.ops import attention_bwd, attention_fwd, attention_launch, attention_tiles
+from llama_kernels.ops.attention import backward as attention_backward, forward as attention_forward
 from llama_kernels.ops.attention import flash_attention
 from llama_kernels.ops.common import INTERPRET, LAUNCHES
 from helpers import DTYPES, check_against_oracle, leaf
@@ -31,8 +31,8 @@ def expected_backward_launches(q, k):
     when the KV group's heads are split over programs."""
     batch, heads, _, _ = q.shape
     kv_heads, seq_k = k.shape[1], k.shape[2]
-    fused = attention_bwd.fused_backward(q.dtype)
-    splits = attention_bwd.head_splits(batch, kv_heads, seq_k, heads // kv_heads, q.device)
+    fused = attention_backward.fused_backward(q.dtype)
+    splits = attention_backward.head_splits(batch, kv_heads, seq_k, heads // kv_heads, q.device)
     launches = {
         "attention_bwd_preprocess_kernel": int(q.dtype != torch.float32),
         "attention_bwd_fused_kernel": int(fused),
@@ -220,12 +220,12 @@ def test_deterministic_schedule_matches_oracle(shape, dtype, device, determinist
 
 
 @pytest.mark.parametrize("min_programs", [0, 1000], ids=["one_program_per_kv_head", "heads_split"])
-def test_head_splits(min_programs, monkeypatch, device):
+def test_head_splits(min_programs, kernel_opts, device):
     """dK/dV with the KV group's query heads in one program, or split over programs (float32
     partials summed by the reduce kernel): both schedules, both by the 2x rule."""
-    monkeypatch.setattr(attention_bwd, "MIN_PROGRAMS_PER_SM", min_programs)
+    kernel_opts(min_programs_per_sm=min_programs)
     q, k, v = make_qkv(2, 8, 2, 40, 40, 64, torch.float16, device)
-    assert attention_bwd.head_splits(2, 2, 40, 4, q.device) == (1 if min_programs == 0 else 4)
+    assert attention_backward.head_splits(2, 2, 40, 4, q.device) == (1 if min_programs == 0 else 4)
     check(f"attention head splits {min_programs}", q, k, v, causal=True)
     torch.use_deterministic_algorithms(True)
     try:
@@ -238,10 +238,10 @@ def test_head_splits(min_programs, monkeypatch, device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4], (1, 4, 2, 40, 20, 64, True), SHAPES[7]],
                          ids=["gqa3_ragged", "full_d96", "chunk", "tq_gt_tk", "full_tq_gt_tk"])
-def test_tma_forward(shape, dtype, monkeypatch, device):
+def test_tma_forward(shape, dtype, kernel_opts, device):
     """The Hopper forward (TMA descriptors, warp-specialised loop) on (B, T, H, D) views: ragged
     T and padded D come from the descriptors' zero fill; by the 2x rule, gradients included."""
-    monkeypatch.setattr(attention_fwd, "USE_TMA", True)
+    kernel_opts(tma_forward=True)
     b, hq, hk, tq, tk, d, causal = shape
     q, k, v = make_qkv(b, hq, hk, tq, tk, d, dtype, device, layout="bthd")
     LAUNCHES.clear()
@@ -251,37 +251,37 @@ def test_tma_forward(shape, dtype, monkeypatch, device):
         assert torch.equal(o[:, :, : tq - tk], torch.zeros_like(o[:, :, : tq - tk]))
 
 
-def test_tma_forward_only_where_it_applies(monkeypatch, device):
+def test_tma_forward_only_where_it_applies(kernel_opts, device):
     """Layouts a descriptor cannot take (head-dim stride 2, float32) run the portable kernel."""
-    monkeypatch.setattr(attention_fwd, "USE_TMA", True)
+    kernel_opts(tma_forward=True)
     base = torch.randn(1, 4, 30, 128, device=device, dtype=torch.float16)
     q, k, v = base[..., ::2], base[:, :2, :, 1::2], base[:, 2:, :, ::2]
-    assert not attention_fwd.uses_tma(q, k, v)
-    assert not attention_fwd.uses_tma(*(t.float() for t in (q, k, v)))
+    assert not attention_forward.uses_tma(q, k, v)
+    assert not attention_forward.uses_tma(*(t.float() for t in (q, k, v)))
     dense = base[..., :64].contiguous()
-    assert attention_fwd.uses_tma(dense, dense[:, :2], dense[:, 2:])
+    assert attention_forward.uses_tma(dense, dense[:, :2], dense[:, 2:])
     if INTERPRET:  # by default only an sm_90 GPU takes it
-        monkeypatch.setattr(attention_fwd, "USE_TMA", None)
-        assert not attention_fwd.uses_tma(dense, dense[:, :2], dense[:, 2:])
+        kernel_opts(tma_forward=None)
+        assert not attention_forward.uses_tma(dense, dense[:, :2], dense[:, 2:])
 
 
 @pytest.mark.skipif(not INTERPRET, reason="interpreter tilings only")
 @pytest.mark.parametrize("shape", [(1, 4, 2, 50, 50), (1, 2, 1, 16, 80), (1, 2, 2, 40, 20)])
-def test_other_tilings(shape, monkeypatch, device):
+def test_other_tilings(shape, kernel_opts, device):
     """Swap the tile orientation around the causal diagonal (and use equal 64-wide tiles)."""
     b, hq, hk, tq, tk = shape
     q, k, v = make_qkv(b, hq, hk, tq, tk, 64, torch.float16, device)
     for fwd, bwd in (((16, 32), (32, 16)), ((64, 64), (64, 64))):
         blocks = {"fwd": fwd, "fwd_tma": fwd, "dq": fwd, "dkdv": bwd, "bwd_fused": bwd}
-        monkeypatch.setattr(attention_launch, "INTERPRET_BLOCKS", blocks)
+        kernel_opts(interpreter_tiles=blocks)
         check(f"attention tiles {fwd} {shape}", q, k, v, causal=True)
 
 
 @pytest.mark.skipif(not INTERPRET, reason="on the GPU this is the default path")
-def test_gpu_operand_path_float16(monkeypatch, device):
+def test_gpu_operand_path_float16(kernel_opts, device):
     """Run the GPU's dot path (float16 operands straight into tl.dot, P and dS cast to float16)
     under the interpreter, whose float16 dots are sound (its bfloat16 ones are not)."""
-    monkeypatch.setattr(attention_tiles, "dot_mode", lambda dtype, device: (False, "tf32"))
+    kernel_opts(interpreter_half_dots=True)
     for shape in [(2, 4, 2, 37, 37, 64), (1, 4, 1, 16, 80, 96), (1, 2, 2, 40, 20, 64)]:
         q, k, v = make_qkv(*shape, torch.float16, device)
         check(f"attention half operands {shape}", q, k, v, causal=True)

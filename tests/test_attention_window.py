@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from llama_kernels import reference
-from llama_kernels.ops import attention_bwd, attention_fwd, decode
-from llama_kernels.ops.attention import flash_attention
+from llama_kernels.ops.attention import backward as attention_backward, decode
+from llama_kernels.ops.attention import flash_attention, flash_decode
 from llama_kernels.ops.common import INTERPRET, LAUNCHES
 from helpers import DTYPES, assert_like_eager, check_against_oracle, leaf
 
@@ -90,10 +90,10 @@ def test_deterministic_backward(case, dtype, device):
         torch.use_deterministic_algorithms(False)
 
 
-def test_transposed_inputs_and_head_splits(monkeypatch, device):
+def test_transposed_inputs_and_head_splits(kernel_opts, device):
     """(B, T, H, D) views read through their strides, and dK/dV with the KV group's heads split
     over programs (float32 partials + reduce)."""
-    monkeypatch.setattr(attention_bwd, "MIN_PROGRAMS_PER_SM", 1000)
+    kernel_opts(min_programs_per_sm=1000)
     q, k, v = make(1, 4, 2, 29, 41, 32, torch.float16, device, layout="bthd")
     assert not q.is_contiguous()
     LAUNCHES.clear()
@@ -103,8 +103,8 @@ def test_transposed_inputs_and_head_splits(monkeypatch, device):
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter runs TMA descriptors without a Hopper GPU")
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2]], ids=IDS[:3])
-def test_tma_forward(case, monkeypatch, device):
-    monkeypatch.setattr(attention_fwd, "USE_TMA", True)
+def test_tma_forward(case, kernel_opts, device):
+    kernel_opts(tma_forward=True)
     b, hq, hk, tq, tk, d, window, _ = case
     q, k, v = make(b, hq, hk, tq, tk, d, torch.bfloat16, device, layout="bthd")
     LAUNCHES.clear()
@@ -148,7 +148,7 @@ def test_varlen(dtype, deterministic, device):
                                 6, 2.0)
     finally:
         torch.use_deterministic_algorithms(False)
-    fused = attention_bwd.fused_backward(dtype) and not deterministic
+    fused = attention_backward.fused_backward(dtype) and not deterministic
     assert launched["attention_fwd_kernel"] == 1 and launched["attention_bwd_fused_kernel"] == int(fused)
 
 
@@ -190,7 +190,7 @@ def test_flash_decode(dtype, device):
     leftpad = torch.tensor([5, 15, 100, 1], dtype=torch.int32, device=device)
     for window, softcap in ((31, 1.5), (2, None), (1000, 4.0)):
         with torch.no_grad():
-            out = decode.flash_decode(q, k, v, lengths, cache_leftpad=leftpad, window=window, softcap=softcap)
+            out = flash_decode(q, k, v, lengths, cache_leftpad=leftpad, window=window, softcap=softcap)
         args = (lengths, None, leftpad, window, softcap)
         oracle = reference.attention_with_cache_lengths(q.double(), k.double(), v.double(), *args)
         assert_like_eager(f"flash_decode window {window} softcap {softcap} {dtype}", out, oracle,
@@ -241,13 +241,13 @@ def test_tiles_left_of_the_window_are_never_read(device):
         k1[:, :, :256], v1[:, :, :256] = float("nan"), float("nan")
         assert torch.equal(flash_attention(q1, k1, v1, window=40), clean)
         lengths = torch.tensor([300], dtype=torch.int32, device=device)
-        assert torch.equal(decode.flash_decode(q1, k1, v1, lengths, window=40), clean)
+        assert torch.equal(flash_decode(q1, k1, v1, lengths, window=40), clean)
 
 
 def test_bad_arguments(device):
     q, k, v = make(1, 2, 1, 8, 8, 16, torch.float32, device)
     lengths = torch.tensor([8], dtype=torch.int32, device=device)
-    for fn in (lambda **kw: flash_attention(q, k, v, **kw), lambda **kw: decode.flash_decode(q, k, v, lengths, **kw)):
+    for fn in (lambda **kw: flash_attention(q, k, v, **kw), lambda **kw: flash_decode(q, k, v, lengths, **kw)):
         for bad in (True, 2.5, "3", torch.tensor(3)):
             with pytest.raises(TypeError, match="window must be an int"):
                 fn(window=bad)

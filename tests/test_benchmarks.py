@@ -334,21 +334,21 @@ def test_deterministic_algorithms_restores_the_setting_and_warn_only(before):
 
 def test_portable_forward_provider_turns_tma_off_for_the_call_only(monkeypatch):
     import llama_kernels
-    from llama_kernels.ops import attention_fwd
+    from llama_kernels.ops.options import current
 
     seen = []
 
     def spy(q, k, v, causal=True, sm_scale=None):
-        seen.append((attention_fwd.USE_TMA, causal))
+        seen.append((current().tma_forward, causal))
         raise RuntimeError("on purpose")
 
     monkeypatch.setattr(llama_kernels, "flash_attention", spy)
-    monkeypatch.setattr(attention_fwd, "USE_TMA", True)
     spec = next(s for s in OPS if s.name == "flash_attention")
     fn = spec.extra["ours-portable-fwd"]()
-    with pytest.raises(RuntimeError, match="on purpose"):
-        fn(None, None, None)
-    assert seen == [(False, True)] and attention_fwd.USE_TMA is True
+    with llama_kernels.kernel_options(tma_forward=True):
+        with pytest.raises(RuntimeError, match="on purpose"):
+            fn(None, None, None)
+        assert seen == [(False, True)] and current().tma_forward is True
     assert spec.extra["ours-deterministic"]().context is bench_ops.deterministic_algorithms
     assert {"ours-portable-fwd", "ours-deterministic"} <= set(bench_ops.provider_notes())
 

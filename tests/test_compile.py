@@ -19,7 +19,7 @@ import llama_kernels as lk
 from llama_kernels.model import Llama, LlamaConfig
 from llama_kernels.ops import common
 from llama_kernels.ops.common import LAUNCHES
-from llama_kernels.ops.decode import flash_decode
+from llama_kernels.ops.attention import flash_decode
 from helpers import leaf, max_error
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -16,10 +16,10 @@ from llama_kernels.ops.cross_entropy import (fused_linear_cross_entropy, linear_
 
 
 @pytest.fixture
-def small_chunks(monkeypatch):
+def small_chunks(kernel_opts):
     """Chunks of 1024 columns for 37 tokens, so a 4099-token vocabulary takes five (the last
     ragged) and the online log-sum-exp and the dh accumulation across chunks are exercised."""
-    monkeypatch.setattr(ce, "CHUNK_ELEMENTS", 37 * 1024)
+    kernel_opts(cross_entropy_chunk=37 * 1024)
 
 
 def _inputs(n, hidden, vocab, dtype, device, bias=False, ignored_every=5, seed=0):
@@ -153,11 +153,11 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_memory_is_bounded_by_the_chunk_not_tokens_times_vocab(device, monkeypatch):
+def test_memory_is_bounded_by_the_chunk_not_tokens_times_vocab(device, kernel_opts):
     """No tensor of tokens x vocab is ever made: the largest one of the forward and backward is a
     chunk of logits (or the weight's gradient), and the kernels run once per chunk."""
     n, hidden, vocab = 64, 16, 5000
-    monkeypatch.setattr(ce, "CHUNK_ELEMENTS", n * 512)
+    kernel_opts(cross_entropy_chunk=n * 512)
     h, w, _, target = _inputs(n, hidden, vocab, torch.float32, device, seed=6)
     h.requires_grad_(), w.requires_grad_()
     LAUNCHES.clear()

@@ -14,12 +14,13 @@ import torch
 import llama_kernels as lk
 from llama_kernels import patch, reference
 from llama_kernels.model import Llama, LlamaConfig, StaticDecodeStep
-from llama_kernels.ops import common, decode
+from llama_kernels.ops import common
+from llama_kernels.ops.attention import decode
 from llama_kernels.ops.attention import flash_attention
-from llama_kernels.ops.attention_launch import tile_family
+from llama_kernels.ops.attention.configs import tile_family
 from llama_kernels.ops.device import device_limits
 from llama_kernels.ops.common import LAUNCHES, KernelFallbackWarning
-from llama_kernels.ops.decode import flash_decode
+from llama_kernels.ops.attention import flash_decode
 from helpers import DTYPES, assert_like_eager, max_error
 
 SPLIT, COMBINE = "attention_decode_split_kernel", "attention_decode_combine_kernel"

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from llama_kernels import reference
-from llama_kernels.ops import decode
+from llama_kernels.ops.attention import decode
 from llama_kernels.ops.attention import flash_attention
-from llama_kernels.ops.attention_launch import tile_family
+from llama_kernels.ops.attention.configs import tile_family
 from llama_kernels.ops.common import INTERPRET, LAUNCHES
 from llama_kernels.ops.device import device_limits
 from helpers import DTYPES, assert_like_eager, check_against_oracle
@@ -112,9 +112,9 @@ def test_gradients_use_training_kernels(device):
 
 
 @pytest.mark.skipif(not INTERPRET, reason="on the GPU this is the default path")
-def test_gpu_operand_path_float16(monkeypatch, device):
+def test_gpu_operand_path_float16(kernel_opts, device):
     """The GPU's float16 dot operands under the interpreter (sound for float16)."""
-    monkeypatch.setattr(decode, "dot_mode", lambda dtype, device: (False, "tf32"))
+    kernel_opts(interpreter_half_dots=True)
     q = torch.randn(1, 8, 3, 96, device=device, dtype=torch.float16)
     k = torch.randn(1, 2, 600, 96, device=device, dtype=torch.float16)
     v = torch.randn(1, 2, 600, 96, device=device, dtype=torch.float16)

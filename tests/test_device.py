@@ -9,7 +9,8 @@ import types
 import pytest
 import torch
 
-from llama_kernels.ops import attention_fwd, attention_launch, attention_tiles, rms_norm
+from llama_kernels.ops import rms_norm
+from llama_kernels.ops.attention import backward as attention_backward, configs, forward as attention_forward, problem
 from llama_kernels.ops.device import (
     INTERPRETER,
     PUBLISHED_LIMITS,
@@ -45,22 +46,22 @@ def test_only_nvidia_sm90_is_hopper():
 
 @pytest.mark.parametrize("limits, expected", [(H100, True), (MI300X, False), (MI250, False), (A100, False)])
 def test_tma_forward_only_on_hopper(monkeypatch, limits, expected):
-    monkeypatch.setattr(attention_fwd, "device_limits", lambda device: limits)
+    monkeypatch.setattr(attention_forward, "device_limits", lambda device: limits)
     q = torch.randn(1, 4, 64, 64, dtype=torch.bfloat16)
-    assert attention_fwd.uses_tma(q, q, q) is expected
-    assert attention_fwd.uses_tma(q, q, q, varlen=True) is False
+    assert attention_forward.uses_tma(q, q, q) is expected
+    assert attention_forward.uses_tma(q, q, q, varlen=True) is False
 
 
 @pytest.mark.parametrize("limits, half", [(H100, "tf32"), (A100, "tf32"), (MI300X, "ieee"), (MI250, "ieee")])
 def test_dot_precision_per_backend(monkeypatch, limits, half):
     # gfx90a and gfx950 refuse input_precision="tf32" (only gfx942 takes it): half-precision
     # operands name each backend's default; float32 is IEEE everywhere.
-    monkeypatch.setattr(attention_tiles, "INTERPRET", False)
-    monkeypatch.setattr(attention_tiles, "device_limits", lambda device: limits)
+    monkeypatch.setattr(problem, "INTERPRET", False)
+    monkeypatch.setattr(problem, "device_limits", lambda device: limits)
     cpu = torch.device("cpu")
-    assert attention_tiles.dot_mode(torch.bfloat16, cpu) == (False, half)
-    assert attention_tiles.dot_mode(torch.float16, cpu) == (False, half)
-    assert attention_tiles.dot_mode(torch.float32, cpu) == (False, "ieee")
+    assert problem.dot_mode(torch.bfloat16, cpu) == (False, half)
+    assert problem.dot_mode(torch.float16, cpu) == (False, half)
+    assert problem.dot_mode(torch.float32, cpu) == (False, "ieee")
 
 
 @pytest.mark.parametrize("element_size", [2, 4])
@@ -79,20 +80,17 @@ def test_rms_norm_threads_stay_within_a_block(monkeypatch, hidden, element_size)
 
 
 def test_autotune_keys_name_only_kernel_arguments():
-    # Triton >= 3.9 refuses an autotune key that is not an argument of the kernel (the TMA
-    # forward takes no VARLEN).
-    from llama_kernels.ops import attention_bwd
-
-    for kernel in (attention_fwd.attention_fwd_kernel, attention_fwd.attention_fwd_tma_kernel,
-                   attention_bwd.attention_bwd_dq_kernel, attention_bwd.attention_bwd_dkdv_kernel,
-                   attention_bwd.attention_bwd_fused_kernel):
-        key = attention_launch.tuning_key(kernel)
-        assert set(key) <= set(kernel.arg_names) and {"HEAD_DIM", "TQ_BUCKET", "TK_BUCKET"} <= set(key)
-    assert "VARLEN" not in attention_launch.tuning_key(attention_fwd.attention_fwd_tma_kernel)
+    # Triton >= 3.9 refuses an autotune key that is not an argument of the kernel: every autotuned
+    # kernel takes its compiled description (SPEC) and the two length buckets.
+    for kernel in (attention_forward.attention_fwd_kernel, attention_forward.attention_fwd_tma_kernel,
+                   attention_backward.attention_bwd_dq_kernel, attention_backward.attention_bwd_dkdv_kernel,
+                   attention_backward.attention_bwd_fused_kernel):
+        assert configs.tuning_key(kernel) == ["SPEC", "TQ_BUCKET", "TK_BUCKET"]
+        assert set(configs.tuning_key(kernel)) <= set(kernel.arg_names)
 
 
 def test_fallback_tiles_shrink_to_16():
-    tiles = attention_launch.with_fallbacks([(64, 64, 4, 3), (32, 32, 8, 2)])
+    tiles = configs.with_fallbacks([(64, 64, 4, 3), (32, 32, 8, 2)])
     assert tiles[:2] == [(64, 64, 4, 3), (32, 32, 8, 2)]
     assert tiles[2:] == [(32, 32, 8, 1), (32, 16, 8, 1), (16, 16, 8, 1)]
 

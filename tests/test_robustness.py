@@ -14,7 +14,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import llama_kernels as lk
 from llama_kernels import reference
 from llama_kernels.ops.common import LAUNCHES
-from llama_kernels.ops.decode import flash_decode
+from llama_kernels.ops.attention import flash_decode
 from helpers import DTYPES, as_tuple, assert_like_eager, check_against_oracle, grads, leaf
 
 settings.register_profile(

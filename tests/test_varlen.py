@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama_kernels import reference
-from llama_kernels.ops import attention_bwd, attention_tiles, decode
+from llama_kernels.ops.attention import backward as attention_backward, decode, tiles
 from llama_kernels.ops.attention import flash_attention
 from llama_kernels.ops.common import LAUNCHES
 from helpers import DTYPES, check_against_oracle, leaf
@@ -72,7 +72,7 @@ def test_varlen_matches_oracle(case, dtype, device):
     _, launched = check_varlen(f"varlen {case} {dtype}", lens_q, lens_k, hq, hk, d, dtype, device,
                                causal)
     assert launched["attention_fwd_kernel"] == 1
-    fused = attention_bwd.fused_backward(dtype)
+    fused = attention_backward.fused_backward(dtype)
     assert launched["attention_bwd_fused_kernel"] == int(fused)
     assert launched["attention_bwd_dkdv_kernel"] == launched["attention_bwd_dq_kernel"] == int(not fused)
 
@@ -87,9 +87,9 @@ def test_varlen_rows_outside_every_sequence_are_zero(device):
 
 @pytest.mark.parametrize("min_programs", [0, 1000], ids=["one_program_per_kv_head", "heads_split"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fused", "deterministic"])
-def test_varlen_backward_schedules(min_programs, deterministic, monkeypatch, device):
+def test_varlen_backward_schedules(min_programs, deterministic, kernel_opts, device):
     """Both backward schedules, with and without head splits, on packed sequences."""
-    monkeypatch.setattr(attention_bwd, "MIN_PROGRAMS_PER_SM", min_programs)
+    kernel_opts(min_programs_per_sm=min_programs)
     torch.use_deterministic_algorithms(deterministic)
     try:
         _, launched = check_varlen("varlen schedules", [1, 17, 40], [6, 17, 45], 8, 2, 64,
@@ -159,7 +159,7 @@ def test_varlen_schedule_covers_every_tile(device):
     @triton.jit
     def lookup(CU, OUT, num_seqs, BLOCK: tl.constexpr):
         tile = tl.program_id(0)
-        seq, start = attention_tiles.varlen_tile(CU, num_seqs, tile, BLOCK)
+        seq, start = tiles.varlen_tile(CU, num_seqs, tile, BLOCK)
         tl.store(OUT + 2 * tile, seq)
         tl.store(OUT + 2 * tile + 1, start)
 
@@ -198,7 +198,7 @@ def test_varlen_validation(device):
 
 def test_flash_decode_left_padding(device):
     """flash_decode with ``cache_leftpad``: each row's padding slots stay invisible."""
-    from llama_kernels.ops.decode import flash_decode
+    from llama_kernels.ops.attention import flash_decode
 
     q = torch.randn(3, 4, 2, 32, device=device)
     k, v = (torch.randn(3, 2, 150, 32, device=device) for _ in range(2))

@@ -18,7 +18,7 @@ launchers' own choices at LLaMA-3-8B, SmolLM2 and Gemma shapes in bfloat16 and a
 attention at head dims 64/128/256 (both backward schedules, packed sequences, sliding window +
 softcap), decode at 16 and 64 rows per KV head.  ``--set full`` (``make compile-matrix``):
 every dtype and shape of the old sm_90 report, and every autotuning candidate of the attention
-kernels (``attention_launch.CONFIGS``), one at a time.
+kernels (``llama_kernels.ops.attention.configs.CONFIGS``), one at a time.
 
 One line per compiled kernel: name, dtype, case, shared memory, registers (NVIDIA; VGPRs on
 AMD), spilled bytes (NVIDIA local memory; AMD scratch), the widths of its global loads (``ld 16B
@@ -113,7 +113,12 @@ _run = JITFunction.run
 def compile_only(self, *args, grid, warmup, **kwargs):
     kernel = _run(self, *args, grid=grid, warmup=True, **kwargs)
     if not warmup:  # a launch (the launchers' fit checks compile with warmup=True: not recorded)
-        constants = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        constants = {}
+        for k, v in kwargs.items():
+            if hasattr(v, "_asdict"):  # a kernel's compiled description (SPEC): its fields
+                constants.update(v._asdict())
+            elif k.isupper() or k in ("num_warps", "num_stages"):
+                constants[k] = v
         compiled.append((self.fn.__name__, current_dtype, current_case, constants, kernel, sweeping))
     return kernel
 
@@ -299,35 +304,26 @@ def compile_attention(lk, dtype, d, *, varlen=True, decode_rows=(), extra=None, 
 def compile_tma(lk, dtype, d, extra=None):
     """The TMA + warp-specialised forward (the default on sm_90 only; forced here elsewhere to
     show it still compiles there, never launched by default)."""
-    from llama_kernels.ops import attention_fwd
-
     extra = extra or {}
     case(dtype, f"D {d}, 8/2 heads, tma{', w32 cap50' if extra else ''}")
     q, k, v = (torch.randn(1, h, 128, d, dtype=dtype) for h in (8, 2, 2))
-    attention_fwd.USE_TMA = True
-    try:
-        with torch.no_grad():
-            lk.flash_attention(q, k, v, **extra)
-    finally:
-        attention_fwd.USE_TMA = None
+    with lk.kernel_options(tma_forward=True), torch.no_grad():
+        lk.flash_attention(q, k, v, **extra)
 
 
 def compile_attention_candidates(lk):
     """Every autotuning candidate of every attention kernel, through the public op: the launchers
-    are made to see one candidate at a time (the launch path they take for small problems); a
-    candidate that does not fit the target is recorded as pruned."""
+    are made to see one candidate at a time (the ``only_candidate`` option, the launch path they
+    take for small problems); a candidate that does not fit the target is recorded as pruned."""
     global sweeping
-    from llama_kernels.ops import attention_fwd, attention_launch
+    from llama_kernels.ops.attention import configs
     from llama_kernels.ops.device import NoFittingConfig, device_limits
 
-    every = attention_launch.candidates
-    attention_fwd.USE_TMA = device_limits(torch.device("cpu")).is_hopper or None
+    tma = device_limits(torch.device("cpu")).is_hopper or None
     sweeping = True
     try:
-        tables = [attention_launch.CONFIGS, *attention_launch.FAMILY_CONFIGS.values()]
+        tables = [configs.CONFIGS, *configs.FAMILY_CONFIGS.values()]
         for index in range(max(len(c) for table in tables for c in table.values())):
-            attention_launch.candidates = lambda *args, **kwargs: [
-                every(*args, **kwargs)[min(index, len(every(*args, **kwargs)) - 1)]]
             for d in (64, 128, 256):
                 # Sliding window + softcap (WINDOW, SOFTCAP: the most registers) at D = 128, dense.
                 options = ({}, {"window": 32, "softcap": 50.0}) if d == 128 else ({},)
@@ -338,20 +334,18 @@ def compile_attention_candidates(lk):
                                          f"{', varlen' if varlen else ''}{', w32 cap50' if extra else ''}")
                     q, k, v = (torch.randn(1, 256, h, d, dtype=torch.bfloat16).requires_grad_()
                                for h in (32, 8, 8))
-                    torch.use_deterministic_algorithms(deterministic)
                     packed = dict(cu_seqlens_q=torch.tensor([0, 100, 256], dtype=torch.int32),
                                   max_seqlen_q=156, max_seqlen_k=156) if varlen else {}
                     try:
-                        o = lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               **packed, **extra)
-                        torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+                        with lk.kernel_options(only_candidate=index, tma_forward=tma,
+                                               deterministic=deterministic):
+                            o = lk.flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   **packed, **extra)
+                            torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
                     except NoFittingConfig as error:
                         pruned(str(error).split(" of ")[1].split(" ")[0], error)
     finally:
         sweeping = False
-        torch.use_deterministic_algorithms(False)
-        attention_launch.candidates = every
-        attention_fwd.USE_TMA = None
 
 
 def compile_ci(lk):
@@ -436,9 +430,10 @@ def run_target(target, which):
     driver.set_active(StandInDriver(target))
     JITFunction.run = compile_only
     import llama_kernels as lk
-    from llama_kernels.ops import attention, cross_entropy, decode, rms_norm, rope, swiglu
+    from llama_kernels.ops import cross_entropy, rms_norm, rope, swiglu
+    from llama_kernels.ops.attention import interface
 
-    for module in (attention, cross_entropy, decode, rms_norm, rope, swiglu):
+    for module in (interface, cross_entropy, rms_norm, rope, swiglu):
         module.use_triton = lambda op, device: True  # CPU tensors, compiled for the GPU
     (compile_full if which == "full" else compile_ci)(lk)
     return 1 if report(target) else 0

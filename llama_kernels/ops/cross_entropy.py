@@ -16,7 +16,7 @@ or the caller's own with ``reduction="none"``)::
     dh = dz W,   dW = dz^T h,   db = sum_i dz_i
 
 Schedule.  The vocabulary is cut into chunks of ``Vc`` columns, so that at most ``N x Vc`` logits
-(:data:`CHUNK_ELEMENTS`) exist at a time.  The matrix products are cuBLAS's (``torch.mm``); the
+(the ``cross_entropy_chunk`` kernel option, 64M by default) exist at a time.  The matrix products are cuBLAS's (``torch.mm``); the
 kernels here do what lies between them:
 
 * forward: per chunk, ``Z = h W_c^T`` with a float32 result, then :func:`cross_entropy_fwd_kernel`
@@ -58,13 +58,14 @@ from .common import (
     use_triton,
     values_readable,
 )
+from .options import current as current_options
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# Logits held at once (N x Vc): 64M float32 = 256 MB, plus their gradient in the input dtype.  At
-# 8k tokens that is 8192 columns per chunk, products of 8192 x 8192 x H, large enough for cuBLAS to
-# run at full rate; fewer, larger chunks also mean fewer float32 additions into dh.
-CHUNK_ELEMENTS = 1 << 26
+# Logits held at once (N x Vc) are the ``cross_entropy_chunk`` option (``ops/options.py``): by
+# default 64M float32 = 256 MB, plus their gradient in the input dtype.  At 8k tokens that is 8192
+# columns per chunk, products of 8192 x 8192 x H, large enough for cuBLAS to run at full rate;
+# fewer, larger chunks also mean fewer float32 additions into dh.
 CHUNK_ALIGN = 128  # chunk widths are multiples of this (whole tiles for the matrix products)
 
 
@@ -139,9 +140,10 @@ def cross_entropy_bwd_kernel(
 
 
 def chunk_columns(n_rows: int, vocab: int) -> int:
-    """Columns of the vocabulary per chunk for ``n_rows`` tokens: ``CHUNK_ELEMENTS / n_rows``,
-    a multiple of :data:`CHUNK_ALIGN` (at least one), at most ``vocab``."""
-    columns = CHUNK_ELEMENTS // max(n_rows, 1) // CHUNK_ALIGN * CHUNK_ALIGN
+    """Columns of the vocabulary per chunk for ``n_rows`` tokens: the ``cross_entropy_chunk``
+    option's elements over ``n_rows``, a multiple of :data:`CHUNK_ALIGN` (at least one), at most
+    ``vocab``."""
+    columns = current_options().cross_entropy_chunk // max(n_rows, 1) // CHUNK_ALIGN * CHUNK_ALIGN
     return min(vocab, max(CHUNK_ALIGN, columns))
 
 
@@ -372,7 +374,7 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     ``"sum"``, or ``"none"`` (a float32 loss of ``target``'s shape, 0 at ignored targets).
     ``label_smoothing`` in ``[0, 1]`` as in ``F.cross_entropy``.  The loss is float32.
 
-    The logits are computed ``N x Vc`` at a time (:data:`CHUNK_ELEMENTS` of them) in float32, never
+    The logits are computed ``N x Vc`` at a time (the ``cross_entropy_chunk`` option: 64M of them by default) in float32, never
     rounded to the input dtype, and the backward recomputes them: besides its inputs and outputs
     the op holds one chunk of logits and, in the backward, ``dh`` in float32.  Differentiable in
     ``hidden``, ``weight`` and ``bias`` (each gradient in its dtype, ``weight``'s rows rounded once,

@@ -7,7 +7,7 @@ Here the cache length is the parallel axis instead:
 * ``attention_decode_split_kernel``: one program per (split, batch, KV head).  The rows of its
   query tile are all ``Tq`` tokens of all ``group = Hq / Hk`` query heads that share the KV head
   (row ``r`` is head ``r // Tq``, token ``r % Tq``), so every K/V tile is read from memory once
-  for the whole group.  It runs the online softmax of ``attention.py`` over its chunk of keys
+  for the whole group.  It runs the online softmax of the package docstring over its chunk of keys
   (``keys_per_split`` of them) and writes the chunk's normalised partial output ``o_s``, its
   softmax max ``m_s`` and its sum ``l_s`` (float32; ``l_s = 0`` if the chunk holds no visible
   key).
@@ -18,7 +18,7 @@ Here the cache length is the parallel axis instead:
   which is zero for a row that sees no key at all.  ``m_s`` and ``l_s`` stay apart rather than
   as one log-sum-exp, whose float32 rounding would cost ~``|lse| * 2^-24`` relative in every
   weight when logits are large.  (For float32 inputs the maxima are in raw score units and
-  ``w_s = l_s 2^(c (m_s - M))``: see ``attention_tiles.softmax_row_max``.)  With a single split the
+  ``w_s = l_s 2^(c (m_s - M))``: see ``tiles.softmax_row_max``.)  With a single split the
   first kernel writes the output itself and the combine is skipped.
 
 Causal masking is bottom-right as everywhere: token ``i`` of the chunk sees keys
@@ -43,7 +43,7 @@ slots: whole tiles of padding are skipped, the rest masked.  Packed sequences
 (split, sequence, KV head): the sequence's queries (at most ``max_seqlen_q``) are the tile's
 rows, its keys start at ``cu_seqlens_k[i]``, and the splits cover ``max_seqlen_k``.
 
-Precision as in ``attention.py``: float32 scores, statistics and accumulators, ``P`` rounded to the
+Precision as in the training kernels: float32 scores, statistics and accumulators, ``P`` rounded to the
 input dtype before ``P @ V``, IEEE float32 dots for float32 inputs, and under the interpreter
 float32 dots on operands rounded with ``cast_rne``.
 
@@ -58,41 +58,27 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-from .attention_launch import tile_family
-from .attention_tiles import (
-    LOG2E,
-    capped_scores,
-    dot_mode,
-    effective_window,
-    online_softmax_step,
-    score_dot,
-    sequence_rows,
-    softcap_arg,
-    softmax_rescale,
-    validate_attention,
-    validate_window_softcap,
-)
-from .common import (
-    INTERPRET,
-    autocast_inputs,
-    cast_rne,
-    check_same,
-    check_tensor,
-    compilable,
-    count_launch,
-    use_triton,
-)
-from .device import NoFittingConfig, config_fits, device_limits, num_sms
+from ..common import INTERPRET, cast_rne, compilable, count_launch
+from ..device import NoFittingConfig, config_fits, device_limits, num_sms
+from ..options import current as current_options
+from .configs import tile_family
+from .problem import AttentionProblem
+from .tiles import capped_scores, head_rows, online_softmax_step, score_dot, sequence_rows, softmax_rescale, tile_offsets, visible_pairs
 
 # The rule ``flash_attention`` uses (see ``use_decode``): the query tile of one (batch, KV head)
 # holds ``Tq * group`` rows; up to this many it is a decode-shaped problem.
 DECODE_MAX_ROWS = 64
-# A split gets at least this many keys, so that the combine stays cheap next to the key reads.
-MIN_KEYS_PER_SPLIT = 64 if INTERPRET else 256
 # The K/V stages worth keeping in flight (a speed choice: the H100 reads its cache at full
 # bandwidth with this much); what fits is the device's question (``decode_configs``).
 PIPELINE_BUDGET = 160 * 1024
+
+
+def min_keys_per_split() -> int:
+    """The fewest keys a split reads, so that the combine stays cheap next to the key reads: the
+    ``decode_min_keys_per_split`` option, by default 256 on a GPU and 64 under the interpreter
+    (whose tests then see several splits)."""
+    chosen = current_options().decode_min_keys_per_split
+    return chosen if chosen is not None else (64 if INTERPRET else 256)
 
 
 def use_decode(seq_q: int, group: int, needs_grad: bool) -> bool:
@@ -107,22 +93,25 @@ def use_decode(seq_q: int, group: int, needs_grad: bool) -> bool:
 
 
 @triton.jit
+def _group_rows_ptrs(X, strides, b, heads, rows, cols):
+    # Pointers of a decode tile whose rows are (query head, token) pairs: heads[r], rows[r].
+    return (X + b * strides[0] + heads[:, None] * strides[1] + rows[:, None] * strides[2]
+            + cols[None, :] * strides[3])
+
+
+@triton.jit
 def attention_decode_split_kernel(
     Q, K, V, O, O_PART, STATS_PART, SEQLENS, LEFTPAD, CU_Q, CU_K,
-    q_sb, q_sh, q_st, q_sd,
-    k_sb, k_sh, k_st, k_sd,
-    v_sb, v_sh, v_st, v_sd,
-    o_sb, o_sh, o_st, o_sd,
-    num_kv_heads, group, seq_q, total_q, seq_k, num_seqs, qk_scale, keys_per_split, num_splits,
-    seqlens_stride, leftpad_stride, window, softcap,
-    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, PRECISION: tl.constexpr, RAW_MAX: tl.constexpr,
-    HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr, VARLEN: tl.constexpr,
-    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    q_strides, k_strides, v_strides, o_strides, dims, scoring, split_keys, length_strides,
+    SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WRITE_PARTIAL: tl.constexpr, HAS_SEQLENS: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
 ):
-    # seq_q: the query rows of one sequence in the tile (packed: the longest sequence's);
-    # total_q: the rows of q per head; seq_k: the rows of k.
+    # dims = (Hk, group, seq_q, total_q, seq_k, num_seqs): seq_q the rows of one sequence in the
+    # tile (packed: the longest sequence's), total_q the rows of q per head, seq_k the rows of k.
+    # split_keys = (keys per split, splits); length_strides: of SEQLENS and LEFTPAD.
+    num_kv_heads, group, seq_q, total_q, seq_k, num_seqs = dims
+    qk_scale, window, softcap = scoring
+    keys_per_split, num_splits = split_keys
     split = tl.program_id(0)
     bkv = tl.program_id(1)
     b = (bkv // num_kv_heads).to(tl.int64)  # batch row, or packed sequence
@@ -133,7 +122,7 @@ def attention_decode_split_kernel(
     tok = rows % seq_q
     head = kvh * group + rows // seq_q
     rows_in = rows < group * seq_q
-    if VARLEN:
+    if SPEC.VARLEN:
         # Packed sequences (B = 1): sequence b's queries start at row q0 of q, its keys at k0.
         q0, len_q = sequence_rows(CU_Q, b, num_seqs, total_q)
         k0, seq_len = sequence_rows(CU_K, b, num_seqs, seq_k)
@@ -147,62 +136,58 @@ def attention_decode_split_kernel(
         if HAS_SEQLENS:
             # This row's cache holds keys [0, L) of the buffer (clamped to it, so that a bad
             # length can never read past the buffer); the rest is stale or empty.
-            seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b * seqlens_stride), 0), seq_k)
+            seq_len = tl.minimum(tl.maximum(tl.load(SEQLENS + b * length_strides[0]), 0), seq_k)
         else:
             seq_len = seq_k
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_in = offs_d < HEAD_DIM
+    offs_d = tl.arange(0, SPEC.BLOCK_D)
+    d_in = offs_d < SPEC.HEAD_DIM
 
-    q_ptrs = (Q + b * q_sb + head.to(tl.int64)[:, None] * q_sh + (q0 + tok[:, None]) * q_st
-              + offs_d[None, :] * q_sd)
-    q = tl.load(q_ptrs, mask=rows_in[:, None] & d_in[None, :], other=0.0)
-    if DOT_IN_FP32:
+    q = tl.load(_group_rows_ptrs(Q, q_strides, b, head.to(tl.int64), q0 + tok, offs_d),
+                mask=rows_in[:, None] & d_in[None, :], other=0.0)
+    if SPEC.DOT_IN_FP32:
         q = q.to(tl.float32)
     kvh64 = kvh.to(tl.int64)
-    k_base = K + b * k_sb + kvh64 * k_sh + k0 * k_st
-    v_base = V + b * v_sb + kvh64 * v_sh + k0 * v_st
-    k_offs = offs_n[:, None] * k_st + offs_d[None, :] * k_sd
-    v_offs = offs_n[:, None] * v_st + offs_d[None, :] * v_sd
+    k_base = head_rows(K, k_strides, b, kvh64, k0)
+    v_base = head_rows(V, v_strides, b, kvh64, k0)
+    k_offs = tile_offsets(k_strides, offs_n, offs_d)
+    v_offs = tile_offsets(v_strides, offs_n, offs_d)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows give 2^-inf = 0
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, SPEC.BLOCK_D], tl.float32)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, seq_len)  # hi <= lo: a split past L visits no key
-    last_visible = tok + (seq_len - len_q)  # bottom-right causal: token i sees j <= i + L - Tq
+    offset = seq_len - len_q  # bottom-right causal: token i sees j <= i + L - Tq
     first_visible = 0
     if HAS_LEFTPAD:
         # A left-padded row: keys [0, pad) are padding.  Whole tiles of padding are skipped (lo
         # stays a multiple of BLOCK_N); the rest is masked.
-        first_visible = tl.maximum(tl.load(LEFTPAD + b * leftpad_stride), 0)
+        first_visible = tl.maximum(tl.load(LEFTPAD + b * length_strides[1]), 0)
         lo = tl.maximum(lo, first_visible // BLOCK_N * BLOCK_N)
-    if WINDOW:
+    if SPEC.WINDOW:
         # Token 0's window starts at L - Tq - window + 1 (later tokens' further right): key tiles
         # left of it are skipped, a split wholly left of it visits nothing; the edge is masked.
-        lo = tl.maximum(lo, tl.maximum(seq_len - len_q - window + 1, 0) // BLOCK_N * BLOCK_N)
+        lo = tl.maximum(lo, tl.maximum(offset - window + 1, 0) // BLOCK_N * BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         tile = start_n.to(tl.int64)
         keys = start_n + offs_n
         keys_in = keys < hi
         kv_mask = keys_in[:, None] & d_in[None, :]
-        k = tl.load(k_base + tile * k_st + k_offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + tile * v_st + v_offs, mask=kv_mask, other=0.0)
-        if DOT_IN_FP32:
+        k = tl.load(k_base + tile * k_strides[2] + k_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tile * v_strides[2] + v_offs, mask=kv_mask, other=0.0)
+        if SPEC.DOT_IN_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = score_dot(q, k, PRECISION)
-        s, _tanh = capped_scores(s, softcap, SOFTCAP)
-        visible = keys_in[None, :]
+        s = score_dot(q, k, SPEC.PRECISION)
+        s, _tanh = capped_scores(s, softcap, SPEC.SOFTCAP)
+        visible = visible_pairs(keys[None, :], tok[:, None], offset, hi, window, True, SPEC.CAUSAL,
+                                SPEC.WINDOW)
         if HAS_LEFTPAD:
             visible = visible & (keys >= first_visible)[None, :]
-        if CAUSAL:
-            visible = visible & (keys[None, :] <= last_visible[:, None])
-        if WINDOW:
-            visible = visible & (keys[None, :] > last_visible[:, None] - window)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, s, v, visible, qk_scale, True,
-                                            Q.dtype.element_ty, DOT_IN_FP32, PRECISION, RAW_MAX)
+                                            Q.dtype.element_ty, SPEC)
 
     seen = l_i > 0.0
     o = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]
@@ -210,20 +195,17 @@ def attention_decode_split_kernel(
     if WRITE_PARTIAL:
         row_id = (b * (num_kv_heads * group) + head) * total_q + q0 + tok  # (B, Hq, Tq) flat
         part = row_id * num_splits + split
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=out_mask)
+        tl.store(O_PART + part[:, None] * SPEC.HEAD_DIM + offs_d[None, :], o, mask=out_mask)
         tl.store(STATS_PART + 2 * part, m_i, mask=rows_in)  # (m_s, l_s) pairs
         tl.store(STATS_PART + 2 * part + 1, l_i, mask=rows_in)
     else:
-        o_ptrs = (O + b * o_sb + head.to(tl.int64)[:, None] * o_sh + (q0 + tok[:, None]) * o_st
-                  + offs_d[None, :] * o_sd)
+        o_ptrs = _group_rows_ptrs(O, o_strides, b, head.to(tl.int64), q0 + tok, offs_d)
         tl.store(o_ptrs, cast_rne(o, O.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def attention_decode_combine_kernel(
-    O_PART, STATS_PART, O,
-    o_sb, o_sh, o_st, o_sd,
-    num_heads, seq_q, num_splits, qk_scale,
+    O_PART, STATS_PART, O, o_strides, num_heads, seq_q, num_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, RAW_MAX: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # one output row: (batch, head, token)
@@ -244,13 +226,13 @@ def attention_decode_combine_kernel(
     o_part = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :],
                      mask=splits_in[:, None] & d_in[None, :], other=0.0)
     o = tl.sum(w[:, None] * o_part, 0) / tl.where(denom > 0.0, denom, 1.0)
-    o_ptrs = O + b * o_sb + h * o_sh + tok * o_st + offs_d * o_sd
+    o_ptrs = head_rows(O, o_strides, b, h, tok) + offs_d * o_strides[3]
     tl.store(o_ptrs, cast_rne(o, O.dtype.element_ty), mask=d_in)
 
 
 def decode_configs(head_dim: int, dtype: torch.dtype, rows: int = 1, family: str = "hopper"):
     """``(BLOCK_N, num_warps, num_stages)`` candidates of the split kernel for ``rows = Tq * group``
-    query rows on a GPU of tile ``family`` (``attention_launch.tile_family``), best first; the
+    query rows on a GPU of tile ``family`` (``configs.tile_family``), best first; the
     launcher takes the first that fits the device (``device.config_fits``).  Best: K/V tiles of
     64 keys (32 off Hopper beyond 16 rows) with as many stages in flight as ``PIPELINE_BUDGET``
     allows (the kernel is bound by reading the cache); then fewer stages, then narrower tiles, for
@@ -280,32 +262,27 @@ def decode_configs(head_dim: int, dtype: torch.dtype, rows: int = 1, family: str
 
 def decode_splits(batch: int, kv_heads: int, seq_k: int, block_n: int, device: torch.device):
     """``(num_splits, keys_per_split)``: about two programs per multiprocessor in all, each split
-    at least ``MIN_KEYS_PER_SPLIT`` keys and a whole number of ``block_n`` tiles.  Depends on the
+    at least ``min_keys_per_split()`` keys and a whole number of ``block_n`` tiles.  Depends on the
     shapes and the device only (never on data), as CUDA-graph capture requires."""
     programs = max(1, batch * kv_heads)
     want = triton.cdiv(2 * num_sms(device), programs)
-    splits = max(1, min(want, triton.cdiv(seq_k, MIN_KEYS_PER_SPLIT)))
+    splits = max(1, min(want, triton.cdiv(seq_k, min_keys_per_split())))
     keys_per_split = triton.cdiv(triton.cdiv(seq_k, splits), block_n) * block_n
     return triton.cdiv(seq_k, keys_per_split), keys_per_split
-
-
-def _decode_fake(q, k, v, causal, sm_scale, cache_seqlens=None, cache_leftpad=None, window=0,
-                 softcap=0.0):
-    return torch.empty_like(q)
 
 
 def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftpad=None,
                    cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=0, max_seqlen_k=0, window=0,
                    softcap=0.0):
     # Shared by attention_decode (batch rows) and attention_decode_varlen (packed sequences).
+    problem = AttentionProblem.build(q, k, causal, sm_scale, cu_seqlens_q, cu_seqlens_k,
+                                     max_seqlen_q, max_seqlen_k, window, softcap)
     batch, heads, total_q, head_dim = q.shape
-    kv_heads, total_k = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    varlen = cu_seqlens_q is not None
-    seq_q, seq_k = (max_seqlen_q, max_seqlen_k) if varlen else (total_q, total_k)
-    programs = cu_seqlens_q.shape[0] - 1 if varlen else batch  # per KV head
+    kv_heads, total_k, group = problem.kv_heads, problem.seq_k, problem.group
+    seq_q, seq_k = problem.lengths
+    programs = problem.num_seqs if problem.varlen else batch  # per KV head
     # Packed sequences need not cover every row of q: the rows they leave out are zeros.
-    o = torch.zeros_like(q) if varlen else torch.empty_like(q)
+    o = torch.zeros_like(q) if problem.varlen else torch.empty_like(q)
     if o.numel() == 0 or seq_q == 0:
         return o
     if seq_q * group > DECODE_MAX_ROWS:
@@ -313,26 +290,20 @@ def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftp
             f"attention_decode takes at most {DECODE_MAX_ROWS} query rows per KV head "
             f"(Tq * Hq / Hk); got {seq_q} * {group}"
         )
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    dot_in_fp32, precision = dot_mode(q.dtype, q.device)
+    spec = problem.spec
     rows = batch * heads * total_q
     has_seqlens, has_leftpad = cache_seqlens is not None, cache_leftpad is not None
-    window = effective_window(window, seq_k)  # a window as long as the keys hides nothing
-    consts = dict(
-        CAUSAL=causal, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)), DOT_IN_FP32=dot_in_fp32,
-        PRECISION=precision, RAW_MAX=q.dtype == torch.float32, HAS_SEQLENS=has_seqlens,
-        HAS_LEFTPAD=has_leftpad, VARLEN=varlen, WINDOW=window > 0, SOFTCAP=softcap > 0,
-    )
+    consts = dict(SPEC=spec, BLOCK_M=max(16, triton.next_power_of_2(seq_q * group)),
+                  HAS_SEQLENS=has_seqlens, HAS_LEFTPAD=has_leftpad)
+    length_strides = (cache_seqlens.stride(0) if has_seqlens else 0,
+                      cache_leftpad.stride(0) if has_leftpad else 0)
 
     def split_args(o_part, stats_part, keys_per_split, splits):
         return (q, k, v, o, o_part, stats_part, cache_seqlens if has_seqlens else o,
-                cache_leftpad if has_leftpad else o,
-                *((cu_seqlens_q, cu_seqlens_k) if varlen else (o, o)),
-                *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-                kv_heads, group, seq_q, total_q, total_k, programs, sm_scale * LOG2E, keys_per_split,
-                splits, cache_seqlens.stride(0) if has_seqlens else 0,
-                cache_leftpad.stride(0) if has_leftpad else 0, window, softcap_arg(softcap, sm_scale))
+                cache_leftpad if has_leftpad else o, *problem.offsets(o),
+                q.stride(), k.stride(), v.stride(), o.stride(),
+                (kv_heads, group, seq_q, total_q, total_k, programs), problem.scoring,
+                (keys_per_split, splits), length_strides)
 
     # The first candidate whose compiled kernel fits the device (partials: placeholders of their
     # dtype; shared memory depends on the tiles, never on the buffers).
@@ -351,7 +322,7 @@ def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftp
             f"llama_kernels: no tile of flash_decode (head dim {head_dim}, {seq_q * group} rows, "
             f"{q.dtype}) fits {limits.arch} ({limits.shared_memory} bytes of shared memory)")
     if splits > 1:
-        alloc = torch.zeros if varlen else torch.empty
+        alloc = torch.zeros if problem.varlen else torch.empty
         o_part = alloc((rows, splits, head_dim), dtype=torch.float32, device=q.device)
         stats_part = alloc((rows, splits, 2), dtype=torch.float32, device=q.device)
     else:  # the split kernel writes o directly; these are never touched
@@ -363,16 +334,20 @@ def _launch_decode(q, k, v, causal, sm_scale, *, cache_seqlens=None, cache_leftp
     count_launch(attention_decode_split_kernel)
     if splits > 1:
         attention_decode_combine_kernel[(rows,)](
-            o_part, stats_part, o, *o.stride(), heads, total_q, splits, sm_scale * LOG2E,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-            RAW_MAX=q.dtype == torch.float32,
-            num_warps=4 if block_d >= 128 else 2,
+            o_part, stats_part, o, o.stride(), heads, total_q, splits, problem.qk_scale,
+            HEAD_DIM=head_dim, BLOCK_D=spec.BLOCK_D, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+            RAW_MAX=spec.RAW_MAX, num_warps=4 if spec.BLOCK_D >= 128 else 2,
         )
         count_launch(attention_decode_combine_kernel)
     return o
 
 
-@compilable("flash_decode", _decode_fake)
+def _decode_fake(q, k, v, causal, sm_scale, cache_seqlens=None, cache_leftpad=None, window=0,
+                 softcap=0.0):
+    return torch.empty_like(q)
+
+
+@compilable("attention_decode", _decode_fake)
 def attention_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
     cache_seqlens: Optional[torch.Tensor] = None, cache_leftpad: Optional[torch.Tensor] = None,
@@ -395,7 +370,7 @@ def _decode_varlen_fake(q, k, v, causal, sm_scale, cu_seqlens_q, cu_seqlens_k, m
     return torch.empty_like(q)
 
 
-@compilable("flash_decode_varlen", _decode_varlen_fake)
+@compilable("attention_decode_varlen", _decode_varlen_fake)
 def attention_decode_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sm_scale: float,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
@@ -410,62 +385,3 @@ def attention_decode_varlen(
     return _launch_decode(q, k, v, causal, sm_scale, cu_seqlens_q=cu_seqlens_q,
                           cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                           max_seqlen_k=max_seqlen_k, window=window, softcap=softcap)
-
-
-def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_leftpad=None, window=None,
-                 softcap=None):
-    """Attention of a few new queries over a preallocated KV cache whose lengths live on the device.
-
-    ``q (B, Hq, Tq, D)``; ``k_cache, v_cache (B, Hk, Tmax, D)`` the whole cache buffers (any
-    strides); ``cache_seqlens`` an int32 tensor ``(B,)`` on ``q``'s device (any stride, e.g. one
-    length expanded over the batch): row ``b`` holds ``L_b = cache_seqlens[b]`` keys, the new
-    tokens' included, and its queries are the last ``Tq`` of them.  Query ``i`` of row ``b`` sees
-    keys ``j <= i + L_b - Tq`` (causal, bottom-right relative to ``L_b``); a query that sees no
-    key outputs zeros.  Lengths are clamped to ``[0, Tmax]``; they are never read on the host.
-    ``cache_leftpad`` (int32 ``(B,)``, optional) serves left-padded batches: row ``b``'s first
-    ``cache_leftpad[b]`` slots are padding, so it sees keys ``[cache_leftpad[b], L_b)`` only.
-    ``sm_scale`` defaults to ``D ** -0.5``.  ``window`` (int >= 1, sliding-window attention):
-    query ``i`` of row ``b`` sits at slot ``L_b - Tq + i`` and sees only the ``window`` most
-    recent keys, ``[max(cache_leftpad[b], L_b - Tq + i - window + 1), L_b - Tq + i]``; whole key
-    tiles (and splits) left of the window are skipped.  ``softcap`` (float > 0): scores become
-    ``softcap * tanh(scores / softcap)`` before the softmax, ``scores = sm_scale * q k^T`` (Gemma 2).
-
-    Shapes, head dims and grouped-query heads as in ``flash_attention``, with ``Tq * Hq / Hk <=
-    DECODE_MAX_ROWS`` (64).  The launch depends on the shapes only, so one decode step can be
-    captured in a CUDA graph and replayed with new lengths.  Forward only: the inputs must not
-    need gradients.  Returns ``o (B, Hq, Tq, D)`` in ``q.dtype``.  Under ``torch.autocast`` q and
-    the caches are first cast to the autocast dtype, as eager attention casts them (a float32 cache
-    is then copied each call: keep the cache in the autocast dtype).
-    """
-    q, k_cache, v_cache = autocast_inputs(q, k_cache, v_cache)
-    sm_scale = validate_attention(q, k_cache, v_cache, True, sm_scale, names=("q", "k_cache", "v_cache"))
-    window, softcap = validate_window_softcap(window, softcap, True)
-    check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,))
-    if cache_seqlens.shape[0] != q.shape[0]:
-        raise ValueError(
-            f"cache_seqlens must have shape (B,) = ({q.shape[0]},) to match q; "
-            f"got {tuple(cache_seqlens.shape)}"
-        )
-    check_same("device", q=q, cache_seqlens=cache_seqlens)
-    if cache_leftpad is not None:
-        check_tensor("cache_leftpad", cache_leftpad, ndim=1, dtypes=(torch.int32,))
-        if cache_leftpad.shape != cache_seqlens.shape:
-            raise ValueError(f"cache_leftpad must have shape (B,) = ({q.shape[0]},) to match q; "
-                             f"got {tuple(cache_leftpad.shape)}")
-        check_same("device", q=q, cache_leftpad=cache_leftpad)
-    seq_q, group = q.shape[2], q.shape[1] // k_cache.shape[1]
-    if seq_q * group > DECODE_MAX_ROWS:
-        raise ValueError(
-            f"q holds too many query rows per KV head for flash_decode: Tq * Hq / Hk = {seq_q} * "
-            f"{group} > {DECODE_MAX_ROWS}; use flash_attention for prefill-sized chunks"
-        )
-    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
-        raise ValueError(
-            "flash_decode is forward only: q, k_cache and v_cache must not require grad "
-            "(call it under torch.no_grad(), or use flash_attention for training)"
-        )
-    if not use_triton("flash_decode", q.device):
-        return reference.attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale,
-                                                      cache_leftpad, window or None, softcap or None)
-    return attention_decode(q, k_cache, v_cache, True, sm_scale, cache_seqlens, cache_leftpad,
-                            effective_window(window, k_cache.shape[2]), softcap)
