@@ -68,6 +68,11 @@ def test_bad_options_are_refused_before_the_block(overrides, error, match):
     assert not ran and options.current() == lk.KernelOptions()
 
 
+def test_option_kinds_are_the_launchers_kinds():
+    # options.py names the kinds without importing the kernels (it must not import triton).
+    assert set(options.ATTENTION_KINDS) == set(configs.INTERPRETER_TILES)
+
+
 def test_interpreter_tiles_are_copied():
     tiles = {"fwd": (16, 16)}
     with lk.kernel_options(interpreter_tiles=tiles) as opts:

@@ -20,7 +20,8 @@ import dataclasses
 import numbers
 from typing import Mapping, Optional
 
-# Kinds of attention kernel whose interpreter tiles may be set (``interpreter_tiles``).
+# Kinds of attention kernel whose interpreter tiles may be set (``interpreter_tiles``): the keys of
+# ``attention.configs.INTERPRETER_TILES``, named here so that this module never imports triton.
 ATTENTION_KINDS = ("fwd", "fwd_tma", "dq", "dkdv", "bwd_fused")
 
 
