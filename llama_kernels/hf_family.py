@@ -132,6 +132,10 @@ def _forward_with_rope_kernel(forward):
         if original is None:
             return forward  # not a forward of the family's shape: eager RoPE
         scope = {**forward.__globals__, "apply_rotary_pos_emb": _rotary_with_kernel(original)}
+        # Without ``__name__`` Dynamo guards on this dict itself; with it, Dynamo would read (and
+        # guard) the names through the modeling module, whose apply_rotary_pos_emb is the
+        # original (a hub-kernel nn.Module in transformers >= 5.25, which has no __defaults__).
+        scope.pop("__name__", None)
         function = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__, closure)
         function.__dict__.update(vars(forward))
     function.__kwdefaults__, function.__qualname__ = forward.__kwdefaults__, forward.__qualname__

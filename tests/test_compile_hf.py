@@ -154,3 +154,30 @@ def test_patching_changes_nothing_for_other_models(unpatched, patched, device):
     assert counter.frame_count == 1 and not torch._dynamo.utils.counters["graph_break"]
     assert torch.equal(logits, expected)
     assert {name: value for name, value in vars(modeling_llama).items() if before.get(name) is not value} == {}
+
+
+def test_patched_forward_guards_its_own_scope(patched, device, monkeypatch):
+    """The patched attention forward reads RoPE from a copy of its modeling module's globals, and
+    Dynamo guards that copy, not the module: what the module's ``apply_rotary_pos_emb`` is (since
+    transformers 5.25 a hub-kernel ``nn.Module``, with no ``__defaults__`` to guard) neither breaks
+    the compile nor recompiles the patched model when it changes."""
+    from transformers.models.llama import modeling_llama
+
+    class HubKernelLike:  # a callable that is not a function
+        def __init__(self, function):
+            self.function = function
+
+        def __call__(self, *args, **kwargs):
+            return self.function(*args, **kwargs)
+
+    original = modeling_llama.apply_rotary_pos_emb
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", HubKernelLike(original))
+    ids = torch.randint(1, 100, (2, 9), device=device)
+    model, counter = compiled(patched)
+    with torch.no_grad():
+        LAUNCHES.clear()
+        model(ids)
+        monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", HubKernelLike(original))
+        model(ids)  # the guards evaluated again, against another module global: no recompile
+    assert counter.frame_count == 1 and not torch._dynamo.utils.counters["graph_break"]
+    assert LAUNCHES["rope_kernel"] == 2 * LAYERS
