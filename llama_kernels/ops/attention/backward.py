@@ -58,9 +58,10 @@ from .tiles import (
     dot_operand,
     head_rows,
     key_tile_scores,
+    key_value_tiles,
     load_tile,
+    pointer_query_tile,
     query_tile_key_ranges,
-    query_tile_program,
     score_dot,
     sequence_rows,
     softmax_log_prob,
@@ -330,16 +331,8 @@ def attention_bwd_dq_kernel(
     # dims = (Hq, group, Tq, Tk, num_seqs); seq_q, seq_k become this program's sequence lengths
     # (packed: VARLEN).
     total_q = dims[2]
-    start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k = query_tile_program(dims, CU_Q, CU_K, BLOCK_M,
-                                                                      SPEC.VARLEN)
-    b, h, kvh = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
-    q0, k0 = tl.cast(q0, tl.int64), tl.cast(k0, tl.int64)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, SPEC.BLOCK_D)
-    rows_in = offs_m < seq_q
-    d_in = offs_d < SPEC.HEAD_DIM
+    (start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k,
+     offs_m, offs_d, rows_in, d_in) = pointer_query_tile(dims, CU_Q, CU_K, SPEC, BLOCK_M)
     q = load_tile(tile_ptrs(head_rows(Q, q_strides, b, h, q0), q_strides, offs_m, offs_d), rows_in,
                   d_in, True, SPEC.PAD_D, SPEC.DOT_IN_FP32)
     do = load_tile(tile_ptrs(head_rows(DO, do_strides, b, h, q0), do_strides, offs_m, offs_d),
@@ -347,9 +340,7 @@ def attention_bwd_dq_kernel(
     row_base = bh.to(tl.int64) * total_q + q0
     m = tl.load(STATS + row_base + offs_m, mask=rows_in, other=float("inf"))
     log2_l = tl.load(STATS + stats_plane + row_base + offs_m, mask=rows_in, other=0.0)
-    kv = (head_rows(K, k_strides, b, kvh, k0), head_rows(V, v_strides, b, kvh, k0),
-          tile_offsets(k_strides, offs_n, offs_d), tile_offsets(v_strides, offs_n, offs_d),
-          k_strides[2], v_strides[2])
+    kv = key_value_tiles(K, V, k_strides, v_strides, b, kvh, k0, SPEC, BLOCK_N)
     dq = tl.zeros([BLOCK_M, SPEC.BLOCK_D], tl.float32)
 
     # Key ranges as in the forward: [lo, full_lo) across the window's edge (masked, WINDOW only),

@@ -41,13 +41,14 @@ from .tiles import (
     capped_scores,
     head_rows,
     key_tile_scores,
+    key_value_tiles,
     load_tile,
     online_softmax_step,
+    pointer_query_tile,
     query_tile_key_ranges,
     query_tile_program,
     score_dot,
     store_tile,
-    tile_offsets,
     tile_ptrs,
     visible_pairs,
 )
@@ -89,23 +90,11 @@ def attention_fwd_kernel(
     # dims = (Hq, group, Tq, Tk, num_seqs) with the tensors' lengths; from here on seq_q, seq_k
     # are those of this program's sequence.  scoring = (qk_scale, window, cap).
     total_q = dims[2]
-    start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k = query_tile_program(dims, CU_Q, CU_K, BLOCK_M,
-                                                                      SPEC.VARLEN)
-    b, h, kvh = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
-    q0, k0 = tl.cast(q0, tl.int64), tl.cast(k0, tl.int64)
-
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, SPEC.BLOCK_D)
-    rows_in = offs_m < seq_q
-    d_in = offs_d < SPEC.HEAD_DIM
-
+    (start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k,
+     offs_m, offs_d, rows_in, d_in) = pointer_query_tile(dims, CU_Q, CU_K, SPEC, BLOCK_M)
     q = load_tile(tile_ptrs(head_rows(Q, q_strides, b, h, q0), q_strides, offs_m, offs_d), rows_in,
                   d_in, True, SPEC.PAD_D, SPEC.DOT_IN_FP32)
-    # Tile offsets stay 32-bit; the per-head base and the tile start are 64-bit.
-    kv = (head_rows(K, k_strides, b, kvh, k0), head_rows(V, v_strides, b, kvh, k0),
-          tile_offsets(k_strides, offs_n, offs_d), tile_offsets(v_strides, offs_n, offs_d),
-          k_strides[2], v_strides[2])
+    kv = key_value_tiles(K, V, k_strides, v_strides, b, kvh, k0, SPEC, BLOCK_N)
 
     # m starts finite so that a row whose keys are all masked so far computes 2^(-inf) = 0, never
     # 2^(-inf + inf) = NaN.

@@ -322,6 +322,34 @@ def query_tile_program(dims, CU_Q, CU_K, BLOCK_M: tl.constexpr, VARLEN: tl.const
 
 
 @triton.jit
+def pointer_query_tile(dims, CU_Q, CU_K, SPEC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``query_tile_program`` for the kernels that address by pointer (forward, dQ), with the
+    batch, heads and first rows 64-bit (a per-head base can pass 2^31 elements; the TMA kernel's
+    coordinates stay 32-bit) and the tile's query rows and head-dim columns with their masks:
+    ``(start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k, offs_m, offs_d, rows_in, d_in)``."""
+    start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k = query_tile_program(dims, CU_Q, CU_K, BLOCK_M,
+                                                                      SPEC.VARLEN)
+    b, h, kvh = b.to(tl.int64), h.to(tl.int64), kvh.to(tl.int64)
+    q0, k0 = tl.cast(q0, tl.int64), tl.cast(k0, tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, SPEC.BLOCK_D)
+    return (start_m, bh, b, h, kvh, q0, k0, seq_q, seq_k,
+            offs_m, offs_d, offs_m < seq_q, offs_d < SPEC.HEAD_DIM)
+
+
+@triton.jit
+def key_value_tiles(K, V, k_strides, v_strides, b, kvh, k0, SPEC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``kv`` that ``key_tile_scores`` walks for KV head ``kvh``: the K and V bases at the
+    sequence's first key (64-bit), the 32-bit offsets of one ``(BLOCK_N, BLOCK_D)`` tile, and the
+    row strides."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, SPEC.BLOCK_D)
+    return (head_rows(K, k_strides, b, kvh, k0), head_rows(V, v_strides, b, kvh, k0),
+            tile_offsets(k_strides, offs_n, offs_d), tile_offsets(v_strides, offs_n, offs_d),
+            k_strides[2], v_strides[2])
+
+
+@triton.jit
 def key_tile_scores(q, kv, start_n, offs_m, seq_q, seq_k, window, MASK: tl.constexpr,
                     SPEC: tl.constexpr, BLOCK_N: tl.constexpr):
     """The key/value tile at ``start_n`` of ``kv = (k_base, v_base, k_offs, v_offs, k_step,
