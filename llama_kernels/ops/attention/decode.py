@@ -63,7 +63,16 @@ from ..device import NoFittingConfig, config_fits, device_limits, num_sms
 from ..options import current as current_options
 from .configs import tile_family
 from .problem import AttentionProblem
-from .tiles import capped_scores, head_rows, online_softmax_step, score_dot, sequence_rows, softmax_rescale, tile_offsets, visible_pairs
+from .tiles import (
+    capped_scores,
+    head_rows,
+    key_value_tiles,
+    online_softmax_step,
+    score_dot,
+    sequence_rows,
+    softmax_rescale,
+    visible_pairs,
+)
 
 # The rule ``flash_attention`` uses (see ``use_decode``): the query tile of one (batch, KV head)
 # holds ``Tq * group`` rows; up to this many it is a decode-shaped problem.
@@ -147,11 +156,8 @@ def attention_decode_split_kernel(
                 mask=rows_in[:, None] & d_in[None, :], other=0.0)
     if SPEC.DOT_IN_FP32:
         q = q.to(tl.float32)
-    kvh64 = kvh.to(tl.int64)
-    k_base = head_rows(K, k_strides, b, kvh64, k0)
-    v_base = head_rows(V, v_strides, b, kvh64, k0)
-    k_offs = tile_offsets(k_strides, offs_n, offs_d)
-    v_offs = tile_offsets(v_strides, offs_n, offs_d)
+    kv = key_value_tiles(K, V, k_strides, v_strides, b, kvh.to(tl.int64), k0, SPEC, BLOCK_N)
+    k_base, v_base, k_offs, v_offs, k_step, v_step = kv
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # finite: fully masked rows give 2^-inf = 0
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -175,8 +181,8 @@ def attention_decode_split_kernel(
         keys = start_n + offs_n
         keys_in = keys < hi
         kv_mask = keys_in[:, None] & d_in[None, :]
-        k = tl.load(k_base + tile * k_strides[2] + k_offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + tile * v_strides[2] + v_offs, mask=kv_mask, other=0.0)
+        k = tl.load(k_base + tile * k_step + k_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tile * v_step + v_offs, mask=kv_mask, other=0.0)
         if SPEC.DOT_IN_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
