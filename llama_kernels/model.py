@@ -240,9 +240,9 @@ class KVCache:
 
 class Attention(nn.Module):
     apply_rotary = staticmethod(reference.apply_rotary)  # op slot
-    attention = staticmethod(reference.attention)  # op slot
+    attention = staticmethod(reference.flash_attention)  # op slot
     # op slot of the static decode step: attention over whole cache buffers, lengths on the device
-    decode_attention = staticmethod(reference.attention_with_cache_lengths)
+    decode_attention = staticmethod(reference.flash_decode)
 
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()

@@ -31,6 +31,7 @@ kernel.
 from __future__ import annotations
 
 import collections
+import inspect
 import sys
 import types
 import warnings
@@ -112,15 +113,14 @@ def _table_for(model: torch.nn.Module):
     )
 
 
-def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
-                  attention: bool = True, cross_entropy: bool = True):
+def apply_kernels(model, **flags):
     """Patch ``model`` in place to run the Triton kernels; returns ``model``.
 
     Works on :class:`llama_kernels.model.Llama` and on transformers models of the LLaMA family
     (LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3; see :mod:`llama_kernels.hf_family`): the
     decoder modules inside ``model`` are patched whatever its head (``*ForCausalLM``, ``*Model``,
-    ``*ForSequenceClassification``, a wrapper of one), weights kept.  Each flag turns one kernel
-    family on or off (``swiglu`` covers the gated MLP, SwiGLU or Gemma's GeGLU); calling again with
+    ``*ForSequenceClassification``, a wrapper of one), weights kept.  Each flag (keyword-only,
+    default True; the op registry's ``FLAGS``) turns one kernel family on or off (``swiglu`` covers the gated MLP, SwiGLU or Gemma's GeGLU); calling again with
     other flags re-patches from the original classes (``apply_kernels(m, rms_norm=False,
     swiglu=False, rope=False, attention=False, cross_entropy=False)`` restores the eager model).
 
@@ -135,8 +135,11 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    enabled = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope, "attention": attention,
-               "cross_entropy": cross_entropy}
+    unknown = [name for name in flags if name not in FLAGS]
+    if unknown:
+        raise TypeError(f"apply_kernels() got an unexpected keyword argument {unknown[0]!r} "
+                        f"(its flags: {', '.join(FLAGS)})")
+    enabled = {flag: flags.get(flag, True) for flag in FLAGS}
     for name, value in enabled.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
@@ -175,6 +178,13 @@ def apply_kernels(model, *, rms_norm: bool = True, swiglu: bool = True, rope: bo
     if unsupported or off_device:
         warnings.warn(_eager_modules_message(unsupported, off_device), KernelFallbackWarning, stacklevel=2)
     return model
+
+
+
+# The flags are the op registry's (``registry.FLAGS``): the signature says so to help() and IDEs.
+apply_kernels.__signature__ = inspect.Signature(
+    [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [inspect.Parameter(flag, inspect.Parameter.KEYWORD_ONLY, default=True) for flag in FLAGS])
 
 
 def _dtype_unsupported(module: torch.nn.Module) -> Optional[str]:

@@ -107,16 +107,21 @@ def _masked_attention(q, k, v, visible, sm_scale, rows_may_be_empty, softcap=Non
     return torch.matmul(p.to(q.dtype), v)
 
 
-def attention(q, k, v, causal=True, sm_scale=None, window=None, softcap=None):
-    """Softmax attention with grouped-query heads, the math of transformers' eager attention.
+def flash_attention(q, k, v, causal=True, sm_scale=None, window=None, softcap=None, *, cu_seqlens_q=None,
+                    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Softmax attention with grouped-query heads, the math of transformers' eager attention: the
+    eager twin of ``ops.attention.flash_attention`` (same arguments).
 
     ``q (B, Hq, Tq, D)``, ``k, v (B, Hk, Tk, D)``, ``Hq % Hk == 0``; query head ``h`` reads KV head
     ``h // (Hq // Hk)``.  Causal masking is aligned bottom-right (``j <= i + Tk - Tq``).  Scores and
     ``p @ v`` are computed in the input dtype, the softmax in float32.  A query row that sees no key
     (``Tq > Tk``, causal) gets zeros.  ``window`` (causal only) keeps the ``window`` most recent
     visible keys, ``j > i + Tk - Tq - window``; ``softcap`` turns the scaled scores into
-    ``softcap * tanh(scores / softcap)`` (Gemma 2).
+    ``softcap * tanh(scores / softcap)`` (Gemma 2).  With ``cu_seqlens_q``: packed sequences, as
+    :func:`varlen_attention`.
     """
+    if cu_seqlens_q is not None:  # packed sequences (the maximum lengths only spare the kernel a sync)
+        return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale, window, softcap)
     if window is not None and not causal:
         raise ValueError("window (sliding-window attention) needs causal=True")
     visible = causal_mask(q.shape[2], k.shape[2], q.device, window) if causal else None
@@ -124,9 +129,9 @@ def attention(q, k, v, causal=True, sm_scale=None, window=None, softcap=None):
                              softcap=softcap)
 
 
-def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=None, cache_leftpad=None,
-                                 window=None, softcap=None):
-    """``attention`` of ``q (B, Hq, Tq, D)`` over the first ``cache_seqlens[b]`` keys of each row of
+def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, cache_leftpad=None, window=None,
+                 softcap=None):
+    """``flash_attention`` of ``q (B, Hq, Tq, D)`` over the first ``cache_seqlens[b]`` keys of each row of
     a preallocated cache ``k_cache, v_cache (B, Hk, Tmax, D)``: the eager twin of
     ``ops.attention.flash_decode``.
 
@@ -135,8 +140,8 @@ def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=No
     query that sees no key gets zeros.  With ``cache_leftpad (B,)`` row ``b``'s first
     ``cache_leftpad[b]`` keys are padding (a left-padded batch) and stay invisible too.  With
     ``window`` query ``i`` (at slot ``L_b - Tq + i``) sees only keys ``j > L_b - Tq + i - window``;
-    ``softcap`` as in ``attention``.  The mask is built on the device from the lengths (no host
-    synchronisation), so a CUDA graph can capture this op too.  Precision as in ``attention``.
+    ``softcap`` as in ``flash_attention``.  The mask is built on the device from the lengths (no host
+    synchronisation), so a CUDA graph can capture this op too.  Precision as in ``flash_attention``.
     """
     seq_q, seq_k = q.shape[2], k_cache.shape[2]
     lengths = cache_seqlens.to(torch.long).clamp(0, seq_k).view(-1, 1, 1, 1)
@@ -152,12 +157,12 @@ def attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale=No
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_scale=None, window=None,
                      softcap=None):
-    """``attention`` of packed sequences: the eager twin of ``flash_attention(..., cu_seqlens_q=...)``.
+    """``flash_attention`` of packed sequences (``flash_attention(..., cu_seqlens_q=...)`` calls it).
 
     ``q (1, Hq, total_q, D)``, ``k, v (1, Hk, total_k, D)``; pair ``i`` attends
     ``q[:, :, cu_q[i]:cu_q[i+1]]`` to ``k, v[:, :, cu_k[i]:cu_k[i+1]]`` only (``cu_seqlens_k``
     defaults to ``cu_seqlens_q``), causal bottom-right within the pair (``window`` and ``softcap``
-    as in ``attention``, within the pair too).  Query rows outside every sequence, and queries that
+    as in ``flash_attention``, within the pair too).  Query rows outside every sequence, and queries that
     see no key, get zeros.  Reads the offsets on the host.
     """
     cu_q = cu_seqlens_q.tolist()
@@ -173,7 +178,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, causal=True, sm_s
             pieces.append(zeros(q0 - row))
         if q1 > q0:
             if k1 > k0:
-                pieces.append(attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal, sm_scale,
+                pieces.append(flash_attention(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], causal, sm_scale,
                                         window, softcap))
             else:
                 pieces.append(zeros(q1 - q0))
@@ -204,3 +209,8 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     loss = F.cross_entropy(logits.to(loss_dtype).reshape(-1, weight.shape[0]), target.reshape(-1),
                            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
     return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# The names these twins had before they were named after their ops.
+attention = flash_attention
+attention_with_cache_lengths = flash_decode

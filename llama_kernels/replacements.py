@@ -13,14 +13,14 @@ from typing import Callable, Optional
 import torch
 
 from . import model as reference_model
-from .ops import attention as attention_kernels, rope as rope_kernel
+from .ops import attention as attention_ops, registry, rope as rope_ops
 from .ops.attention import flash_attention, flash_decode
 from .ops.cross_entropy import fused_linear_cross_entropy
+from .ops.glu import gated_linear, geglu, swiglu
 from .ops.rms_norm import MAX_HIDDEN as RMS_NORM_MAX_HIDDEN, rms_norm
 from .ops.rope import apply_rotary
-from .ops.swiglu import gated_linear, geglu, swiglu
 
-FLAGS = ("rms_norm", "swiglu", "rope", "attention", "cross_entropy")
+FLAGS = registry.FLAGS  # apply_kernels' keywords: one per op family of the registry
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,16 @@ def outermost_pretrained(model: torch.nn.Module) -> list:
 
 def attention_head_dim_unsupported(module) -> Optional[str]:
     d = module.head_dim
-    if attention_kernels.supports_head_dim(d):
+    if attention_ops.supports_head_dim(d):
         return None
-    return f"head_dim {d} (the attention kernel takes multiples of 16 up to {attention_kernels.MAX_HEAD_DIM})"
+    return f"head_dim {d} (the attention kernel takes multiples of 16 up to {attention_ops.MAX_HEAD_DIM})"
 
 
 def rope_head_dim_unsupported(module) -> Optional[str]:
     d = module.head_dim
-    if rope_kernel.supports_head_dim(d):
+    if rope_ops.supports_rotary_dim(d):
         return None
-    return f"head_dim {d} (the RoPE kernel takes even head dims up to {rope_kernel.MAX_HEAD_DIM})"
+    return f"head_dim {d} (the RoPE kernel takes even head dims up to {rope_ops.MAX_ROTARY_DIM})"
 
 
 def rms_norm_size_unsupported(module) -> Optional[str]:
@@ -90,7 +90,7 @@ def rms_norm_size_unsupported(module) -> Optional[str]:
 
 def gated_down_projection(down_proj: torch.nn.Module, gate, up, *, gelu: bool = False):
     """``down_proj(act(gate) * up)``, the end of every patched gated MLP: through
-    :func:`~llama_kernels.ops.swiglu.gated_linear` where ``down_proj`` is a plain ``nn.Linear``
+    :func:`~llama_kernels.ops.glu.gated_linear` where ``down_proj`` is a plain ``nn.Linear``
     without hooks of its own (its ``tokens x intermediate`` input is then recomputed in the
     backward instead of kept: the same gradients, bit for bit); any other module (a LoRA layer, a
     quantised linear, one with hooks or with a forward of its own: accelerate's offloading binds one

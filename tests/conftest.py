@@ -24,6 +24,13 @@ def device():
     return DEVICE
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "latest_only: left out of the oldest-release job (`make test-oldest`: -m 'not latest_only'): "
+                   "it repeats, at the price of a real model in the interpreter, a path the rest of that job "
+                   "covers, or only runs kernels (the same Triton code under either torch)")
+
+
 def pytest_report_header(config):
     where = torch.cuda.get_device_name() if ON_GPU else "CPU, Triton interpreter"
     return f"llama_kernels tests on {where}"

@@ -3,9 +3,20 @@ small helpers re-exported here, live in llama_kernels.oracle, which `llama-kerne
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from llama_kernels.oracle import as_tuple, error_bound, grads, leaf, max_error  # noqa: F401 (re-exported)
+from llama_kernels.ops import registry
+from llama_kernels.oracle import (as_tuple, check_backward, check_forward, compare, error_bound, grads,  # noqa: F401
+                                  leaf, max_error)
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPES = list(registry.DTYPES.values())
+# apply_kernels(..., **ALL_OFF) restores the eager model.
+ALL_OFF = dict.fromkeys(registry.FLAGS, False)
+
+
+def launched_flags(among=registry.FLAGS) -> set:
+    """The ``apply_kernels`` flags (of ``among``) whose kernels ``LAUNCHES`` has counted."""
+    from llama_kernels.ops.common import LAUNCHES
+
+    return {flag for flag in map(registry.flag_of_kernel, LAUNCHES) if flag in among}
 
 
 def assert_like_eager(name, out, oracle, eager, floor=None):
@@ -14,36 +25,28 @@ def assert_like_eager(name, out, oracle, eager, floor=None):
     ``eager`` is the reference op run at ``out``'s precision: the error a user already accepts.
     The floor (1e-6 of the output's scale) only matters where eager is exact to the last bit.
     """
-    assert out.shape == oracle.shape, f"{name}: shape {tuple(out.shape)} != {tuple(oracle.shape)}"
-    assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != eager's {eager.dtype}"
-    assert torch.isfinite(out).all(), f"{name}: non-finite values"
-    err, eager_err, bound = max_error(out, oracle), max_error(eager, oracle), error_bound(oracle, eager, floor)
-    assert err <= bound, (
-        f"{name}: error {err:.3g} vs float64 exceeds 2 x eager's {eager_err:.3g} + {bound - 2 * eager_err:.2g}"
-    )
+    comparison = compare(name, out, oracle, eager, floor)
+    assert comparison.ok, comparison.describe()
+
+
+def assert_all_pass(name, result):
+    """Every comparison of one oracle check (:class:`~llama_kernels.oracle.CheckResult`) passes
+    (the message names the first that does not); returns the kernel's outputs."""
+    for comparison in result.comparisons:
+        assert comparison.ok, f"{name} {comparison.describe()}"
+    return result.outputs
 
 
 def check_against_oracle(name, kernel_fn, reference_fn, inputs, backward=True):
     """Check ``kernel_fn(*inputs)`` and its gradients against ``reference_fn`` by the 2x rule.
 
     ``reference_fn`` runs twice: on copies of ``inputs`` at their own precision (eager) and on
-    float64 copies (the oracle).  Every input is differentiated; strides are kept, so a
-    non-contiguous input stays non-contiguous for the kernel.
+    float64 copies (the oracle).  Every input is differentiated (with ``backward=False``, only
+    the training forward's outputs are compared); strides are kept, so a
+    non-contiguous input stays non-contiguous for the kernel.  The loop is the oracle's
+    (:func:`llama_kernels.oracle.check_backward`), the one ``llama-kernels check`` runs.
     """
-    k_in = [leaf(t) for t in inputs]
-    e_in = [leaf(t) for t in inputs]
-    o_in = [leaf(t, torch.float64) for t in inputs]
-    k_out, e_out, o_out = as_tuple(kernel_fn(*k_in)), as_tuple(reference_fn(*e_in)), as_tuple(reference_fn(*o_in))
-    assert len(k_out) == len(o_out), f"{name}: {len(k_out)} outputs, reference has {len(o_out)}"
-    for i, (k, e, o) in enumerate(zip(k_out, e_out, o_out)):
-        assert_like_eager(f"{name} output {i}", k, o, e)
-    if not backward:
-        return k_out
-    cots = [torch.randn(o.shape, device=o.device).to(e.dtype) for o, e in zip(o_out, e_out)]
-    k_g, e_g, o_g = grads(k_out, k_in, cots), grads(e_out, e_in, cots), grads(o_out, o_in, cots)
-    for i, (k, e, o) in enumerate(zip(k_g, e_g, o_g)):
-        assert_like_eager(f"{name} grad of input {i}", k, o, e)
-    return k_out
+    return assert_all_pass(name, check_backward(kernel_fn, reference_fn, inputs, gradients=backward))
 
 
 class OpOutputs(TorchDispatchMode):

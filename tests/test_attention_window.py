@@ -32,7 +32,7 @@ def check(name, q, k, v, window, softcap, backward=True, **kwargs):
     return check_against_oracle(
         name,
         lambda q, k, v: flash_attention(q, k, v, True, window=window, softcap=softcap, **kwargs),
-        lambda q, k, v: reference.attention(q, k, v, True, None, window, softcap),
+        lambda q, k, v: reference.flash_attention(q, k, v, True, None, window, softcap),
         [q, k, v], backward=backward,
     )
 
@@ -171,9 +171,9 @@ def test_decode_path(tq, window, softcap, dtype, device):
     with torch.no_grad():
         out = flash_attention(q, k, v, window=window, softcap=softcap)
     assert LAUNCHES["attention_decode_split_kernel"] == 1 and LAUNCHES["attention_decode_combine_kernel"] == 1
-    oracle = reference.attention(q.double(), k.double(), v.double(), True, None, window, softcap)
+    oracle = reference.flash_attention(q.double(), k.double(), v.double(), True, None, window, softcap)
     assert_like_eager(f"decode window {tq} {window} {softcap} {dtype}", out, oracle,
-                      reference.attention(q, k, v, True, None, window, softcap))
+                      reference.flash_attention(q, k, v, True, None, window, softcap))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -192,9 +192,9 @@ def test_flash_decode(dtype, device):
         with torch.no_grad():
             out = flash_decode(q, k, v, lengths, cache_leftpad=leftpad, window=window, softcap=softcap)
         args = (lengths, None, leftpad, window, softcap)
-        oracle = reference.attention_with_cache_lengths(q.double(), k.double(), v.double(), *args)
+        oracle = reference.flash_decode(q.double(), k.double(), v.double(), *args)
         assert_like_eager(f"flash_decode window {window} softcap {softcap} {dtype}", out, oracle,
-                          reference.attention_with_cache_lengths(q, k, v, *args))
+                          reference.flash_decode(q, k, v, *args))
         assert torch.equal(out[3, :, 0], torch.zeros_like(out[3, :, 0]))
 
 
@@ -264,7 +264,7 @@ def test_bad_arguments(device):
     with pytest.raises(ValueError, match="window .* needs causal=True"):
         flash_attention(q, k, v, causal=False, window=4)
     with pytest.raises(ValueError, match="window .* needs causal=True"):
-        reference.attention(q, k, v, False, None, 4)
+        reference.flash_attention(q, k, v, False, None, 4)
     # numpy-style integers are ints; the defaults cost nothing (same bits as before).
     torch.testing.assert_close(flash_attention(q, k, v, window=torch.tensor(3).numpy()[()]),
                                flash_attention(q, k, v, window=3), rtol=0, atol=0)

@@ -8,6 +8,7 @@ import llama_kernels
 from llama_kernels import cli
 
 
+@pytest.mark.latest_only
 def test_check_passes_on_this_device(capsys):
     # float32 and bfloat16 (the interpreter's hard case); float16 is the op tests' (and the GPU's)
     assert cli.main(["check", "--dtypes", "fp32,bf16"]) == 0
@@ -20,6 +21,7 @@ def test_check_passes_on_this_device(capsys):
     assert lines[-1].startswith(f"check: {len(cli.CHECK_OPS) * 2 * 2} passed, 0 failed on ")
 
 
+@pytest.mark.latest_only
 def test_check_at_the_llama3_8b_shape(capsys, monkeypatch):
     """The GPU session's check (benchmarks/gpu_session.sh: --shape llama3-8b --dtypes fp16,bf16) with
     its widths and heads, here on 3 tokens so that the interpreter is quick, and a smaller
@@ -60,6 +62,7 @@ def test_check_exits_1_on_a_failure(monkeypatch, capsys):
     assert capsys.readouterr().out.splitlines()[-1].startswith("check: 1 passed, 1 failed on ")
 
 
+@pytest.mark.latest_only
 def test_generate_with_smollm2(capsys):
     pytest.importorskip("gguf")
     try:

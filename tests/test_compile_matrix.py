@@ -18,7 +18,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "compile_matrix.py"
 TARGETS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120", "gfx942", "gfx90a", "gfx950")
 KERNELS = {
-    "rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "rms_norm_dw_kernel", "swiglu_fwd_kernel", "swiglu_bwd_kernel",
+    "rms_norm_fwd_kernel", "rms_norm_bwd_kernel", "rms_norm_dw_kernel", "glu_fwd_kernel", "glu_bwd_kernel",
     "rope_kernel", "attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dq_kernel",
     "attention_bwd_dkdv_kernel", "attention_bwd_fused_kernel", "attention_bwd_reduce_kernel",
     "attention_decode_split_kernel", "attention_decode_combine_kernel", "cross_entropy_fwd_kernel",

@@ -44,9 +44,9 @@ def check_flash_decode(name, q, k_cache, v_cache, cache_seqlens):
     LAUNCHES.clear()
     out = flash_decode(q, k_cache, v_cache, cache_seqlens)
     assert LAUNCHES[SPLIT] == 1 and LAUNCHES["attention_fwd_kernel"] == 0, dict(LAUNCHES)
-    oracle = reference.attention_with_cache_lengths(q.double(), k_cache.double(), v_cache.double(),
+    oracle = reference.flash_decode(q.double(), k_cache.double(), v_cache.double(),
                                                      cache_seqlens)
-    eager = reference.attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens)
+    eager = reference.flash_decode(q, k_cache, v_cache, cache_seqlens)
     assert_like_eager(name, out, oracle, eager)
     return out
 
@@ -143,7 +143,7 @@ def test_fallback_without_triton(monkeypatch):
     with pytest.warns(KernelFallbackWarning, match="flash_decode"):
         out = flash_decode(q, k_cache, v_cache, lengths)
     assert not LAUNCHES
-    assert torch.equal(out, reference.attention_with_cache_lengths(q, k_cache, v_cache, lengths))
+    assert torch.equal(out, reference.flash_decode(q, k_cache, v_cache, lengths))
 
 
 # ------------------------------------------------------------------------------------------------

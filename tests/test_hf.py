@@ -128,7 +128,7 @@ def test_smollm2_training_step(smollm2, device):
     ids = tok(PROMPTS[1] + " return n if n < 2 else", return_tensors="pt").input_ids.to(device)
     LAUNCHES.clear()
     assert_same_training_step(model, patched, ids)
-    assert {"attention_fwd_kernel", "rms_norm_bwd_kernel", "swiglu_bwd_kernel"} <= set(LAUNCHES)
+    assert {"attention_fwd_kernel", "rms_norm_bwd_kernel", "glu_bwd_kernel"} <= set(LAUNCHES)
     assert any("attention_bwd" in name for name in LAUNCHES)
 
 
@@ -215,13 +215,13 @@ def test_tiny_hf_accelerate_hooks_keep_the_kernels(tiny, device):
     with torch.no_grad():
         LAUNCHES.clear()
         assert relative_error(model(ids).logits, expected) <= 1e-4
-    assert LAUNCHES["swiglu_fwd_kernel"] == 2, dict(LAUNCHES)
+    assert LAUNCHES["glu_fwd_kernel"] == 2, dict(LAUNCHES)
     remove_hook_from_module(model.model.layers[0].mlp)  # leaves the bound forward on the instance
     lk.apply_kernels(model, swiglu=False)
     with torch.no_grad():
         LAUNCHES.clear()
         assert relative_error(model(ids).logits, expected) <= 1e-4
-    assert "swiglu_fwd_kernel" not in LAUNCHES and kernel_summary(model)["swiglu"] == 0
+    assert "glu_fwd_kernel" not in LAUNCHES and kernel_summary(model)["swiglu"] == 0
 
 
 def test_tiny_hf_float64_stays_eager(tiny, device):

@@ -382,7 +382,7 @@ def assert_kernels_ran_chunked(layers):
     """48 tokens in 5 chunks per MLP, each run by the kernel in the forward, in the checkpoint's
     recompute and in the chunked backward's, then differentiated by it; the attention runs its
     training kernels (not its forward-only decode path, which a forward without grad would take)."""
-    assert LAUNCHES["swiglu_bwd_kernel"] == layers * 5 and LAUNCHES["swiglu_fwd_kernel"] >= layers * 5 * 3
+    assert LAUNCHES["glu_bwd_kernel"] == layers * 5 and LAUNCHES["glu_fwd_kernel"] >= layers * 5 * 3
     assert LAUNCHES["attention_fwd_kernel"] == layers * 2 and not [k for k in LAUNCHES if "decode" in k]
 
 

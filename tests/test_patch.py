@@ -8,11 +8,10 @@ import llama_kernels as lk
 from llama_kernels.model import Llama, LlamaConfig
 from llama_kernels.ops.common import LAUNCHES, KernelFallbackWarning
 from llama_kernels.patch import kernel_summary
-from helpers import max_error
+from helpers import ALL_OFF, max_error
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False, cross_entropy=False)
 
 
 @pytest.fixture

@@ -47,7 +47,7 @@ def _op_inputs(device, dtype=torch.float16):
         "swiglu": (lk.swiglu, reference.swiglu, [x, torch.randn_like(x)]),
         "apply_rotary": (lambda q, k: lk.apply_rotary(q, k, cos, sin),
                          lambda q, k: reference.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype)), [q, k]),
-        "flash_attention": (lk.flash_attention, reference.attention, [q, k, v]),
+        "flash_attention": (lk.flash_attention, reference.flash_attention, [q, k, v]),
     }
 
 
@@ -79,7 +79,7 @@ def test_attention_large_logits_finite_and_accurate(device):
     q = torch.randn(1, 2, 20, 64, device=device) * 12.0  # scores ~ 1e4 after scaling
     k = torch.randn(1, 2, 20, 64, device=device) * 12.0
     v = torch.randn(1, 2, 20, 64, device=device)
-    check_against_oracle("attention large logits", lk.flash_attention, reference.attention, [q, k, v])
+    check_against_oracle("attention large logits", lk.flash_attention, reference.flash_attention, [q, k, v])
 
 
 def test_attention_rows_without_keys_are_zero(device):
@@ -123,7 +123,7 @@ def test_cpu_without_interpreter_falls_back_with_one_warning():
             "rms_norm": ((x, w), reference.rms_norm),
             "swiglu": ((x, x), reference.swiglu),
             "apply_rotary": ((q, k, cos, cos), reference.apply_rotary),
-            "flash_attention": ((q, k, k), reference.attention),
+            "flash_attention": ((q, k, k), reference.flash_attention),
         }
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
@@ -205,7 +205,7 @@ def test_fuzz_attention(b, hk, group, tq, extra, d, dtype, causal, device):
     q = torch.randn(b, tq, hk * group, d, device=device, dtype=dtype).transpose(1, 2)
     k, v = torch.randn(2, b, tk, hk, d, device=device, dtype=dtype).transpose(2, 3).unbind(0)
     check_against_oracle("flash_attention", lambda q, k, v: lk.flash_attention(q, k, v, causal=causal),
-                         lambda q, k, v: reference.attention(q, k, v, causal=causal), [q, k, v])
+                         lambda q, k, v: reference.flash_attention(q, k, v, causal=causal), [q, k, v])
 
 
 # --- autocast and mixed dtypes -----------------------------------------------------------------
@@ -246,12 +246,12 @@ def _autocast_cases(device):
                          lambda x, p, c, s: reference.apply_rotary(*_heads(F.linear(x, p)), c, s),
                          [randn(2, 7, 64), proj, cos, sin], True),
         # float32 q, k with a half v: all cast to the autocast dtype, as SDPA / matmul cast them
-        "flash_attention": (split(lk.flash_attention), split(reference.attention),
+        "flash_attention": (split(lk.flash_attention), split(reference.flash_attention),
                             [qk, randn(2, 2, 7, 32, dtype=torch.bfloat16)], True),
-        "flash_attention_decode_path": (lk.flash_attention, reference.attention,
+        "flash_attention_decode_path": (lk.flash_attention, reference.flash_attention,
                                         [randn(2, 4, 1, 32), k_cache, v_cache], False),
         "flash_decode": (lambda q, k, v: flash_decode(q, k, v, lengths),
-                         lambda q, k, v: reference.attention_with_cache_lengths(q, k, v, lengths),
+                         lambda q, k, v: reference.flash_decode(q, k, v, lengths),
                          [randn(2, 4, 1, 32), k_cache, v_cache], False),
     }
 

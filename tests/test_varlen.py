@@ -207,9 +207,9 @@ def test_flash_decode_left_padding(device):
     LAUNCHES.clear()
     out = flash_decode(q, k, v, lengths, cache_leftpad=pad)
     assert LAUNCHES["attention_decode_split_kernel"] == 1
-    expected = reference.attention_with_cache_lengths(q.double(), k.double(), v.double(), lengths,
+    expected = reference.flash_decode(q.double(), k.double(), v.double(), lengths,
                                                       cache_leftpad=pad)
-    eager = reference.attention_with_cache_lengths(q, k, v, lengths, cache_leftpad=pad)
+    eager = reference.flash_decode(q, k, v, lengths, cache_leftpad=pad)
     err, eager_err = (out.double() - expected).abs().max(), (eager.double() - expected).abs().max()
     assert err <= 2 * eager_err + 1e-6
     with pytest.raises(ValueError, match="cache_leftpad must have shape"):

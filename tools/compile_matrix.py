@@ -48,6 +48,7 @@ from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llama_kernels.ops import registry  # noqa: E402
 from llama_kernels.ops.device import PUBLISHED_LIMITS  # noqa: E402
 
 # target -> (backend, arch as GPUTarget takes it, warp size, GPUs); limits: PUBLISHED_LIMITS.
@@ -68,7 +69,7 @@ MAX_THREADS = 1024
 # choices, per target.  sm_90 holds every candidate to zero.  Elsewhere 16 bytes (two 8-byte
 # values): Triton 3.9's ptxas (CUDA 12.9/13) spills 8 bytes in a few decode specialisations on
 # sm_80 that Triton 3.6's compiles clean; everything else is at zero on both.
-NO_SPILL = ("rms_norm_", "swiglu_", "rope_", "attention_", "cross_entropy_")
+NO_SPILL = registry.KERNEL_PREFIXES  # every op's kernels
 SPILL_BOUND = {name: 0 if name == "sm_90" else 16 for name in TARGETS}
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
@@ -430,10 +431,10 @@ def run_target(target, which):
     driver.set_active(StandInDriver(target))
     JITFunction.run = compile_only
     import llama_kernels as lk
-    from llama_kernels.ops import cross_entropy, rms_norm, rope, swiglu
+    from llama_kernels.ops import cross_entropy, glu, rms_norm, rope
     from llama_kernels.ops.attention import interface
 
-    for module in (interface, cross_entropy, rms_norm, rope, swiglu):
+    for module in (interface, cross_entropy, glu, rms_norm, rope):
         module.use_triton = lambda op, device: True  # CPU tensors, compiled for the GPU
     (compile_full if which == "full" else compile_ci)(lk)
     return 1 if report(target) else 0

@@ -42,12 +42,12 @@ import triton.language as tl
 from .. import reference
 from .common import INTERPRET, cast_rne, check_same, check_tensor, compilable, count_launch, use_triton
 
-MAX_HEAD_DIM = 256
+MAX_ROTARY_DIM = 256
 
 
-def supports_head_dim(head_dim: int) -> bool:
-    """Whether the kernel rotates ``head_dim``: even (pairs), from 2 to ``MAX_HEAD_DIM``."""
-    return head_dim % 2 == 0 and 0 < head_dim <= MAX_HEAD_DIM
+def supports_rotary_dim(head_dim: int) -> bool:
+    """Whether the kernel rotates ``head_dim``: even (pairs), from 2 to ``MAX_ROTARY_DIM``."""
+    return head_dim % 2 == 0 and 0 < head_dim <= MAX_ROTARY_DIM
 
 
 @triton.jit
@@ -288,8 +288,8 @@ def apply_rotary(q, k, cos, sin, interleaved=False):
         )
     if dim % 2 or dim == 0:
         raise ValueError(f"q's head dim D must be even and positive for the rotation, got {dim}")
-    if dim > MAX_HEAD_DIM:
-        raise ValueError(f"q's head dim D must be <= {MAX_HEAD_DIM}, got {dim}")
+    if dim > MAX_ROTARY_DIM:
+        raise ValueError(f"q's head dim D must be <= {MAX_ROTARY_DIM}, got {dim}")
     check_same("dtype", q=q, k=k)
     check_same("device", q=q, k=k)
     _check_cos_sin("cos", cos, q)

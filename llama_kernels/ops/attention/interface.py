@@ -104,7 +104,7 @@ def flash_attention(q, k, v, causal=True, sm_scale=None, *, cu_seqlens_q=None, c
         if varlen:
             return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, sm_scale,
                                               *eager_options)
-        return reference.attention(q, k, v, causal, sm_scale, *eager_options)
+        return reference.flash_attention(q, k, v, causal, sm_scale, *eager_options)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     group = q.shape[1] // k.shape[1]
     if decode.use_decode(max_seqlen_q if varlen else q.shape[2], group, needs_grad):
@@ -151,7 +151,7 @@ def flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale=None, *, cache_lef
     window, softcap = validate_window_softcap(window, softcap, True)
     validate_cache_lengths(q, k_cache, v_cache, cache_seqlens, cache_leftpad, decode.DECODE_MAX_ROWS)
     if not use_triton("flash_decode", q.device):
-        return reference.attention_with_cache_lengths(q, k_cache, v_cache, cache_seqlens, sm_scale,
-                                                      cache_leftpad, window or None, softcap or None)
+        return reference.flash_decode(q, k_cache, v_cache, cache_seqlens, sm_scale, cache_leftpad,
+                                      window or None, softcap or None)
     return decode.attention_decode(q, k_cache, v_cache, True, sm_scale, cache_seqlens, cache_leftpad,
                                    window, softcap)

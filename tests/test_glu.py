@@ -5,7 +5,7 @@ import torch
 
 from llama_kernels import geglu, reference, swiglu
 from llama_kernels.ops.common import LAUNCHES
-from llama_kernels.ops.swiglu import geglu_bwd, geglu_fwd, swiglu_bwd, swiglu_fwd
+from llama_kernels.ops.glu import geglu_bwd, geglu_fwd, swiglu_bwd, swiglu_fwd
 from helpers import DTYPES, assert_like_eager, check_against_oracle
 
 # LLaMA intermediate sizes (small model, odd width, 7B, 8B); few rows: the interpreter is slow.
@@ -24,7 +24,7 @@ def test_swiglu_matches_oracle(dtype, width, device):
     LAUNCHES.clear()
     gate, up = _inputs((WIDTHS[width], width), dtype, device)
     check_against_oracle("swiglu", swiglu, reference.swiglu, [gate, up])
-    assert LAUNCHES["swiglu_fwd_kernel"] == 1 and LAUNCHES["swiglu_bwd_kernel"] == 1
+    assert LAUNCHES["glu_fwd_kernel"] == 1 and LAUNCHES["glu_bwd_kernel"] == 1
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,7 +87,7 @@ def test_kernels_launch(device):
     gate, up = _inputs((3, 64), torch.float32, device)
     gate.requires_grad_()
     swiglu(gate, up).sum().backward()
-    assert LAUNCHES["swiglu_fwd_kernel"] == 1 and LAUNCHES["swiglu_bwd_kernel"] == 1
+    assert LAUNCHES["glu_fwd_kernel"] == 1 and LAUNCHES["glu_bwd_kernel"] == 1
 
 
 @pytest.mark.parametrize("shape", [(0, 1000), (2, 0, 64), (3, 0)])
@@ -134,7 +134,7 @@ def test_custom_ops_and_torch_compile(device):
     LAUNCHES.clear()
     compiled = torch.compile(mlp_activation, backend="aot_eager", fullgraph=True)
     (d_compiled,) = torch.autograd.grad(compiled(gu).sum(), gu)
-    assert LAUNCHES["swiglu_fwd_kernel"] == 1 and LAUNCHES["swiglu_bwd_kernel"] == 1
+    assert LAUNCHES["glu_fwd_kernel"] == 1 and LAUNCHES["glu_bwd_kernel"] == 1
     (d_eager,) = torch.autograd.grad(mlp_activation(gu).sum(), gu)
     torch.testing.assert_close(compiled(gu), mlp_activation(gu), rtol=0, atol=0)
     torch.testing.assert_close(d_compiled, d_eager, rtol=0, atol=0)
@@ -160,7 +160,7 @@ def test_geglu_matches_oracle(dtype, shape, device):
     LAUNCHES.clear()
     gate, up = _inputs(shape, dtype, device)
     check_against_oracle("geglu", geglu, reference.geglu, [gate, up])
-    assert LAUNCHES["swiglu_fwd_kernel"] == 1 and LAUNCHES["swiglu_bwd_kernel"] == 1
+    assert LAUNCHES["glu_fwd_kernel"] == 1 and LAUNCHES["glu_bwd_kernel"] == 1
 
 
 def test_geglu_odd_sizes_and_strided_inputs(device):
@@ -241,7 +241,7 @@ def test_geglu_layout_no_copies_and_launches(device, monkeypatch):
     y = geglu(gate, up)
     d_gate, d_up = torch.autograd.grad(y, (gate, up), torch.ones_like(y))
     monkeypatch.undo()
-    assert dict(LAUNCHES) == {"swiglu_fwd_kernel": 1, "swiglu_bwd_kernel": 1}
+    assert dict(LAUNCHES) == {"glu_fwd_kernel": 1, "glu_bwd_kernel": 1}
     assert y.is_contiguous() and y.shape == gate.shape and y.dtype == gate.dtype
     assert d_gate.is_contiguous() and d_up.is_contiguous()
 
@@ -274,7 +274,7 @@ def test_geglu_bad_arguments(device):
 
 
 def test_geglu_eager_fallback(device, monkeypatch):
-    from llama_kernels.ops import swiglu as module
+    from llama_kernels.ops import glu as module
 
     gate, up = _inputs((3, 64), torch.float32, device)
     monkeypatch.setattr(module, "use_triton", lambda op, device: False)
@@ -378,7 +378,7 @@ def test_mlp_weight_gradients_match_eager(name, dtype, device):
 
     LAUNCHES.clear()
     kernel = weight_grads(op)
-    assert LAUNCHES["swiglu_bwd_kernel"] == 1
+    assert LAUNCHES["glu_bwd_kernel"] == 1
     for grad, k, e in zip(("dWg", "dWu"), kernel, weight_grads(twin)):
         torch.testing.assert_close(k, e, rtol=1e-2, atol=1e-2, msg=lambda m: f"{name} {grad} vs eager: {m}")
 
@@ -402,7 +402,7 @@ def test_gated_linear_is_the_unfused_pair_bit_for_bit(gelu, dtype, shape, bias):
     """gated_linear = F.linear(act(gate) * up, W, b): the output and every gradient bitwise equal
     to the two ops' (gate and up the halves of one fused projection: views), while nothing of the
     gated unit's output size is saved beyond gate and up."""
-    from llama_kernels.ops.swiglu import gated_linear
+    from llama_kernels.ops.glu import gated_linear
 
     torch.manual_seed(0)
     gu = torch.randn(*shape[:-1], 2 * shape[-1], dtype=dtype)
@@ -433,7 +433,7 @@ def test_gated_linear_steps_aside_for_what_it_cannot_fuse():
     """Under autocast, or with a weight of another dtype than the product, gated_linear is the
     unfused pair (what F.linear would do: cast, or refuse); patched MLPs call a down projection
     that is not a plain nn.Linear (LoRA, hooks) as it is."""
-    from llama_kernels.ops.swiglu import GatedLinearFunction, gated_linear
+    from llama_kernels.ops.glu import GatedLinearFunction, gated_linear
     from llama_kernels.replacements import gated_down_projection
 
     gate, up = torch.randn(2, 5, 16, requires_grad=True), torch.randn(2, 5, 16)
