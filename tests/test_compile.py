@@ -77,7 +77,7 @@ def test_patched_model_compiles_to_one_graph(backend, device):
     logits, grads = loss_and_grads(twin, ids, compiled_model)
     launched = dict(LAUNCHES)
     assert_graphs(counter)
-    for kernel in ("rms_norm_fwd", "rms_norm_bwd", "swiglu_fwd", "swiglu_bwd", "rope",
+    for kernel in ("rms_norm_fwd", "rms_norm_bwd", "glu_fwd", "glu_bwd", "rope",
                    "attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"):
         assert launched.get(f"{kernel}_kernel"), f"{kernel} did not launch: {launched}"
     expected_logits, expected_grads = loss_and_grads(model, ids)

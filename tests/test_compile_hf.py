@@ -109,7 +109,7 @@ def test_patched_training_step_compiles_to_one_graph(unpatched, patched, device)
     assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
     worst = max(relative_error(p.grad, q.grad) for p, q in zip(patched.parameters(), unpatched.parameters()))
     assert worst <= 2e-3, f"worst relative gradient error {worst:.2e}"
-    for kernel in ("attention_fwd", "attention_bwd", "rms_norm_bwd", "swiglu_bwd", "rope", "cross_entropy_bwd"):
+    for kernel in ("attention_fwd", "attention_bwd", "rms_norm_bwd", "glu_bwd", "rope", "cross_entropy_bwd"):
         assert any(name.startswith(kernel) for name in LAUNCHES), kernel
 
 
