@@ -45,8 +45,9 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels.ops.common import LAUNCHES
+from llama_kernels.integrations.transformers.families import FAMILIES
 from helpers import max_error
-from test_families import FAMILIES, VOCAB, tiny_model
+from test_families import VOCAB, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -67,7 +68,7 @@ def small_model(family, device):
     grouping is the same whatever the family), the others one head.  Interpreter time goes by
     kernel launches and programs (batch x heads for attention): a patched training step takes
     ~0.5 s with 2 heads, ~0.35 s with 1."""
-    options = FAMILIES[family][2]
+    options = FAMILIES[family].features
     heads = 2 if family == "llama" else 1
     small = dict(num_attention_heads=heads, num_key_value_heads=1, num_hidden_layers=1)
     if "layer_types" in options:
