@@ -169,7 +169,7 @@ def chunked_mlp(model: torch.nn.Module, chunk_tokens: int | None = 4096) -> torc
     classes = _mlp_classes(model)
     mlps = [m for m in model.modules() if isinstance(m, classes)]
     if not mlps:
-        from .hf_family import family_names
+        from .integrations.transformers.families import family_names
 
         raise TypeError(f"model must contain the MLP modules of llama_kernels.model.Llama or of a transformers "
                         f"model of a supported family ({family_names()}); {type(model).__name__} has none")
@@ -185,7 +185,7 @@ def _mlp_classes(model) -> tuple:
     classes = [reference_model.MLP]
     # transformers' modeling modules only for a model made of them (importing them costs seconds).
     if any(cls.__module__.startswith("transformers.models.") for m in model.modules() for cls in type(m).__mro__):
-        from .hf_family import modeling_modules
+        from .integrations.transformers.families import modeling_modules
 
         classes += [getattr(modeling, family.prefix + "MLP") for family, modeling in modeling_modules().items()]
     return tuple(classes)

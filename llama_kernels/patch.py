@@ -21,12 +21,14 @@ kernel.
   so its rows (:func:`~llama_kernels.replacements.reference_model_table`) just point the slots at
   the kernels (``Llama.cross_entropy``, the LM head and loss of ``Llama.loss``, included: the
   top-level ``Llama`` gets a patched subclass too).
-* transformers (5.x): :mod:`llama_kernels.hf_family` has the rows for the decoder modules of every
-  family (LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3): ``forward`` of the RMSNorm and MLP
-  modules, a thin ``forward`` of the attention modules that turns on the RoPE kernel inside, and the
-  fused loss of :mod:`llama_kernels.hf_loss` on ``*ForCausalLM``.  Attention itself goes through
-  transformers' own extension points (:mod:`llama_kernels.hf_attention`, registered as the
-  implementation ``"llama_kernels"``, which each patched model is switched to).
+* transformers (5.x): :mod:`llama_kernels.integrations.transformers` (imported only for a model
+  built from transformers' modules).  Its ``rows`` module has the rows for the decoder modules of
+  every family (LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3, declared in its ``families``):
+  ``forward`` of the RMSNorm and MLP modules, a thin ``forward`` of the attention modules that turns
+  on the RoPE kernel inside, and the fused loss of its ``loss`` module on ``*ForCausalLM``.
+  Attention itself goes through transformers' own extension points (its ``attention`` and
+  ``mask_plan`` modules, registered as the implementation ``"llama_kernels"``, which each patched
+  model is switched to).
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def __getattr__(name: str):
 
 def _hf_rows() -> list[Replacement]:
     try:
-        from .hf_family import hf_table
+        from .integrations.transformers.rows import hf_table
     except ImportError:  # no transformers
         return []
     return hf_table()[0]
@@ -100,12 +102,12 @@ def _table_for(model: torch.nn.Module):
     classes = {original_class(m) for m in model.modules()}
     transformers_inside = any(cls.__module__.startswith("transformers.") for cls in classes)
     if transformers_inside:
-        from .hf_family import hf_table
+        from .integrations.transformers.rows import hf_table
 
         rows, finish = hf_table()
         if any(row.applies_to(cls) for row in rows for cls in classes):
             return rows, finish
-    from .hf_family import family_names
+    from .integrations.transformers.families import family_names
 
     raise TypeError(
         f"model must be a llama_kernels.model.Llama or a transformers model built from the decoder modules "
@@ -117,10 +119,12 @@ def apply_kernels(model, **flags):
     """Patch ``model`` in place to run the Triton kernels; returns ``model``.
 
     Works on :class:`llama_kernels.model.Llama` and on transformers models of the LLaMA family
-    (LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3; see :mod:`llama_kernels.hf_family`): the
-    decoder modules inside ``model`` are patched whatever its head (``*ForCausalLM``, ``*Model``,
-    ``*ForSequenceClassification``, a wrapper of one), weights kept.  Each flag (keyword-only,
-    default True; the op registry's ``FLAGS``) turns one kernel family on or off (``swiglu`` covers the gated MLP, SwiGLU or Gemma's GeGLU); calling again with
+    (LLaMA, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Phi-3; see
+    :mod:`llama_kernels.integrations.transformers.families`): the decoder modules inside ``model``
+    are patched whatever its head (``*ForCausalLM``, ``*Model``, ``*ForSequenceClassification``, a
+    wrapper of one), weights kept.  Each flag (keyword-only, default True; the op registry's
+    ``FLAGS``) turns one kernel family on or off (``swiglu`` covers the gated MLP, SwiGLU or
+    Gemma's GeGLU); calling again with
     other flags re-patches from the original classes (``apply_kernels(m, rms_norm=False,
     swiglu=False, rope=False, attention=False, cross_entropy=False)`` restores the eager model).
 
@@ -269,8 +273,8 @@ def kernel_summary(model: torch.nn.Module) -> dict[str, int]:
     run (a module offloaded by accelerate counts on its execution device), would run the kernel
     if called now (a transformers ``*ForCausalLM``'s fused loss by the test its forward makes at
     each call: not while PEFT's ``modules_to_save`` or a LoRA wraps its ``lm_head``, see
-    ``hf_loss._fused_loss_applies``), and are reached by the model's forward (of the copies a PEFT
-    ``ModulesToSaveWrapper`` holds, only the one it calls).
+    ``integrations.transformers.loss._fused_loss_applies``), and are reached by the model's forward
+    (of the copies a PEFT ``ModulesToSaveWrapper`` holds, only the one it calls).
     """
     counts = dict.fromkeys(FLAGS, 0)
     idle = _idle_modules(model)
@@ -285,11 +289,12 @@ def _runs_kernel(module: torch.nn.Module, flag: str) -> bool:
     """Whether ``module``, patched for ``flag``, runs that kernel when called now.
 
     Every row decides at patch time except the fused loss of a transformers ``*ForCausalLM``,
-    whose forward checks its LM head at each call (:func:`llama_kernels.hf_loss._fused_loss_applies`,
-    asked here too); the reference model's ``Llama.loss`` always runs it.
+    whose forward checks its LM head at each call
+    (:func:`llama_kernels.integrations.transformers.loss._fused_loss_applies`, asked here too); the
+    reference model's ``Llama.loss`` always runs it.
     """
     if flag == "cross_entropy" and not isinstance(module, reference_model.Llama):
-        from .hf_loss import _fused_loss_applies
+        from .integrations.transformers.loss import _fused_loss_applies
 
         return _fused_loss_applies(module)
     return True

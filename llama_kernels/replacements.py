@@ -1,8 +1,9 @@
 """The rows of ``apply_kernels``' table: what a row is, the checks rows share, the reference model's rows.
 
 A :class:`Replacement` names a flag (a keyword of ``apply_kernels``), the module class it applies to
-and the class attributes to override.  The transformers rows live in :mod:`llama_kernels.hf_family`;
-both import from here, and :mod:`llama_kernels.patch` applies them.
+and the class attributes to override.  The transformers rows live in
+:mod:`llama_kernels.integrations.transformers.rows`; both import from here, and
+:mod:`llama_kernels.patch` applies them.
 """
 from __future__ import annotations
 

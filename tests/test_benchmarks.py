@@ -606,7 +606,7 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
     def lce_forward(self, **kwargs):
         pass
 
-    rope.__module__, rope.__qualname__ = "llama_kernels.hf_family", "rope"
+    rope.__module__, rope.__qualname__ = "llama_kernels.integrations.transformers.rows", "rope"
     lce_forward.__module__ = "liger_kernel.transformers.model.qwen3"
     before = set(isolated.patches_present())  # other tests of this process may have patched already
     monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", rope)
@@ -614,16 +614,16 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
     monkeypatch.setitem(AttentionInterface._global_mapping, "llama_kernels", rope)
     found = set(isolated.patches_present()) - before
     assert found == {
-        "transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb is llama_kernels.hf_family.rope",
+        "transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb is llama_kernels.integrations.transformers.rows.rope",
         "transformers.models.qwen3.modeling_qwen3.Qwen3ForCausalLM.forward is liger_kernel.transformers.model.qwen3's",
-        "transformers.modeling_utils.AttentionInterface._global_mapping['llama_kernels'] is llama_kernels.hf_family's",
+        "transformers.modeling_utils.AttentionInterface._global_mapping['llama_kernels'] is llama_kernels.integrations.transformers.rows's",
     }
     request, result = tmp_path / "request.json", tmp_path / "result.json"
     request.write_text(json.dumps({"name": "hf+compile", "settings": {"device": "cpu"}}))
     assert isolated.main([str(request), str(result)]) == 0
     error = json.loads(result.read_text())["error"]
     assert error.startswith("Patched: hf+compile (a compiled baseline) refused: this process has patched "
-                            "transformers (") and "apply_rotary_pos_emb is llama_kernels.hf_family.rope" in error
+                            "transformers (") and "apply_rotary_pos_emb is llama_kernels.integrations.transformers.rows.rope" in error
     monkeypatch.undo()
     assert set(isolated.patches_present()) == before
 

@@ -44,9 +44,11 @@ import pytest
 import torch
 
 import llama_kernels as lk
+from llama_kernels.ops import registry
 from llama_kernels.ops.common import LAUNCHES
-from helpers import max_error
-from test_families import FAMILIES, VOCAB, tiny_model
+from llama_kernels.integrations.transformers.families import FAMILIES
+from helpers import launched_flags, max_error
+from test_families import VOCAB, tiny_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,7 +59,7 @@ BATCHES = 4  # the data: BATCHES fixed batches, cycled, so that the loss falls (
 TOP_K = 8
 NUDGES = 8  # unpatched runs from nudged initial weights, besides the unpatched run itself
 FACTOR = 2.0  # FlashAttention's rule: at most twice the unpatched runs' error
-ALL_KERNELS = {"rms_norm", "swiglu", "rope", "attention", "cross_entropy"}
+ALL_KERNELS = set(registry.FLAGS)
 
 
 def small_model(family, device):
@@ -67,7 +69,7 @@ def small_model(family, device):
     grouping is the same whatever the family), the others one head.  Interpreter time goes by
     kernel launches and programs (batch x heads for attention): a patched training step takes
     ~0.5 s with 2 heads, ~0.35 s with 1."""
-    options = FAMILIES[family][2]
+    options = FAMILIES[family].features
     heads = 2 if family == "llama" else 1
     small = dict(num_attention_heads=heads, num_key_value_heads=1, num_hidden_layers=1)
     if "layer_types" in options:
@@ -78,8 +80,7 @@ def small_model(family, device):
 
 
 def launched_families():
-    names = " ".join(LAUNCHES)
-    return {f for f in ALL_KERNELS if f in names}
+    return launched_flags()
 
 
 # --- data -------------------------------------------------------------------------------------

@@ -9,14 +9,16 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import llama_kernels as lk
-from llama_kernels import hf_attention
+from llama_kernels.integrations.transformers import attention
+from llama_kernels.integrations.transformers.families import FAMILIES
+from llama_kernels.ops import registry
 from llama_kernels.ops.common import LAUNCHES, is_abstract
 from llama_kernels.patch import kernel_summary
 
 transformers = pytest.importorskip("transformers")
-from test_families import FAMILIES, TINY  # noqa: E402
+from test_families import TINY  # noqa: E402
 
-ALL_KERNELS = {"rms_norm", "swiglu", "rope", "attention", "cross_entropy"}
+ALL_KERNELS = set(registry.FLAGS)
 
 
 def _inputs(dtype, device="cpu"):
@@ -81,17 +83,17 @@ def test_ops_run_their_fake_implementations(kind, dtype):
 def no_fallback(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("attention fell back to transformers' own implementation")
-    monkeypatch.setattr(hf_attention, "_fallback", refuse)
+    monkeypatch.setattr(attention, "_fallback", refuse)
 
 
 def _model(family, patched=True, **overrides):
     """A tiny random model of ``family`` in training mode (built in place: under FakeTensorMode a
     module cannot be moved, its parameters cannot be swapped for fake ones)."""
-    config_name, model_name, options = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**TINY, **options, **overrides})
+    declared = FAMILIES[family]
+    config = getattr(transformers, declared.config_class)(**{**TINY, **declared.features, **overrides})
     if getattr(config, "attn_logit_softcapping", None) is not None:
         config._attn_implementation = "eager"  # as test_families: the soft-capped math is eager's
-    model = getattr(transformers, model_name)(config).train()
+    model = getattr(transformers, declared.causal_lm_class)(config).train()
     return lk.apply_kernels(model) if patched else model
 
 
@@ -118,8 +120,8 @@ def test_masks_that_need_their_values_take_the_unpatched_attention(batch, monkey
     layer runs the model's unpatched attention (with the mask transformers makes), not a kernel
     that would have had to guess."""
     calls = []
-    fallback = hf_attention._fallback
-    monkeypatch.setattr(hf_attention, "_fallback", lambda *a, **k: calls.append(1) or fallback(*a, **k))
+    fallback = attention._fallback
+    monkeypatch.setattr(attention, "_fallback", lambda *a, **k: calls.append(1) or fallback(*a, **k))
     LAUNCHES.clear()
     with FakeTensorMode():
         model = _model("llama")

@@ -8,49 +8,29 @@ import pytest
 import torch
 
 import llama_kernels as lk
-from llama_kernels import hf_attention
+from llama_kernels.integrations.transformers import attention
+from llama_kernels.integrations.transformers.families import FAMILIES
 from llama_kernels.ops.common import LAUNCHES, KernelFallbackWarning
 from llama_kernels.patch import kernel_summary
-from helpers import max_error
+from helpers import ALL_OFF, launched_flags, max_error
 
 transformers = pytest.importorskip("transformers")
 
-WINDOW = 5  # shorter than every input below, so that sliding-window layers really slide
 VOCAB = 128
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
             eos_token_id=2)
-LAYER_TYPES = ["sliding_attention", "full_attention"]
-
-# family -> (config class, model class, config options): each family's own features switched on
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": WINDOW}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": WINDOW,
-                                                   "max_window_layers": 1}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": WINDOW,
-                                                   "max_window_layers": 1}),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"sliding_window": WINDOW, "attn_logit_softcapping": 2.0,
-                                                     "final_logit_softcapping": None, "query_pre_attn_scalar": 16,
-                                                     "layer_types": LAYER_TYPES}),
-    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": WINDOW, "query_pre_attn_scalar": 16,
-                                                         "layer_types": LAYER_TYPES}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"partial_rotary_factor": 0.5}),
-}
-SLIDING = [name for name, (_, _, options) in FAMILIES.items() if "sliding_window" in options]
-ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False, cross_entropy=False)
-
-
+SLIDING = [key for key, family in FAMILIES.items() if "sliding_window" in family.features]
 def tiny_model(family, device, **overrides):
-    config_name, model_name, options = FAMILIES[family]
-    config = getattr(transformers, config_name)(**{**TINY, **options, **overrides})
+    """A tiny random model of ``family`` (a key of ``FAMILIES``) with the family's own features on."""
+    declared = FAMILIES[family]
+    config = getattr(transformers, declared.config_class)(**{**TINY, **declared.features, **overrides})
     if getattr(config, "attn_logit_softcapping", None) is not None:
         # transformers 5.0 builds Gemma 2 with SDPA, which silently skips the soft-capping (later
         # releases refuse SDPA there): eager attention is the model's math, the kernels compute it.
         config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config).to(device).eval()
+    model = getattr(transformers, declared.causal_lm_class)(config).to(device).eval()
     with torch.no_grad():  # Gemma's norms start at zero weight (scale 1): make them matter
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -63,8 +43,7 @@ def relative_error(a, b):
 
 
 def launched_families():
-    names = " ".join(LAUNCHES)
-    return {f for f in ("rms_norm", "swiglu", "rope", "attention", "cross_entropy") if f in names}
+    return launched_flags()
 
 
 @pytest.fixture
@@ -72,7 +51,7 @@ def no_fallback(monkeypatch):
     """Fail if any attention call leaves the kernels (SDPA or eager attention)."""
     def refuse(*args, **kwargs):
         raise AssertionError("attention fell back to transformers' own implementation")
-    monkeypatch.setattr(hf_attention, "_fallback", refuse)
+    monkeypatch.setattr(attention, "_fallback", refuse)
 
 
 def loss_and_grads(model, ids, mask=None):
@@ -109,6 +88,7 @@ def test_family_logits_gradients_and_kernels(family, device, no_fallback):
     assert worst <= 1e-4, f"worst relative gradient error {worst:.2e}"
 
 
+@pytest.mark.latest_only
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_greedy_generation(family, device):
     """Past the window the sliding-window cache keeps only its last keys: those layers run
@@ -137,7 +117,7 @@ def test_sliding_window_with_padding(family, device):
     assert relative_error(got, want) <= 1e-5
     # left padding only: every layer in the kernels
     with torch.no_grad(), pytest.MonkeyPatch.context() as m:
-        m.setattr(hf_attention, "_fallback", lambda *a, **k: pytest.fail("fell back"))
+        m.setattr(attention, "_fallback", lambda *a, **k: pytest.fail("fell back"))
         got = patched(ids[[0, 2]], attention_mask=mask[[0, 2]]).logits
     assert relative_error(got, want[[0, 2]]) <= 1e-5
 

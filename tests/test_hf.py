@@ -9,19 +9,15 @@ import llama_kernels as lk
 from llama_kernels.model import Llama
 from llama_kernels.ops.common import LAUNCHES, KernelFallbackWarning
 from llama_kernels.patch import kernel_summary
-from helpers import max_error
+from helpers import ALL_OFF, launched_flags, max_error
 
 transformers = pytest.importorskip("transformers")
-ALL_OFF = dict(rms_norm=False, swiglu=False, rope=False, attention=False, cross_entropy=False)
-
-
 def relative_error(a, b):
     return max_error(a, b) / b.abs().max().item()
 
 
 def launched_families():
-    names = " ".join(LAUNCHES)
-    return {f for f in ("rms_norm", "swiglu", "rope", "attention") if f in names}
+    return launched_flags(among=("rms_norm", "swiglu", "rope", "attention"))
 
 
 def loss_and_grads(model, ids, mask=None):
@@ -123,6 +119,7 @@ def test_smollm2_logits_and_kernels_ran(smollm2, device):
     assert launched_families() == {"rms_norm", "swiglu", "rope", "attention"}
 
 
+@pytest.mark.latest_only
 def test_smollm2_training_step(smollm2, device):
     model, patched, tok = smollm2
     ids = tok(PROMPTS[1] + " return n if n < 2 else", return_tensors="pt").input_ids.to(device)
@@ -132,6 +129,7 @@ def test_smollm2_training_step(smollm2, device):
     assert any("attention_bwd" in name for name in LAUNCHES)
 
 
+@pytest.mark.latest_only
 def test_smollm2_greedy_generation_token_for_token(smollm2, device):
     model, patched, tok = smollm2
     for prompt in PROMPTS[:2]:
@@ -140,6 +138,7 @@ def test_smollm2_greedy_generation_token_for_token(smollm2, device):
         assert torch.equal(patched.generate(ids, **greedy), model.generate(ids, **greedy)), prompt
 
 
+@pytest.mark.latest_only
 def test_smollm2_padded_batch_generation(smollm2, device):
     model, patched, tok = smollm2
     tok.padding_side = "left"

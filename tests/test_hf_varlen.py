@@ -1,5 +1,5 @@
 """transformers LLaMA patched with the kernels on padded batches, KV caches and packed sequences
-(llama_kernels/hf_attention.py): the answers of the unpatched eager model at every position that
+(llama_kernels/integrations/transformers/): the answers of the unpatched eager model at every position that
 sees a real token, our attention kernel in every layer of every forward, transformers' SDPA only
 where it must run."""
 import copy
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llama_kernels as lk
-from llama_kernels import hf_attention
+from llama_kernels.integrations.transformers import attention, host_values
 from llama_kernels.ops.common import LAUNCHES
 from helpers import max_error
 
@@ -47,13 +47,13 @@ def patched(eager):
 def fallbacks(monkeypatch):
     """How many attention calls left the kernels for the model's unpatched attention (eager here)."""
     calls = []
-    fallback = hf_attention._fallback
+    fallback = attention._fallback
 
     def counting(*args, **kwargs):
         calls.append(1)
         return fallback(*args, **kwargs)
 
-    monkeypatch.setattr(hf_attention, "_fallback", counting)
+    monkeypatch.setattr(attention, "_fallback", counting)
     return calls
 
 
@@ -345,8 +345,8 @@ def test_decode_step_without_host_reads(eager, patched, device, fallbacks, monke
     step = torch.randint(1, 100, (3, 1), device=device)
     holed = torch.cat([mask, torch.ones_like(step)], dim=1)
     holed[1, 2] = 0  # row 1: a hole in the middle of its keys
-    monkeypatch.setattr(hf_attention, "_can_sync", lambda t: False)
-    monkeypatch.setattr(hf_attention, "_read", _no_reads)
+    monkeypatch.setattr(host_values, "can_read", lambda t: False)
+    monkeypatch.setattr(host_values, "read_ints", _no_reads)
     with torch.no_grad():
         for model, kw in zip((patched, eager), caches):
             if not _NEW_API:  # 5.0 guesses the static cache's length from its zero keys (padding)

@@ -12,59 +12,37 @@ than a copied forward:
 * MLP: the activation of the gated unit is read off the module (``act_fn``): SiLU runs
   ``swiglu``, GELU-tanh (Gemma's ``gelu_pytorch_tanh``) runs ``geglu``, any other stays eager.
   Phi-3 projects gate and up in one matmul (``gate_up_proj``); its halves go to the kernel as views.
-* Attention: transformers' own extension points (:mod:`llama_kernels.hf_attention`) see each
+* Attention: transformers' own extension points (:mod:`.attention`, :mod:`.mask_plan`) see each
   layer's sliding window in its mask and its ``softcap`` in the call, so Mistral's and Qwen2's
   windows, Gemma 2/3's alternating local and global layers and Gemma 2's soft-capping need no row
   option.  RoPE: a patched attention module runs its class's own forward with the kernel as
   ``apply_rotary_pos_emb`` (Phi-3's partial rotary: the kernel on the rotated slice); transformers'
   modules themselves are never changed, so other models in the process are untouched.
-* ``*ForCausalLM``: the fused loss of :mod:`llama_kernels.hf_loss`; Gemma 2's final-logit
-  soft-capping is refused at patch time (that model keeps transformers' loss).
+* ``*ForCausalLM``: the fused loss of :mod:`.loss`; Gemma 2's final-logit soft-capping is refused
+  at patch time (that model keeps transformers' loss).
 
-Rows apply to a model's modules whatever the model around them (``*ForCausalLM``, ``*Model``,
+The families themselves (names, prefixes, the two row options above) are declared in
+:mod:`.families`.  Rows apply to a model's modules whatever the model around them (``*ForCausalLM``, ``*Model``,
 ``*ForSequenceClassification``, a user's wrapper or subclass).
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import types
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .ops import rope as rope_kernel
-from .ops.rms_norm import rms_norm
-from .ops.rope import apply_rotary
-from .ops.swiglu import geglu, swiglu
-from .replacements import (Replacement, attention_head_dim_unsupported, gated_down_projection, original_class,
-                           outermost_pretrained, rms_norm_size_unsupported, rope_head_dim_unsupported)
+from ...ops import rope as rope_ops
+from ...ops.rms_norm import rms_norm
+from ...ops.rope import apply_rotary
+from ...ops.glu import geglu, swiglu
+from ...replacements import (Replacement, attention_head_dim_unsupported, gated_down_projection, original_class,
+                             outermost_pretrained, rms_norm_size_unsupported, rope_head_dim_unsupported)
+from .families import Family, modeling_modules
 
 SUPPORTED_TRANSFORMERS = (5,)  # major versions whose modules the rows below were checked on
 
-
-@dataclass(frozen=True)
-class Family:
-    """One model family: ``transformers.models.<module>.modeling_<module>`` and its class prefix."""
-
-    name: str  # as the README names it
-    module: str
-    prefix: str
-    gemma_norm: bool = False  # RMSNorm scales by (1 + weight) in float32 and rounds once
-    fused_mlp: bool = False  # one gate_up_proj matmul, chunked (Phi-3)
-
-
-FAMILIES = (
-    Family("LLaMA", "llama", "Llama"),
-    Family("Mistral", "mistral", "Mistral"),
-    Family("Qwen2", "qwen2", "Qwen2"),
-    Family("Qwen3", "qwen3", "Qwen3"),
-    Family("Gemma", "gemma", "Gemma", gemma_norm=True),
-    Family("Gemma 2", "gemma2", "Gemma2", gemma_norm=True),
-    Family("Gemma 3", "gemma3", "Gemma3", gemma_norm=True),
-    Family("Phi-3", "phi3", "Phi3", fused_mlp=True),
-)
 
 # ---------------------------------------------------------------------------------------------
 # forwards of the patched modules
@@ -159,7 +137,7 @@ def _rotary_with_kernel(original):
             rotary_dim = cos.shape[-1]
             if rotary_dim == q.shape[-1]:
                 return apply_rotary(q, k, cos, sin)
-            if rotary_dim < q.shape[-1] and rope_kernel.supports_head_dim(rotary_dim):
+            if rotary_dim < q.shape[-1] and rope_ops.supports_rotary_dim(rotary_dim):
                 # Phi-3's partial rotary: the first rotary_dim features turn, the rest pass through.
                 q_rot, k_rot = apply_rotary(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
                 return (torch.cat([q_rot, q[..., rotary_dim:]], dim=-1),
@@ -173,36 +151,27 @@ def _rotary_with_kernel(original):
 # ---------------------------------------------------------------------------------------------
 # the table
 # ---------------------------------------------------------------------------------------------
-def modeling_modules() -> dict:
-    """``{family: transformers' modeling module}`` for the families this transformers has."""
-    modules = {}
-    for family in FAMILIES:
-        try:
-            modules[family] = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
-        except ImportError:
-            continue
-    return modules
-
-
 def _family_rows(family: Family, modeling) -> list[Replacement]:
-    from . import hf_loss
+    """The rows of ``family``'s modules in its modeling module ``modeling``."""
+    from . import loss  # (imports transformers: only once there is a transformers model to patch)
 
     classes = {kind: getattr(modeling, family.prefix + kind)
                for kind in ("RMSNorm", "MLP", "Attention", "ForCausalLM")}
     norm_forward = _gemma_rms_norm_forward if family.gemma_norm else _llama_rms_norm_forward
     mlp_forward = _fused_mlp_forward if family.fused_mlp else _mlp_forward
-    causal_lm, attention = classes["ForCausalLM"], classes["Attention"]
+    causal_lm, attention_class = classes["ForCausalLM"], classes["Attention"]
     return [
         Replacement("rms_norm", classes["RMSNorm"], {"forward": norm_forward}, rms_norm_size_unsupported),
         Replacement("swiglu", classes["MLP"], {"forward": mlp_forward}, _mlp_activation_unsupported),
         # Attention runs through transformers' attention interface (switched in `_finish`): its row
         # keeps the class's own forward, which also keeps it off subclasses with another forward.
         # The RoPE row comes after it, so that with both on the forward is RoPE's.
-        Replacement("attention", attention, {"forward": attention.forward}, attention_head_dim_unsupported),
-        Replacement("rope", attention, {"forward": _forward_with_rope_kernel(attention.forward)},
+        Replacement("attention", attention_class, {"forward": attention_class.forward},
+                    attention_head_dim_unsupported),
+        Replacement("rope", attention_class, {"forward": _forward_with_rope_kernel(attention_class.forward)},
                     rope_head_dim_unsupported),
-        Replacement("cross_entropy", causal_lm, {"forward": hf_loss.causal_lm_forward(causal_lm)},
-                    hf_loss.lm_head_unsupported),
+        Replacement("cross_entropy", causal_lm, {"forward": loss.causal_lm_forward(causal_lm)},
+                    loss.lm_head_unsupported),
     ]
 
 
@@ -216,9 +185,9 @@ def hf_table() -> tuple[list[Replacement], callable]:
             f"apply_kernels supports transformers 5.x models; transformers {transformers.__version__} "
             "is installed (pip install 'transformers>=5,<6')"
         )
-    from . import hf_attention
+    from . import attention
 
-    hf_attention.register()  # inert for models that were not switched to it
+    attention.register()  # inert for models that were not switched to it
     modules = modeling_modules()
     rows = [row for family, modeling in modules.items() for row in _family_rows(family, modeling)]
     return rows, _finish
@@ -227,7 +196,7 @@ def hf_table() -> tuple[list[Replacement], callable]:
 def _finish(model, enabled: dict) -> None:
     """Switch every outermost transformers model inside ``model`` to the kernels' attention (or
     back to the implementation it had)."""
-    from .hf_attention import HF_ATTENTION
+    from .attention import HF_ATTENTION
 
     for pretrained in outermost_pretrained(model):
         current = pretrained.config._attn_implementation
@@ -244,6 +213,3 @@ def _finish(model, enabled: dict) -> None:
             if hasattr(type(module), "_lk_kernels"):  # (also those whose rows stayed eager)
                 module._lk_unpatched_attention = unpatched
 
-
-def family_names() -> str:
-    return ", ".join(f.name for f in FAMILIES)

@@ -20,8 +20,8 @@ from typing import Optional
 
 import torch
 
-from . import reference
-from .ops.cross_entropy import fused_linear_cross_entropy
+from ... import reference
+from ...ops.cross_entropy import fused_linear_cross_entropy
 
 
 # Keyword arguments that transformers renamed: old name -> new name.  A forward whose signature has
@@ -120,7 +120,7 @@ def _fused_loss_applies(model) -> bool:
     """
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from .replacements import original_class
+    from ...replacements import original_class
 
     head = getattr(model, "lm_head", None)
     params = _signature(original_class(model).forward).parameters.values()

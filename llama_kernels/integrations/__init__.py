@@ -1,0 +1,1 @@
+"""Integrations of the kernels with other libraries' models: :mod:`.transformers` (Hugging Face)."""
