@@ -31,7 +31,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import _get_device_module, _infer_device_type, get_device_states, set_device_states
 
-from . import model as reference_model
+from . import model as llama_model
 from .replacements import outermost_pretrained
 
 __all__ = ["chunked_mlp", "offloaded_checkpoint", "checkpoint_layers"]
@@ -182,7 +182,7 @@ def chunked_mlp(model: torch.nn.Module, chunk_tokens: int | None = 4096) -> torc
 
 
 def _mlp_classes(model) -> tuple:
-    classes = [reference_model.MLP]
+    classes = [llama_model.MLP]
     # transformers' modeling modules only for a model made of them (importing them costs seconds).
     if any(cls.__module__.startswith("transformers.models.") for m in model.modules() for cls in type(m).__mro__):
         from .integrations.transformers.families import modeling_modules
@@ -470,7 +470,7 @@ def checkpoint_layers(model: torch.nn.Module, *, offload: bool = True, offload_d
     device = _as_device(offload_device)
     function = (None if not enabled else functools.partial(offloaded_checkpoint, offload_device=device) if offload
                 else functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
-    references = [m for m in model.modules() if isinstance(m, reference_model.Llama)]
+    references = [m for m in model.modules() if isinstance(m, llama_model.Llama)]
     for llama in references:
         llama.layer_checkpoint = function
     pretrained = outermost_pretrained(model) if not references else []

@@ -18,7 +18,7 @@ device where no kernel runs, and :func:`kernel_summary` counts only the modules 
 kernel.
 
 * The reference model (:mod:`llama_kernels.model`) exposes its ops as class attributes (*op slots*),
-  so its rows (:func:`~llama_kernels.replacements.reference_model_table`) just point the slots at
+  so its rows (:func:`~llama_kernels.replacements.llama_model_table`) just point the slots at
   the kernels (``Llama.cross_entropy``, the LM head and loss of ``Llama.loss``, included: the
   top-level ``Llama`` gets a patched subclass too).
 * transformers (5.x): :mod:`llama_kernels.integrations.transformers` (imported only for a model
@@ -42,8 +42,8 @@ from typing import Optional
 import torch
 
 from .ops.common import FLOAT_DTYPES, KernelFallbackWarning, triton_runs_on
-from .replacements import FLAGS, Replacement, original_class, reference_model_table  # noqa: F401 (API)
-from . import model as reference_model
+from .replacements import FLAGS, Replacement, llama_model_table, original_class  # noqa: F401 (API)
+from . import model as llama_model
 
 
 _patched_classes: dict = {}
@@ -70,7 +70,7 @@ def __getattr__(name: str):
         kernels = set(rest[1:])
         # transformers' classes (LlamaRMSNorm, ...) are looked up only when the reference model's
         # own do not match: unpickling the reference model needs no transformers.
-        for table in (reference_model_table, _hf_rows):
+        for table in (llama_model_table, _hf_rows):
             named = [r for r in table() if r.target.__name__ == base_name]
             rows = [r for r in named if r.flag in kernels]
             if named and {r.flag for r in rows} == kernels:
@@ -97,8 +97,8 @@ def _extra_repr(self) -> str:
 
 def _table_for(model: torch.nn.Module):
     """``(rows, finish)`` for the modules inside ``model``; ``finish(model, enabled)`` may be None."""
-    if any(isinstance(m, reference_model.Llama) for m in model.modules()):
-        return reference_model_table(), None
+    if any(isinstance(m, llama_model.Llama) for m in model.modules()):
+        return llama_model_table(), None
     classes = {original_class(m) for m in model.modules()}
     transformers_inside = any(cls.__module__.startswith("transformers.") for cls in classes)
     if transformers_inside:
@@ -293,7 +293,7 @@ def _runs_kernel(module: torch.nn.Module, flag: str) -> bool:
     (:func:`llama_kernels.integrations.transformers.loss._fused_loss_applies`, asked here too); the
     reference model's ``Llama.loss`` always runs it.
     """
-    if flag == "cross_entropy" and not isinstance(module, reference_model.Llama):
+    if flag == "cross_entropy" and not isinstance(module, llama_model.Llama):
         from .integrations.transformers.loss import _fused_loss_applies
 
         return _fused_loss_applies(module)

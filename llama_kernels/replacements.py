@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import model as reference_model
+from . import model as llama_model
 from .ops import attention as attention_ops, registry, rope as rope_ops
 from .ops.attention import flash_attention, flash_decode
 from .ops.cross_entropy import fused_linear_cross_entropy
@@ -103,22 +103,22 @@ def gated_down_projection(down_proj: torch.nn.Module, gate, up, *, gelu: bool = 
     return down_proj((geglu if gelu else swiglu)(gate, up))
 
 
-def _reference_mlp_forward(self, x):
+def _llama_mlp_forward(self, x):
     return gated_down_projection(self.down_proj, self.gate_proj(x), self.up_proj(x))
 
 
-def reference_model_table() -> list[Replacement]:
+def llama_model_table() -> list[Replacement]:
     """Rows for :class:`llama_kernels.model.Llama`: point each op slot at its kernel (the MLP's
     forward also ends in :func:`gated_down_projection`, which keeps less for the backward)."""
     return [
-        Replacement("rms_norm", reference_model.RMSNorm, {"rms_norm": staticmethod(rms_norm)},
+        Replacement("rms_norm", llama_model.RMSNorm, {"rms_norm": staticmethod(rms_norm)},
                     rms_norm_size_unsupported),
-        Replacement("swiglu", reference_model.MLP, {"swiglu": staticmethod(swiglu), "forward": _reference_mlp_forward}),
-        Replacement("rope", reference_model.Attention, {"apply_rotary": staticmethod(apply_rotary)},
+        Replacement("swiglu", llama_model.MLP, {"swiglu": staticmethod(swiglu), "forward": _llama_mlp_forward}),
+        Replacement("rope", llama_model.Attention, {"apply_rotary": staticmethod(apply_rotary)},
                     rope_head_dim_unsupported),
-        Replacement("attention", reference_model.Attention, {"attention": staticmethod(flash_attention),
+        Replacement("attention", llama_model.Attention, {"attention": staticmethod(flash_attention),
                                                              "decode_attention": staticmethod(flash_decode)},
                     attention_head_dim_unsupported),
-        Replacement("cross_entropy", reference_model.Llama,
+        Replacement("cross_entropy", llama_model.Llama,
                     {"cross_entropy": staticmethod(fused_linear_cross_entropy)}),
     ]
