@@ -144,7 +144,8 @@ def check_forward(kernel: Callable, eager: Callable, args: Sequence, kwargs: dic
 def check_backward(kernel: Callable, eager: Callable, args: Sequence, kwargs: dict | None = None,
                    grad: Sequence[int] | None = None, names: Sequence[str] | None = None,
                    generator: torch.Generator | None = None, gradients: bool = True) -> CheckResult:
-    """The training forward's outputs (inputs requiring grad), then, unless ``gradients`` is false, the gradients of ``args[i]`` for ``i`` in ``grad``
+    """The training forward's outputs (inputs requiring grad), then, unless ``gradients`` is false,
+    the gradients of ``args[i]`` for ``i`` in ``grad``
     (default: every argument), for one random cotangent per output (drawn from ``generator``, or
     torch's global one), against ``eager``'s and the float64 oracle's.  The gradients are left out
     when an output already fails."""

@@ -86,7 +86,9 @@ def rope_head_dim_unsupported(module) -> Optional[str]:
 
 def rms_norm_size_unsupported(module) -> Optional[str]:
     n = module.weight.shape[0]
-    return f"hidden size {n} (the RMSNorm kernel takes up to {RMS_NORM_MAX_HIDDEN})" if n > RMS_NORM_MAX_HIDDEN else None
+    if n <= RMS_NORM_MAX_HIDDEN:
+        return None
+    return f"hidden size {n} (the RMSNorm kernel takes up to {RMS_NORM_MAX_HIDDEN})"
 
 
 def gated_down_projection(down_proj: torch.nn.Module, gate, up, *, gelu: bool = False):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama_kernels import reference
-from llama_kernels.ops.attention import backward as attention_backward, decode
+from llama_kernels.ops.attention import backward as attention_backward
 from llama_kernels.ops.attention import flash_attention, flash_decode
 from llama_kernels.ops.common import INTERPRET, LAUNCHES
 from helpers import DTYPES, assert_like_eager, check_against_oracle, leaf

@@ -29,7 +29,8 @@ def test_check_at_the_llama3_8b_shape(capsys, monkeypatch):
     monkeypatch.setitem(cli.CHECK_SHAPES, "llama3-8b", dict(cli.CHECK_SHAPES["llama3-8b"], vocab=4099))
     assert cli.main(["check", "--shape", "llama3-8b", "--tokens", "3", "--dtypes", "bf16"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("check: shape llama3-8b (hidden 4096, intermediate 14336, hq 32, hk 8, d 128, vocab 4099;")
+    assert lines[0].startswith("check: shape llama3-8b (hidden 4096, intermediate 14336, hq 32, hk 8, d 128, "
+                               "vocab 4099;")
     assert "1 x 3 tokens, attention 3 tokens" in lines[0]
     assert sum(line.split()[1:2] == ["bfloat16"] for line in lines) == 2 * len(cli.CHECK_OPS)
     assert lines[-1].startswith(f"check: {2 * len(cli.CHECK_OPS)} passed, 0 failed on ")
@@ -109,13 +110,16 @@ def _no_model_loading(monkeypatch):
     (["generate", "--prompt", "  "], "argument --prompt: must not be empty"),
     (["generate", "--prompt", "hi", "--max-new-tokens", "0"],
      "llama-kernels generate: error: argument --max-new-tokens: expected a whole number >= 1, got '0'"),
-    (["generate", "--prompt", "hi", "--max-new-tokens", "-3"], "argument --max-new-tokens: expected a whole number >= 1"),
-    (["generate", "--prompt", "hi", "--max-new-tokens", "2.5"], "argument --max-new-tokens: expected a whole number >= 1"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "-3"],
+     "argument --max-new-tokens: expected a whole number >= 1"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "2.5"],
+     "argument --max-new-tokens: expected a whole number >= 1"),
     (["generate", "--prompt", "hi", "--temperature", "-1"],
      "llama-kernels generate: error: argument --temperature: expected a finite number >= 0, got '-1'"),
     (["generate", "--prompt", "hi", "--temperature", "nan"], "argument --temperature: expected a finite number >= 0"),
     (["generate", "--prompt", "hi", "--temperature", "inf"], "argument --temperature: expected a finite number >= 0"),
-    (["demo", "--max-new-tokens", "0"], "llama-kernels demo: error: argument --max-new-tokens: expected a whole number"),
+    (["demo", "--max-new-tokens", "0"],
+     "llama-kernels demo: error: argument --max-new-tokens: expected a whole number"),
     (["demo", "--prompt", ""], "llama-kernels demo: error: argument --prompt: must not be empty"),
     (["--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),
     (["check", "--bogus"], "llama-kernels: error: unrecognized arguments: --bogus"),

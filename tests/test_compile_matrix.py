@@ -28,7 +28,8 @@ KERNELS = {
 
 @pytest.fixture(scope="module")
 def reports():
-    """Each target's report (``tools/compile_matrix.py --set ci``), one target at a time (the other test worker keeps the second core)."""
+    """Each target's report (``tools/compile_matrix.py --set ci``), one target at a time (the other
+    test worker keeps the second core)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, str(SCRIPT), "--set", "ci", "--jobs", "1", *TARGETS], env=env,
                             capture_output=True, text=True, timeout=1800)

@@ -32,7 +32,10 @@ def _inputs(n, hidden, vocab, dtype, device, bias=False, ignored_every=5, seed=0
     target = torch.randint(0, vocab, (n,), generator=gen)
     if ignored_every:
         target[::ignored_every] = -100
-    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+
+    def cast(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
     return cast(h), cast(w), cast(b), target.to(device)
 
 
@@ -231,7 +234,8 @@ def test_autocast_gives_eagers_dtypes_and_accuracy(device):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
     results = []
     for fn, dtype in ((reference.fused_linear_cross_entropy, torch.float64),
-                      (reference.fused_linear_cross_entropy, torch.float32), (fused_linear_cross_entropy, torch.float32)):
+                      (reference.fused_linear_cross_entropy, torch.float32),
+                      (fused_linear_cross_entropy, torch.float32)):
         leaves = [t.to(torch.bfloat16).to(dtype).requires_grad_() if dtype == torch.float64
                   else t.clone().requires_grad_() for t in (h, w, b)]
         with autocast if dtype == torch.float32 else torch.autocast(device.type, enabled=False):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import llama_kernels as lk
-from llama_kernels import patch, reference
+from llama_kernels import reference
 from llama_kernels.model import Llama, LlamaConfig, StaticDecodeStep
 from llama_kernels.ops import common
 from llama_kernels.ops.attention import decode

@@ -186,7 +186,8 @@ def test_family_heads_and_wrappers(device, no_fallback):
 
 
 def test_unknown_models_and_modules_are_refused_or_stay_eager(device):
-    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, bos_token_id=0, eos_token_id=0))
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                          bos_token_id=0, eos_token_id=0))
     with pytest.raises(TypeError, match="Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3, Phi-3"):
         lk.apply_kernels(gpt2)
     # exact GELU has no kernel; Gemma 2 with final-logit soft-capping keeps transformers' loss

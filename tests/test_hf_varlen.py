@@ -311,7 +311,10 @@ def test_output_attentions_as_the_unpatched_model(eager, device, unpatched):
         LAUNCHES.clear()
         ours = patched(ids, attention_mask=mask, output_attentions=True)
         expected = eager(ids, attention_mask=mask, output_attentions=True)
-    weights = lambda attentions: list(attentions or ())  # (transformers 5.0 without weights: None)
+
+    def weights(attentions):  # (transformers 5.0 without weights: None)
+        return list(attentions or ())
+
     assert len(weights(ours.attentions)) == len(weights(expected.attentions)) == (LAYERS if unpatched == "eager" else 0)
     for a, b in zip(weights(ours.attentions), weights(expected.attentions)):
         assert relative_error(a, b) <= 1e-5
@@ -321,7 +324,10 @@ def test_output_attentions_as_the_unpatched_model(eager, device, unpatched):
                   return_dict_in_generate=True, attention_mask=mask)
     ours, expected = patched.generate(ids, **greedy), eager.generate(ids, **greedy)
     assert torch.equal(ours.sequences, expected.sequences)
-    steps = lambda attentions: [weights(step) for step in weights(attentions)]
+
+    def steps(attentions):
+        return [weights(step) for step in weights(attentions)]
+
     assert [len(step) for step in steps(ours.attentions)] == [len(step) for step in steps(expected.attentions)]
     for mine, theirs in zip(steps(ours.attentions), steps(expected.attentions)):
         for a, b in zip(mine, theirs):

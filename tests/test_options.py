@@ -9,7 +9,8 @@ import torch
 
 import llama_kernels as lk
 from llama_kernels.ops import options
-from llama_kernels.ops.attention import backward as attention_backward, configs, decode, forward as attention_forward, problem
+from llama_kernels.ops.attention import (backward as attention_backward, configs, decode, forward as attention_forward,
+                                         problem)
 from llama_kernels.ops.common import INTERPRET, LAUNCHES
 
 from test_attention import check, make_qkv
@@ -82,8 +83,8 @@ def test_interpreter_tiles_are_copied():
 
 def test_no_module_switches_left():
     # The switches that tests and benchmarks used to monkeypatch are options now.
-    for module, name in ((attention_forward, "USE_TMA"), (attention_backward, "MIN_PROGRAMS_PER_SM"), (configs, "INTERPRET_BLOCKS"),
-                         (decode, "MIN_KEYS_PER_SPLIT")):
+    for module, name in ((attention_forward, "USE_TMA"), (attention_backward, "MIN_PROGRAMS_PER_SM"),
+                         (configs, "INTERPRET_BLOCKS"), (decode, "MIN_KEYS_PER_SPLIT")):
         assert not hasattr(module, name), name
     from llama_kernels.ops import cross_entropy
 

@@ -36,7 +36,8 @@ def test_sample_matches_oracle(name, dtype, device):
 @pytest.mark.parametrize("op", registry.OPS, ids=lambda op: op.name)
 def test_each_op_is_exported_with_a_twin_of_its_signature(op):
     kernel, twin = getattr(llama_kernels, op.name), getattr(reference, op.name)
-    assert kernel.__module__ == f"llama_kernels{op.module}" or kernel.__module__.startswith(f"llama_kernels{op.module}.")
+    module = f"llama_kernels{op.module}"
+    assert kernel.__module__ == module or kernel.__module__.startswith(module + ".")
     # The twin takes every argument the kernel takes, under the same name.
     assert set(inspect.signature(kernel).parameters) <= set(inspect.signature(twin).parameters)
     assert op.samples and op.flag in registry.FLAGS

@@ -116,7 +116,7 @@ def test_weight_gradient_reduction(dtype, device):
 
 def test_only_residual_output_used(device):
     """The gradient reaches x and residual when only the returned sum h is used downstream."""
-    x, r = torch.randn(2, 3, 64, device=device, requires_grad=True), torch.randn(2, 3, 64, device=device, requires_grad=True)
+    x, r = (torch.randn(2, 3, 64, device=device, requires_grad=True) for _ in range(2))
     _, h = lk.rms_norm(x, torch.ones(64, device=device), residual=r)
     (h * 2).sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
@@ -397,7 +397,8 @@ def test_bad_options_raise_before_launch(device):
 def test_eager_fallback_takes_the_options(device, monkeypatch):
     from llama_kernels.ops import rms_norm as module
 
-    x, w, r = torch.randn(3, 64, device=device), _gemma_weight(64, torch.float32, device), torch.randn(3, 64, device=device)
+    x, w = torch.randn(3, 64, device=device), _gemma_weight(64, torch.float32, device)
+    r = torch.randn(3, 64, device=device)
     monkeypatch.setattr(module, "use_triton", lambda op, device: False)
     LAUNCHES.clear()
     out = lk.rms_norm(x, w, 1e-5, r, offset=1.0, casting="gemma")

@@ -16,8 +16,8 @@ or the caller's own with ``reduction="none"``)::
     dh = dz W,   dW = dz^T h,   db = sum_i dz_i
 
 Schedule.  The vocabulary is cut into chunks of ``Vc`` columns, so that at most ``N x Vc`` logits
-(the ``cross_entropy_chunk`` kernel option, 64M by default) exist at a time.  The matrix products are cuBLAS's (``torch.mm``); the
-kernels here do what lies between them:
+(the ``cross_entropy_chunk`` kernel option, 64M by default) exist at a time.  The matrix products
+are cuBLAS's (``torch.mm``); the kernels here do what lies between them:
 
 * forward: per chunk, ``Z = h W_c^T`` with a float32 result, then :func:`cross_entropy_fwd_kernel`
   folds the chunk into each row's running max and sum of exponentials (an online log-sum-exp), its
@@ -374,9 +374,10 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     ``"sum"``, or ``"none"`` (a float32 loss of ``target``'s shape, 0 at ignored targets).
     ``label_smoothing`` in ``[0, 1]`` as in ``F.cross_entropy``.  The loss is float32.
 
-    The logits are computed ``N x Vc`` at a time (the ``cross_entropy_chunk`` option: 64M of them by default) in float32, never
-    rounded to the input dtype, and the backward recomputes them: besides its inputs and outputs
-    the op holds one chunk of logits and, in the backward, ``dh`` in float32.  Differentiable in
+    The logits are computed ``N x Vc`` at a time (the ``cross_entropy_chunk`` option: 64M of them by
+    default) in float32, never rounded to the input dtype, and the backward recomputes them:
+    besides its inputs and outputs the op holds one chunk of logits and, in the backward, ``dh`` in
+    float32.  Differentiable in
     ``hidden``, ``weight`` and ``bias`` (each gradient in its dtype, ``weight``'s rows rounded once,
     as eager's).  Under ``torch.autocast`` the inputs are cast as ``F.linear``'s are.  ``hidden``
     may be any strided view; one whose leading dims cannot be flattened without a copy is copied.

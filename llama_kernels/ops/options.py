@@ -113,7 +113,8 @@ def _power_of_two_at_least_16(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 16 and n & (n - 1) == 0
 
 
-_CURRENT: contextvars.ContextVar = contextvars.ContextVar("llama_kernels_options", default=KernelOptions())
+# KernelOptions is frozen: the shared default cannot change under anyone.
+_CURRENT: contextvars.ContextVar = contextvars.ContextVar("llama_kernels_options", default=KernelOptions())  # noqa: B039
 
 
 def current() -> KernelOptions:

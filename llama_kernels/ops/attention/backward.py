@@ -36,9 +36,10 @@ exponent, never left to produce inf/NaN that is merely not stored.  Causal key t
 every query: key tiles run in ascending order (the longest programs first), heads fastest.
 
 When there would be fewer than ``min_programs_per_sm`` (a ``kernel_options`` option, 2 by
-default) programs per multiprocessor (short sequences, few KV heads), the query heads of each group are split over several programs
-(``head_splits``); each writes float32 partial dK/dV for its heads, and the reduce kernel sums the
-splits in a fixed order, scales and rounds them: still deterministic.
+default) programs per multiprocessor (short sequences, few KV heads), the query heads of each
+group are split over several programs (``head_splits``); each writes float32 partial dK/dV for
+its heads, and the reduce kernel sums the splits in a fixed order, scales and rounds them: still
+deterministic.
 """
 from __future__ import annotations
 
