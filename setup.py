@@ -12,7 +12,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["llama_kernels", "llama_kernels.*", "benchmarks", "benchmarks.*"]),
+    # The benchmarks (benchmarks/) and tools (tools/) run from a source checkout, never installed.
+    packages=find_packages(include=["llama_kernels", "llama_kernels.*"]),
     # Lower bounds are the oldest releases CI tests (`make test-oldest`, pins in .ci/oldest-constraints.txt:
     # torch 2.11.0, transformers 5.0.0); the newest pass `make test-latest`. Move both together.
     # Triton: 3.6 (the oldest job) to 3.9 (the latest job and the compile matrix), the releases CI runs.

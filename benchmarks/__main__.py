@@ -45,12 +45,12 @@ EPILOG = ("exit status: 0 all figures measured or reported missing/skipped with 
 
 
 def op_names() -> tuple[str, ...]:
-    """Names ``--ops`` accepts: those of :data:`benchmarks.bench_ops.OPS`.
+    """Names ``--ops`` accepts: those of :data:`benchmarks.ops.OPS`.
 
-    Imported on first use: bench_ops needs torch but not triton, so this is safe before
+    Imported on first use: benchmarks.ops needs torch but not triton, so this is safe before
     ``TRITON_INTERPRET`` is chosen.
     """
-    from .bench_ops import OPS
+    from .ops import OPS
 
     return tuple(spec.name for spec in OPS)
 
@@ -72,8 +72,8 @@ def op_list(text: str) -> tuple[str, ...]:
 
 def shape_list(text: str) -> tuple[str, ...]:
     """``--shapes`` value: comma-separated model shape names, each a key of
-    :data:`benchmarks.bench_ops.MODELS` (imported on first use, as in :func:`op_names`)."""
-    from .bench_ops import MODELS
+    :data:`benchmarks.ops.MODELS` (imported on first use, as in :func:`op_names`)."""
+    from .ops import MODELS
 
     return _name_list(text, tuple(MODELS), "shape")
 
@@ -189,7 +189,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         args.only = tuple(part for part in args.only if part != "memory")
         if not args.only:
             return memory_rc
-    from . import bench_batches, bench_model, bench_ops, common
+    from . import bench_batches, bench_model, common, ops, report
     from .common import say
 
     mode = "smoke" if args.smoke or not on_gpu else "quick" if args.quick else "full"
@@ -212,18 +212,18 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         say("!" * 100)
         say(settings.warning)
         say("!" * 100)
-    env = common.environment(settings)
+    env = report.environment(settings)
     date = datetime.date.today().isoformat()
     say(f"device: {env['device']['name']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}; "
         f"mode {mode}; output to {out_dir}")
 
     records: list = []
     limits, interrupted = None, None
-    stem = common.file_stem(settings, date)
+    stem = report.file_stem(settings, date)
     if args.family != "llama":  # another model: never overwrite the LLaMA run's files of the same day
         stem = f"{stem}-{args.family}"
 
-    def report(interrupted: str | None, complete: bool) -> dict:
+    def make_report(interrupted: str | None, complete: bool) -> dict:
         common.add_speedups(records)
         return {
             "title": "llama_kernels benchmarks",
@@ -239,9 +239,9 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
                          "rotate_bytes": settings.rotate_bytes, "compile": settings.compile,
                          "timer": "triton.testing.do_bench median" if on_gpu else "host clock median (CPU)"},
             "model_family": args.family,
-            "providers": {**bench_ops.provider_notes(), **bench_model.provider_notes(args.family),
+            "providers": {**ops.provider_notes(), **bench_model.provider_notes(args.family),
                           **bench_batches.provider_notes()},
-            "ops": {s.name: s.note for s in bench_ops.OPS},
+            "ops": {s.name: s.note for s in ops.OPS},
             "wall_s": common.elapsed_s(),
         }
 
@@ -250,7 +250,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         # `timeout` ends in SIGKILL, which no handler sees) still leaves what it measured, marked
         # incomplete.  No plots here: they are slow and drawn once at the end.
         note = f"partial: written after {label}; the run had not finished"
-        common.write_outputs(report(note, complete=False), records, out_dir, stem, plots=False)
+        report.write_outputs(make_report(note, complete=False), records, out_dir, stem, plots=False)
         say(f"partial results ({len(records)} figures, after {label}) in {out_dir / stem}.json")
 
     # A run cut short (Ctrl-C, or `timeout` sending SIGTERM at a lease's end) still writes what it
@@ -263,7 +263,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         progress("the ceilings")
         parts = args.only or PARTS
         if "ops" in parts:
-            bench_ops.run(settings, limits, records, progress)
+            ops.run(settings, limits, records, progress)
         if "model" in parts:
             bench_model.run(settings, limits, records, progress, family=args.family)
         if "batches" in parts:
@@ -280,7 +280,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-    for path in common.write_outputs(report(interrupted, complete=interrupted is None), records, out_dir, stem):
+    for path in report.write_outputs(make_report(interrupted, complete=interrupted is None), records, out_dir, stem):
         say(f"wrote {path}")
 
     # Exit status: the run completed (0), unless a provider failed or a kernel disagrees (1).

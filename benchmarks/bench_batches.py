@@ -45,20 +45,18 @@ import itertools
 
 import torch
 
-from .bench_model import _building, _linear_params
-from .bench_ops import varlen_lengths
-from .common import Missing, Record, Settings, Timing, classify, free_memory, say, time_calls
+from . import shapes
+from .common import Missing, Record, Settings, Timing, building, classify, free_memory, say, time_calls
+from .shapes import linear_params, varlen_lengths
 
-# LLaMA-3.2-1B's shape (head dim 64, tied embeddings), without its RoPE scaling; "smoke" for CPU runs.
-LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
-                  num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
-                  max_position_embeddings=131072, tie_word_embeddings=True)
-SMOKE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=2, num_key_value_heads=1,
-             head_dim=32, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=4096,
-             tie_word_embeddings=True)
+# LLaMA-3.2-1B's shape (head dim 64, tied embeddings), without its RoPE scaling (the sweep sets
+# the layer count); "smoke" for CPU runs: a tiny model of the same kind.
+LLAMA32_1B = {k: v for k, v in shapes.LLAMA32_1B.items() if k != "rope_scaling"}
+SMOKE = dict(LLAMA32_1B, vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=32, max_position_embeddings=4096)
 
 # batch: prompts, the longest `prompt` tokens (the others drawn from [prompt/4, prompt]); `new`
-# tokens generated; train: real tokens of a training step (lengths: bench_ops.varlen_lengths).
+# tokens generated; train: real tokens of a training step (lengths: shapes.varlen_lengths).
 SWEEPS = {
     "full": dict(layers=16, batch=16, prompt=1024, new=128, train=(8192, 16384), warmup=2, reps=5),
     "quick": dict(layers=16, batch=8, prompt=512, new=64, train=(8192,), warmup=1, reps=3),
@@ -157,7 +155,7 @@ def _build(cfg, settings, attn: str, patched: bool):
         except Exception as exc:
             raise Missing(f"flash_attn not importable ({type(exc).__name__}: {exc})") from None
     config = LlamaConfig(**cfg, attn_implementation=attn)
-    with _building(settings.device):
+    with building(settings.device):
         model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.generation_config.eos_token_id = None  # random weights: never stop early
     model.generation_config.pad_token_id = 0
@@ -201,6 +199,19 @@ def _timed(fn, device, warmup, reps) -> tuple[Timing, int | None]:
         torch.cuda.reset_peak_memory_stats()
     t = time_calls(fn, device, warmup, reps)
     return t, (torch.cuda.max_memory_allocated() if device.type == "cuda" else None)
+
+
+def _train_step(model, opt, kwargs):
+    """A no-argument training step of ``model`` on the batch ``kwargs``: loss, backward, ``opt`` step."""
+
+    def step():
+        loss = model(**kwargs, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def _rel_err(got, want) -> float:
@@ -289,7 +300,7 @@ def _generation(model, provider, patched, cfg, sweep, dev, limits, prompts, ids,
     new, batch = sweep["new"], len(prompts)
     head = cfg["hidden_size"] * cfg["vocab_size"]  # generate computes the logits of the last position only
     prefill = record(provider, "padded-prefill", real, prompts, work_unit="FLOP",
-                     work=2 * (_linear_params(cfg) - head) * real + 2 * head * batch + _attention_flop(cfg, prompts))
+                     work=2 * (linear_params(cfg) - head) * real + 2 * head * batch + _attention_flop(cfg, prompts))
     whole = record(provider, "padded-generate", real, prompts)
 
     def gen(n):
@@ -344,7 +355,7 @@ def _generation(model, provider, patched, cfg, sweep, dev, limits, prompts, ids,
 
 def _training(model, providers, patched, cfg, sweep, dev, limits, total, record, judge, refs):
     lengths = varlen_lengths(total)
-    work = 6 * _linear_params(cfg) * total + 3.5 * _attention_flop(cfg, lengths)
+    work = 6 * linear_params(cfg) * total + 3.5 * _attention_flop(cfg, lengths)
     try:
         batches = _train_batches(cfg, lengths, dev)
     except Exception as exc:
@@ -382,16 +393,9 @@ def _training(model, providers, patched, cfg, sweep, dev, limits, total, record,
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, **({"fused": True} if dev.type == "cuda" else {}))
     for r, kwargs in checked:
-        def step():
-            loss = model(**kwargs, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
         try:
             with _launches(patched) as launches:
-                t, peak = _timed(step, dev, sweep["warmup"], sweep["reps"])
+                t, peak = _timed(_train_step(model, opt, kwargs), dev, sweep["warmup"], sweep["reps"])
             if patched:  # per step: what the timed steps ran, backward included
                 steps = sweep["warmup"] + sweep["reps"]
                 r.extra["launches"] = {name: n // steps for name, n in launches.items()}

@@ -50,7 +50,6 @@ import math
 import os
 import re
 import signal
-import sys
 import tempfile
 import time
 import warnings
@@ -59,7 +58,9 @@ from pathlib import Path
 
 import torch
 
-from .common import _json_safe, _write_text, say
+from . import shapes
+from .common import say
+from .report import json_safe, write_text
 
 CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
 CATEGORY_NOTES = {
@@ -88,31 +89,20 @@ class ModelSpec:
     source: str = ""
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192}
+# The real models at their full depth (their configs: benchmarks/shapes.py; copies, so that
+# nothing here can change another benchmark's).  LLaMA-3-8B as Meta-Llama-3-8B's config.json has
+# it: 8192 positions (the shared config takes 3.1's 131072), untied LM head.
 MODELS = {
     "llama3-8b": ModelSpec("LLaMA-3-8B", "llama", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-        max_position_embeddings=8192, tie_word_embeddings=False), ref=True,
+        shapes.LLAMA3_8B, max_position_embeddings=8192, tie_word_embeddings=False), ref=True,
         source="meta-llama/Meta-Llama-3-8B config.json"),
-    "llama3.2-1b": ModelSpec("LLaMA-3.2-1B", "llama", dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
-        rope_scaling=_LLAMA3_ROPE, max_position_embeddings=131072, tie_word_embeddings=True), ref=True,
-        source="meta-llama/Llama-3.2-1B config.json"),
-    "qwen3-8b": ModelSpec("Qwen3-8B", "qwen3", dict(
-        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        max_position_embeddings=40960, tie_word_embeddings=False), ref=False,
-        source="Qwen/Qwen3-8B config.json (q/k RMSNorm per head)"),
-    "gemma2-9b": ModelSpec("Gemma-2-9B", "gemma2", dict(
-        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-        max_position_embeddings=8192, sliding_window=4096, attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True), ref=False,
-        source="google/gemma-2-9b config.json (sliding window 4096 on alternate layers, softcaps 50/30)"),
+    "llama3.2-1b": ModelSpec("LLaMA-3.2-1B", "llama", dict(shapes.LLAMA32_1B), ref=True,
+                             source="meta-llama/Llama-3.2-1B config.json"),
+    "qwen3-8b": ModelSpec("Qwen3-8B", "qwen3", dict(shapes.QWEN3_8B), ref=False,
+                          source="Qwen/Qwen3-8B config.json (q/k RMSNorm per head)"),
+    "gemma2-9b": ModelSpec("Gemma-2-9B", "gemma2", dict(shapes.GEMMA2_9B), ref=False,
+                           source="google/gemma-2-9b config.json (sliding window 4096 on alternate layers, "
+                                  "softcaps 50/30)"),
 }
 _TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
@@ -884,7 +874,8 @@ def _mode_table(title: str, records: list, cell) -> list:
 
 
 def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
-    lines = [f"# Training-step memory at real model sizes (fake tensors, {report['fake_device']}), {report['date']}", ""]
+    lines = [f"# Training-step memory at real model sizes (fake tensors, {report['fake_device']}), "
+             f"{report['date']}", ""]
     if report.get("warning"):
         lines += [f"> **{report['warning']}**", ""]
     if report.get("interrupted"):
@@ -943,9 +934,9 @@ def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
     lines += ["", "## Every measurement (GiB)", "",
               "`source`: sweep (the fixed lengths) or search (measured by the longest-fit search). "
               "`opt states`: AdamW's exp_avg + exp_avg_sq as allocated (inside OPT). `fwd+bwd`: the peak of "
-              "forward, loss and backward alone (before the AdamW step) less the parameters and OPT. `offloaded`: peak on the "
-              "host-memory stand-in ('meta'), not in the total. `CUDA real`: torch.cuda.max_memory_allocated of "
-              "the same step on a GPU.", ""]
+              "forward, loss and backward alone (before the AdamW step) less the parameters and OPT. "
+              "`offloaded`: peak on the host-memory stand-in ('meta'), not in the total. `CUDA real`: "
+              "torch.cuda.max_memory_allocated of the same step on a GPU.", ""]
     header = ["model", "mode", "provider", "tokens", "source", *CATEGORIES, "total", "total - PARAM",
               "vs hf-sdpa", "opt states", "fwd+bwd", "vs hf-sdpa", "offloaded", "CUDA real", "s", "note"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -968,7 +959,7 @@ def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
                      _gib(r.offloaded_peak_bytes), real, f"{r.seconds:.1f}",
                      (r.note or "").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_plot(report: dict, records: list, path: Path) -> Path | None:
@@ -992,14 +983,14 @@ def write_plot(report: dict, records: list, path: Path) -> Path | None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, (model, mode) in zip(axes.flat, panels):
+    for ax, (model, mode) in zip(axes.flat, panels, strict=False):  # the grid's spare panels are hidden
         rs = [r for r in ok if (r.model, r.mode) == (model, mode)]
         present = {r.provider for r in rs}
         for k, provider in enumerate(PROVIDERS):  # fixed order and colour per provider
             if provider not in present:
                 continue
             pts = sorted((r.tokens, r.peak_bytes / GIB) for r in rs if r.provider == provider)
-            xs, ys = zip(*pts)
+            xs, ys = zip(*pts, strict=True)
             style = dict(linewidth=2.2, color="black") if provider == "hf+ours+long" else dict(
                 linewidth=1.2, color=f"C{k}", linestyle="--" if provider.startswith("ref") else "-")
             ax.plot(xs, ys, marker="o", markersize=3, label=provider, **style)
@@ -1084,7 +1075,7 @@ def run(args, on_gpu: bool, results_dir: Path) -> int:
         doc = report(interrupted, complete)
         doc["records"] = [dataclasses.asdict(r) for r in records]
         doc["fits"] = fits
-        _write_text(json_path, json.dumps(_json_safe(doc), indent=1) + "\n")
+        write_text(json_path, json.dumps(json_safe(doc), indent=1) + "\n")
         write_markdown(doc, records, fits, md_path)
         written = [json_path, md_path]
         if plot and (p := write_plot(doc, records, png_path)):

@@ -63,26 +63,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 
-from .common import (Missing, Record, Settings, Skipped, Timing, Unreliable, classify, free_memory, peak_memory,
-                     say, time_calls)
-
-LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                 num_key_value_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
-SMOKE = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-             num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=4096)
-# Qwen3-8B (36 layers in the real model; the sweep's layer count here).
-QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
-                max_position_embeddings=40960, tie_word_embeddings=False)
-# Gemma-2-9B (42 layers, alternating local (sliding-window) and global attention; tied LM head).
-GEMMA2_9B = dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256, sliding_window=4096,
-                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh",
-                 rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=8192, tie_word_embeddings=True)
+from .common import (Missing, Record, Settings, Skipped, Timing, Unreliable, building, classify, elapsed_s,
+                     free_memory, peak_memory, say, settings_json, time_calls)
+from .shapes import GEMMA2_9B, LLAMA3_8B, QWEN3_8B, SMOKE, head_dim, linear_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +88,7 @@ class Family:
     title: str  # the real model, for the log and the notes
     module: str  # transformers.models.<module>.modeling_<module>
     prefix: str  # class prefix: <prefix>Config, <prefix>ForCausalLM, <prefix>RMSNorm, <prefix>MLP
-    dims: dict  # the real model's config, but its layer count (the sweep's)
+    dims: dict  # the real model's config (its layer count replaced by the sweep's)
     smoke: dict  # tiny config of the same kind, for --smoke
     smoke_shape: str  # the records' shape label in smoke runs
     liger: str  # liger_kernel.transformers' function for it
@@ -110,8 +105,9 @@ class Family:
         return f"{self.prefix}ForCausalLM"
 
 
-# The families --family takes.  llama also has the reference-model providers (eager, ours,
-# torch.compile); the others run transformers' model only (hf, hf+ours, hf+compile, hf+liger).
+# The families --family takes (their real models' configs: benchmarks/shapes.py).  llama also has
+# the reference-model providers (eager, ours, torch.compile); the others run transformers' model
+# only (hf, hf+ours, hf+compile, hf+liger).
 FAMILIES = {
     "llama": Family("llama3-8b", "LLaMA-3-8B", "llama", "Llama", LLAMA3_8B, SMOKE, "smoke",
                     "apply_liger_kernel_to_llama"),
@@ -150,6 +146,7 @@ COMPILED = ("torch.compile", "hf+compile")
 # Tests set "eager" (Dynamo's tracing, graph breaks included, without inductor's CPU compile time).
 COMPILE_BACKEND = "inductor"
 ISOLATED_NOTE = "measured in a fresh process, where nothing was patched"
+CHILD_STOP_S = 10  # how long a fresh process stopped with SIGTERM gets to exit before SIGKILL
 DECODE_NOTES = {True: "decode: generate(cuda_graphs=True), one CUDA-graph replay per step",
                 False: "decode: plain generate, not graph-captured (one launch per kernel per step)"}
 
@@ -162,23 +159,6 @@ def _config(settings: Settings, family: str = "llama") -> dict:
     if "sliding_window" in base:  # Gemma 2: local layers first, then alternating (transformers' default)
         cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     return cfg
-
-
-def _head_dim(cfg) -> int:
-    return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-
-
-@contextlib.contextmanager
-def _building(device, dtype=torch.bfloat16):
-    """Build parameters directly on ``device`` in ``dtype`` from seed 0 (no fp32 CPU copy)."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +208,7 @@ class HFRunner:
 def _llama(cfg, settings):
     from llama_kernels.model import Llama, LlamaConfig
 
-    with _building(settings.device):
+    with building(settings.device):
         return Llama(LlamaConfig(**cfg))
 
 
@@ -240,8 +220,8 @@ def _hf(cfg, settings, family: str = "llama"):
         config_class, model_class = getattr(transformers, fam.config_class), getattr(transformers, fam.model_class)
     except Exception as exc:
         raise Missing(f"transformers' {fam.model_class} not importable ({type(exc).__name__}: {exc})") from None
-    config = config_class(**dict(cfg, head_dim=_head_dim(cfg)), attn_implementation=fam.attention)
-    with _building(settings.device):
+    config = config_class(**dict(cfg, head_dim=head_dim(cfg)), attn_implementation=fam.attention)
+    with building(settings.device):
         return model_class._from_config(config, dtype=torch.bfloat16)
 
 
@@ -337,7 +317,9 @@ def providers(cfg: dict, settings: Settings, family: str = "llama") -> dict:
     """name -> builder(stack) of a runner; each runs alone and is freed (stack closed) after."""
     if family != "llama":  # transformers' model of the family only: one builder, the family its argument
         fam = FAMILIES[family]
-        hf = lambda: _hf(cfg, settings, family)  # noqa: E731
+        def hf():
+            return _hf(cfg, settings, family)
+
         return {
             "hf": lambda stack: HFRunner(hf(), f"transformers {fam.model_class}, attn_implementation={fam.attention}"),
             "hf+ours": lambda stack: HFRunner(_patched(hf()), "; ".join(filter(None, (
@@ -364,12 +346,6 @@ def providers(cfg: dict, settings: Settings, family: str = "llama") -> dict:
 # ---------------------------------------------------------------------------------------------
 # Work counts
 # ---------------------------------------------------------------------------------------------
-def _linear_params(cfg) -> int:
-    h, i, d = cfg["hidden_size"], cfg["intermediate_size"], _head_dim(cfg)
-    attn = h * d * (2 * cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"])  # q, o and k, v
-    return cfg["num_hidden_layers"] * (attn + 3 * h * i) + h * cfg["vocab_size"]
-
-
 def _causal_pairs(t: int, window: int | None) -> float:
     """Query-key pairs of causal attention over ``t`` tokens, counted as t^2 / 2; with a sliding
     ``window`` (each query sees its last ``window`` keys) the pairs past it drop out: t^2 / 2 -
@@ -383,7 +359,7 @@ def _causal_pairs(t: int, window: int | None) -> float:
 def _attention_fwd_flop(cfg, t: int) -> float:
     """4 Hq D per query-key pair, summed over the layers: a local layer (``layer_types``, Gemma 2)
     counts its window's pairs only."""
-    per_pair = 4 * cfg["num_attention_heads"] * _head_dim(cfg)
+    per_pair = 4 * cfg["num_attention_heads"] * head_dim(cfg)
     types = cfg.get("layer_types") or ["full_attention"] * cfg["num_hidden_layers"]
     return sum(per_pair * _causal_pairs(t, cfg["sliding_window"] if kind == "sliding_attention" else None)
                for kind in types[:cfg["num_hidden_layers"]])
@@ -412,7 +388,7 @@ def _decode_bytes(cfg, weight_bytes: int, prompt: int, first: int, last: int, el
     """Bytes decode steps ``first..last`` (1-based, inclusive) of a generation after a ``prompt``-token
     prefill must move (see the module docstring): step j writes the K/V row of position
     prompt + j - 1 and reads the prompt + j rows up to it."""
-    d = _head_dim(cfg)
+    d = head_dim(cfg)
     kv_row = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * d * elem  # K and V, all layers
     steps = last - first + 1
     positions_read = sum(prompt + j for j in range(first, last + 1))
@@ -435,7 +411,7 @@ def _record(name, op, tokens, cfg, settings, family="llama", **kw) -> Record:
     fam = FAMILIES[family]
     dims = {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                                 "num_key_value_heads", "vocab_size")}
-    dims.update(head_dim=_head_dim(cfg), family=family)
+    dims.update(head_dim=head_dim(cfg), family=family)
     if kw.get("work_unit") == "FLOP":  # what the FLOP count of this family approximates
         kw["note"] = "; ".join(filter(None, (kw.get("note"), _flop_note(cfg, fam)))) or None
     return Record("model", op, dict(_OPS)[op], name, fam.smoke_shape if settings.mode == "smoke" else fam.shape,
@@ -560,18 +536,19 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="l
         r.tokens_per_s = t / r.ms * 1e3
         r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(step, dev)
 
+    # Each figure's body gets its loop values bound (functools.partial), not looked up when it runs.
     for t in sweep["prefill"]:
-        attempt("prefill", t, lambda r: prefill(r, t),
-                work=2 * _linear_params(cfg) * t + _attention_fwd_flop(cfg, t), work_unit="FLOP")
+        attempt("prefill", t, functools.partial(prefill, t=t),
+                work=2 * linear_params(cfg) * t + _attention_fwd_flop(cfg, t), work_unit="FLOP")
     for prompt, new in sweep["decode"]:
         for op in _decode_ops(name):
             graphs = op == "decode" and name in GRAPH_DECODE
             note = "; ".join(filter(None, (runner.note, DECODE_NOTES[graphs])))
-            attempt(op, prompt, lambda r: decode(r, prompt, new, graphs), note=note)
+            attempt(op, prompt, functools.partial(decode, prompt=prompt, new=new, graphs=graphs), note=note)
     runner.model.train()
     for t in sweep["train"]:
-        attempt("train", t, lambda r: train(r, t),
-                work=6 * _linear_params(cfg) * t + 3.5 * _attention_fwd_flop(cfg, t), work_unit="FLOP")
+        attempt("train", t, functools.partial(train, t=t),
+                work=6 * linear_params(cfg) * t + 3.5 * _attention_fwd_flop(cfg, t), work_unit="FLOP")
 
 
 def run(settings: Settings, limits: dict, records: list, progress=None, family: str = "llama") -> None:
@@ -591,9 +568,7 @@ def run(settings: Settings, limits: dict, records: list, progress=None, family: 
         if name in COMPILED and settings.compile:
             # Never in this process: an earlier provider may have patched transformers' modules
             # (apply_kernels, Liger) or compiled something; see benchmarks/isolated.py.
-            from . import isolated
-
-            isolated.run_provider(name, cfg, settings, limits, records, ref_losses, family)
+            run_isolated(name, cfg, settings, limits, records, ref_losses, family)
         else:
             run_provider(name, build, cfg, settings, limits, records, ref_losses, family)
         if progress is not None:
@@ -605,8 +580,8 @@ def run_provider(name, build, cfg, settings, limits, records, ref_losses, family
 
     ``ref_losses`` holds the first losses of each family's unpatched model (set by the first
     provider of a family to get there).  :func:`run` calls this in its own process for every
-    provider but the compiled ones, which :mod:`benchmarks.isolated` runs through this same
-    function in a fresh process.
+    provider but the compiled ones, which :func:`run_isolated` has :mod:`benchmarks.isolated` run
+    through this same function in a fresh process.
     """
     say(f"model {name}: building")
     with contextlib.ExitStack() as stack:
@@ -625,3 +600,64 @@ def run_provider(name, build, cfg, settings, limits, records, ref_losses, family
                 if name in COMPILED:
                     torch._dynamo.reset()
                 free_memory()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled providers: measured in a fresh process (benchmarks/isolated.py is the child's side)
+# ---------------------------------------------------------------------------------------------
+def losses_json(ref_losses: dict) -> list:
+    """``ref_losses``' keys are family names or (family, "train", tokens) tuples: as pairs, for JSON."""
+    return [[list(k) if isinstance(k, tuple) else k, v] for k, v in ref_losses.items()]
+
+
+def losses_from_json(pairs: list) -> dict:
+    """The ``ref_losses`` that :func:`losses_json` wrote."""
+    return {tuple(k) if isinstance(k, list) else k: v for k, v in pairs}
+
+
+def run_isolated(name, cfg, settings, limits, records, ref_losses, family="llama") -> None:
+    """Measure provider ``name`` of :func:`providers` in a fresh process (``python -m
+    benchmarks.isolated``, which runs :func:`run_provider` there).
+
+    Its records are appended to ``records`` and the reference losses it set (if its family's
+    unpatched model had none yet) to ``ref_losses``.  Its log lines go to this process's stdout and
+    stderr.  A child that dies before writing its result leaves every figure of the provider
+    ``failed`` with its exit status; a SIGTERM or Ctrl-C here stops the child too.
+    """
+    request = {
+        "name": name, "family": family, "cfg": cfg, "settings": settings_json(settings), "limits": limits,
+        "ref_losses": losses_json(ref_losses), "compile_backend": COMPILE_BACKEND,
+        "started_at": time.time() - elapsed_s(),  # its log's clock continues this one
+        "num_threads": torch.get_num_threads(),  # the CPU threads this run chose (tests: 1)
+    }
+    root = str(Path(__file__).resolve().parents[1])  # the child imports these benchmarks and llama_kernels
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
+    with tempfile.TemporaryDirectory(prefix="llama-kernels-isolated-") as tmp:
+        request_path, result_path = Path(tmp, "request.json"), Path(tmp, "result.json")
+        request_path.write_text(json.dumps(request))
+        sys.stdout.flush(), sys.stderr.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.isolated", str(request_path), str(result_path)],
+                                env=env)
+        say(f"model {name}: measured in a fresh process (pid {proc.pid}), where nothing has been patched")
+        try:
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted here (SIGTERM, Ctrl-C): stop the child too
+                proc.terminate()
+                try:
+                    proc.wait(CHILD_STOP_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        result = json.loads(result_path.read_text()) if result_path.is_file() else None
+    if result is None or "error" in result:
+        reason = (result["error"] if result is not None else
+                  f"its process (python -m benchmarks.isolated) exited with status {rc} without a result; "
+                  "its log is above")
+        for op, tokens in _plan(settings, name):
+            records.append(_record(name, op, tokens, cfg, settings, family, status="failed", reason=reason))
+            say(records[-1].describe())
+        return
+    records.extend(Record(**r) for r in result["records"])
+    for key, value in losses_from_json(result["ref_losses"]).items():
+        ref_losses.setdefault(key, value)

@@ -1,4 +1,6 @@
-"""What every benchmark shares: settings, timing, the card's two ceilings, result records, writers.
+"""What every benchmark shares: settings, timing, the card's two ceilings, result records.
+
+The report's writers (JSON, markdown, plots) are :mod:`benchmarks.report`'s.
 
 Numbers reported by the suite come from this run only: the copy bandwidth and matmul peak are
 measured here (:func:`measure_limits`), each timing is a median of ``triton.testing.do_bench`` (on
@@ -7,19 +9,14 @@ the CPU, of a host clock: the smoke mode, whose timings mean nothing), and every
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
-import importlib.metadata
 import itertools
-import json
 import math
-import os
-import platform
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -94,6 +91,17 @@ def make_settings(mode: str, device: torch.device, compile: bool | None, ops=Non
     if compile is None:  # inductor's CPU compile takes ~20 s per graph: off in smoke unless asked
         compile = mode != "smoke"
     return Settings(mode, device, warmup, rep, host_reps, rotate, compile, ops, tokens, shapes)
+
+
+def settings_json(settings: Settings) -> dict:
+    """``settings`` as JSON-able fields (the device as its name), for a child process."""
+    return {**dataclasses.asdict(settings), "device": str(settings.device)}
+
+
+def settings_from_json(doc: dict) -> Settings:
+    """The :class:`Settings` that :func:`settings_json` wrote (its tuples come back as JSON lists)."""
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in ("ops", "tokens", "shapes")}
+    return Settings(**{**doc, **tuples, "device": torch.device(doc["device"])})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +192,19 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def building(device, dtype=torch.bfloat16):
+    """Build parameters directly on ``device`` in ``dtype`` from seed 0 (no fp32 CPU copy)."""
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def classify(exc: BaseException) -> tuple[str, str]:
     """``(status, reason)`` for a provider that raised: missing, oom or failed."""
     first_line = (str(exc).strip().splitlines() or [""])[0][:300]
@@ -215,17 +236,9 @@ def measure_limits(settings: Settings) -> dict:
     dev = settings.device
     gen = torch.Generator(device=dev).manual_seed(1234)
     copy_elems, n = ((1 << 29), 8192) if settings.mode != "smoke" else ((1 << 20), 256)
-    src = torch.randn(copy_elems, generator=gen, device=dev, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    t_copy = bench(lambda: dst.copy_(src), settings)
-    copy_bytes = 2 * nbytes(src)
-    del src, dst
-    a = torch.randn(n, n, generator=gen, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(n, n, generator=gen, device=dev, dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-    t_mm = bench(lambda: torch.mm(a, b, out=c), settings)
+    t_copy, copy_bytes = _time_copy(copy_elems, gen, settings)
+    t_mm = _time_matmul(n, gen, settings)
     flops = 2 * n ** 3
-    del a, b, c
     free_memory()
     limits = {
         "copy_gbps": copy_bytes / t_copy.ms / 1e6,
@@ -239,6 +252,22 @@ def measure_limits(settings: Settings) -> dict:
     say(f"ceilings: copy {limits['copy_gbps']:.0f} GB/s (read + write of {copy_bytes / 2**30:.2f} GiB), "
         f"bf16 matmul {limits['matmul_tflops']:.1f} TFLOP/s ({n}^3)")
     return limits
+
+
+def _time_copy(elems: int, gen, settings: Settings):
+    """``(timing, bytes read + written)`` of ``dst.copy_(src)`` on ``elems`` random bf16 values; the
+    buffers are freed on return."""
+    src = torch.randn(elems, generator=gen, device=settings.device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return bench(lambda: dst.copy_(src), settings), 2 * nbytes(src)
+
+
+def _time_matmul(n: int, gen, settings: Settings) -> Timing:
+    """Timing of ``torch.mm`` of two random bf16 ``n x n`` matrices into a third; freed on return."""
+    a = torch.randn(n, n, generator=gen, device=settings.device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, generator=gen, device=settings.device, dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    return bench(lambda: torch.mm(a, b, out=c), settings)
 
 
 def throughput(work: float, work_unit: str, ms: float, limits: dict):
@@ -324,198 +353,11 @@ def axis_name(suite: str, op: str) -> str:
 
 def add_speedups(records: list[Record]) -> None:
     """Fill ``speedup_of_ours`` of every record timed beside its ours (:func:`ours_for`) in this run."""
-    key = lambda r, provider: (r.suite, r.op, r.mode, r.shape, r.tokens, r.dtype, provider)  # noqa: E731
+    def key(r, provider):
+        return r.suite, r.op, r.mode, r.shape, r.tokens, r.dtype, provider
+
     ok = {key(r, r.provider): r for r in records if r.status == "ok"}
     for r in records:
         base = ok.get(key(r, ours_for(r)))
         if base is not None and r.status == "ok" and base is not r:
             r.speedup_of_ours, r.speedup_base = r.ms / base.ms, base.provider
-
-
-# ---------------------------------------------------------------------------------------------
-# Report and writers
-# ---------------------------------------------------------------------------------------------
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def environment(settings: Settings) -> dict:
-    import triton
-
-    dev = settings.device
-    if dev.type == "cuda":
-        p = torch.cuda.get_device_properties(dev)
-        device = {"type": "cuda", "name": p.name, "multiprocessors": p.multi_processor_count,
-                  "l2_bytes": p.L2_cache_size, "memory_bytes": p.total_memory,
-                  "capability": f"{p.major}.{p.minor}", "cuda": torch.version.cuda,
-                  "cudnn": torch.backends.cudnn.version()}
-    else:
-        device = {"type": "cpu", "name": f"CPU ({platform.processor() or platform.machine()}), Triton interpreter",
-                  "threads": torch.get_num_threads()}
-    return {
-        "device": device,
-        "versions": {
-            "python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-            "llama_kernels": _version("llama-kernels"), "transformers": _version("transformers"),
-            "liger_kernel": _version("liger-kernel"), "flash_attn": _version("flash-attn"),
-            "matplotlib": _version("matplotlib"),
-        },
-    }
-
-
-def file_stem(settings: Settings, date: str) -> str:
-    """``<gpu-name-slug>[-quick|-smoke]-<date>``, e.g. ``nvidia-h100-80gb-hbm3-2026-11-27``."""
-    if settings.device.type == "cuda":
-        slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(settings.device).lower()).strip("-")
-    else:
-        slug = "cpu"
-    suffix = "" if settings.mode == "full" else f"-{settings.mode}"
-    return f"{slug}{suffix}-{date}"
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so that a run killed while
-    writing (a lease's ``timeout``, SIGKILL included) leaves the previous complete file, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(report: dict, records: list[Record], path: Path) -> None:
-    doc = dict(report)
-    doc["records"] = [dataclasses.asdict(r) for r in records]
-    doc["speedups"] = [
-        {"suite": r.suite, "op": r.op, "mode": r.mode, "shape": r.shape, "tokens": r.tokens,
-         "dtype": r.dtype, "ours": r.speedup_base, "vs": r.provider, "speedup_of_ours": r.speedup_of_ours}
-        for r in records if r.speedup_of_ours is not None
-    ]
-    _write_text(path, json.dumps(_json_safe(doc), indent=1) + "\n")
-
-
-def _num(x: float) -> str:
-    """Three significant digits, thousands separated."""
-    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}" if abs(x) >= 10 else f"{x:.2f}"
-
-
-def _cell(r: Record | None, footnotes: dict) -> str:
-    if r is None:
-        return ""
-    if r.status != "ok":
-        key = (r.status, r.reason or "")
-        n = footnotes.setdefault(key, len(footnotes) + 1)
-        return f"{r.status} [{n}]"
-    parts = [f"{r.ms:.3f} ms"]
-    if r.tokens_per_s is not None:
-        parts.append(f"{_num(r.tokens_per_s)} tok/s")
-    if r.throughput is not None:
-        parts.append(f"{_num(r.throughput)} {r.throughput_unit} ({r.fraction:.0%})")
-    mem = r.peak_mem_bytes if r.suite == "model" else r.peak_mem_delta_bytes
-    if mem is not None:
-        parts.append(f"{mem / 2**30:.2f} GiB" if mem >= 2**30 else f"{mem / 2**20:.0f} MiB")
-    return ", ".join(parts)
-
-
-def _lengths_lines(rs: list[Record]) -> list[str]:
-    """For records of uneven sequences (``dims["lengths"]``: varlen attention, the model's padded
-    and packed batches), one line per token count: the lengths and what padding them would cost."""
-    seen: dict = {}
-    for r in rs:
-        if r.dims.get("lengths"):
-            seen.setdefault((r.tokens, tuple(r.dims["lengths"])), None)
-    lines = []
-    for tokens, lengths in seen:
-        n, longest, real = len(lengths), max(lengths), sum(lengths)
-        waste = n * longest * longest / sum(x * x for x in lengths)
-        head = f"{tokens} tokens" if tokens == real else f"{tokens} ({real:,} real tokens)"
-        lines.append(f"- {head}: {n} sequences, longest {longest:,}; padded to {n} x "
-                     f"{longest:,} = {n * longest:,} tokens ({n * longest / real:.2f}x the tokens, {waste:.2f}x the "
-                     f"causal attention work); lengths {', '.join(map(str, lengths))}")
-    return lines
-
-
-def write_markdown(report: dict, records: list[Record], path: Path) -> None:
-    lim = report["limits"]
-    env = report["environment"]
-    lines = [f"# llama_kernels benchmarks: {env['device']['name']}, {report['date']} ({report['mode']} mode)", ""]
-    if report.get("warning"):
-        lines += [f"> **{report['warning']}**", ""]
-    if report.get("interrupted"):
-        lines += [f"> **Incomplete: {report['interrupted']}.**", ""]
-    v = env["versions"]
-    lines += [
-        f"torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}, "
-        f"liger-kernel {v['liger_kernel']}, flash-attn {v['flash_attn']}; wall time {report['wall_s']:.0f} s.",
-        "",
-        f"Ceilings measured in this run: copy **{_num(lim['copy_gbps'])} GB/s** (device-to-device `copy_`, "
-        f"bytes read + written), bf16 matmul **{_num(lim['matmul_tflops'])} TFLOP/s** "
-        f"(`torch.mm` {'x'.join(map(str, lim['matmul_shape']))}, random data). Percentages in the tables are "
-        "fractions of these (GB/s of the copy bandwidth, TFLOP/s of the matmul rate).",
-        "",
-        "Each cell: median ms, rate (fraction of ceiling), peak memory (ops: allocated during one call beyond "
-        "what existed before it; model: absolute peak of one call). `ours vs X` = X's time / ours: above 1, "
-        "ours is faster (transformers' models are compared with `hf+ours`). benchmarks/README.md gives the "
-        "byte and FLOP counts.",
-        "",
-        "## Providers",
-        "",
-    ]
-    for name, info in report["providers"].items():
-        lines.append(f"- **{name}**: {info}")
-    groups: dict = {}
-    for r in records:
-        groups.setdefault((r.suite, r.op, r.mode), []).append(r)
-    for (suite, op, mode), rs in groups.items():
-        providers = list(dict.fromkeys(r.provider for r in rs))
-        # Speedup columns only for providers timed beside ours somewhere in this table.
-        compared = {r.provider: r.speedup_base for r in rs if r.speedup_of_ours}
-        compared = {p: compared[p] for p in providers if p in compared}
-        rows = list(dict.fromkeys((r.shape, r.tokens, r.dtype) for r in rs))
-        header = ["shape", axis_name(suite, op), "dtype",
-                  *providers, *(f"{base} vs {p}" for p, base in compared.items())]
-        lines += ["", f"## {suite}: {op}, {mode}", ""]
-        if report.get("ops", {}).get(op) and suite == "ops":
-            lines += [report["ops"][op], ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        footnotes: dict = {}
-        for shape, tokens, dtype in rows:
-            by_p = {r.provider: r for r in rs if (r.shape, r.tokens, r.dtype) == (shape, tokens, dtype)}
-            cells = [shape, str(tokens), dtype, *(_cell(by_p.get(p), footnotes) for p in providers)]
-            cells += [f"{by_p[p].speedup_of_ours:.2f}x" if p in by_p and by_p[p].speedup_of_ours else ""
-                      for p in compared]
-            lines.append("| " + " | ".join(cells) + " |")
-        notes = sorted({f"{r.provider}: {r.note}" for r in rs if r.note})
-        lines += [""] + [f"[{n}] {status}: {reason}  " for (status, reason), n in footnotes.items()]
-        lines += [f"- {n}" for n in notes]
-        lines += _lengths_lines(rs)
-    _write_text(path, "\n".join(lines) + "\n")
-
-
-def write_outputs(report: dict, records: list[Record], out_dir: Path, stem: str, plots: bool = True) -> list[Path]:
-    """Write ``<stem>.json`` and ``<stem>.md`` in ``out_dir``, and with ``plots`` the PNGs; returns the paths.
-
-    The JSON comes first: it is what a run cut short must leave.  The partial writes during a run
-    pass ``plots=False`` (matplotlib takes seconds per figure, and they are redrawn at the end).
-    """
-    from . import plots as plotting
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    write_json(report, records, json_path)
-    write_markdown(report, records, md_path)
-    written = [json_path, md_path]
-    if plots:
-        written += plotting.write_plots(report, records, out_dir, stem)
-    return written

@@ -8,11 +8,14 @@ may be inert for an unpatched model run eagerly and still break a compiled one (
 trace a dispatcher that reads a ContextVar: a graph break at every layer), and undoing it exactly
 from the outside cannot be guaranteed.  So :func:`benchmarks.bench_model.run` measures each
 compiled provider (``bench_model.COMPILED``: ``torch.compile``, ``hf+compile``) through
-:func:`run_provider`: a fresh Python process that builds the model from the same seed, runs the
-same :func:`benchmarks.bench_model.run_provider` and hands its records back as JSON.  That process
-also refuses to measure (:class:`Patched`) if it finds anything patched (:func:`patches_present`)
-before it starts, and counts Dynamo's graph breaks over the provider's figures
-(``extra["graph_breaks"]``; ``extra["graphs"]``: the graphs Dynamo captured).
+:func:`benchmarks.bench_model.run_isolated`: a fresh Python process running this module, which
+builds the model from the same seed, runs the same :func:`benchmarks.bench_model.run_provider`
+(:func:`measure`) and hands its records back as JSON.  That process also refuses to measure
+(:class:`Patched`) if it finds anything patched (:func:`patches_present`) before it starts, and
+counts Dynamo's graph breaks over the provider's figures (``extra["graph_breaks"]``;
+``extra["graphs"]``: the graphs Dynamo captured).
+
+This module is the child's side: it imports :mod:`benchmarks.bench_model`, never the other way.
 
 The op benchmark's ``torch.compile`` providers stay in the main process: they compile
 ``llama_kernels.reference`` functions, which nothing patches (``apply_kernels`` gives a patched
@@ -23,14 +26,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 KERNEL_LIBRARIES = ("llama_kernels", "liger_kernel")  # whose functions must not be found in transformers
-CHILD_STOP_S = 10  # how long a child stopped with SIGTERM gets to exit before SIGKILL
 
 
 class Patched(RuntimeError):
@@ -81,87 +81,7 @@ def refuse_if_patched(what: str) -> None:
     if found:
         shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
         raise Patched(f"{what} refused: this process has patched transformers ({shown}); a compiled baseline "
-                      "must run in a fresh process (benchmarks.isolated.run_provider)")
-
-
-# ---------------------------------------------------------------------------------------------
-# What goes to the child and back
-# ---------------------------------------------------------------------------------------------
-def _settings_json(settings) -> dict:
-    return {**dataclasses.asdict(settings), "device": str(settings.device)}
-
-
-def _settings(doc: dict):
-    import torch
-
-    from .common import Settings
-
-    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in ("ops", "tokens", "shapes")}
-    return Settings(**{**doc, **tuples, "device": torch.device(doc["device"])})
-
-
-def _losses_json(ref_losses: dict) -> list:
-    """``ref_losses``' keys are family names or (family, "train", tokens) tuples: as pairs, for JSON."""
-    return [[list(k) if isinstance(k, tuple) else k, v] for k, v in ref_losses.items()]
-
-
-def _losses(pairs: list) -> dict:
-    return {tuple(k) if isinstance(k, list) else k: v for k, v in pairs}
-
-
-# ---------------------------------------------------------------------------------------------
-# The main process's side
-# ---------------------------------------------------------------------------------------------
-def run_provider(name, cfg, settings, limits, records, ref_losses, family="llama") -> None:
-    """Measure provider ``name`` of :func:`benchmarks.bench_model.providers` in a fresh process.
-
-    Its records are appended to ``records`` and the reference losses it set (if its family's
-    unpatched model had none yet) to ``ref_losses``.  Its log lines go to this process's stdout and
-    stderr.  A child that dies before writing its result leaves every figure of the provider
-    ``failed`` with its exit status; a SIGTERM or Ctrl-C here stops the child too.
-    """
-    import torch
-
-    from . import bench_model, common
-
-    request = {
-        "name": name, "family": family, "cfg": cfg, "settings": _settings_json(settings), "limits": limits,
-        "ref_losses": _losses_json(ref_losses), "compile_backend": bench_model.COMPILE_BACKEND,
-        "started_at": time.time() - common.elapsed_s(),  # its log's clock continues this one
-        "num_threads": torch.get_num_threads(),  # the CPU threads this run chose (tests: 1)
-    }
-    root = str(Path(__file__).resolve().parents[1])  # the child imports these benchmarks and llama_kernels
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
-    with tempfile.TemporaryDirectory(prefix="llama-kernels-isolated-") as tmp:
-        request_path, result_path = Path(tmp, "request.json"), Path(tmp, "result.json")
-        request_path.write_text(json.dumps(request))
-        sys.stdout.flush(), sys.stderr.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.isolated", str(request_path), str(result_path)],
-                                env=env)
-        common.say(f"model {name}: measured in a fresh process (pid {proc.pid}), where nothing has been patched")
-        try:
-            rc = proc.wait()
-        finally:
-            if proc.poll() is None:  # interrupted here (SIGTERM, Ctrl-C): stop the child too
-                proc.terminate()
-                try:
-                    proc.wait(CHILD_STOP_S)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        result = json.loads(result_path.read_text()) if result_path.is_file() else None
-    if result is None or "error" in result:
-        reason = (result["error"] if result is not None else
-                  f"its process (python -m benchmarks.isolated) exited with status {rc} without a result; "
-                  "its log is above")
-        for op, tokens in bench_model._plan(settings, name):
-            records.append(bench_model._record(name, op, tokens, cfg, settings, family, status="failed",
-                                               reason=reason))
-            common.say(records[-1].describe())
-        return
-    records.extend(common.Record(**r) for r in result["records"])
-    for key, value in _losses(result["ref_losses"]).items():
-        ref_losses.setdefault(key, value)
+                      "must run in a fresh process (benchmarks.bench_model.run_isolated)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,8 +102,8 @@ def measure(request: dict) -> dict:
     common._START = time.perf_counter() - (time.time() - request["started_at"])
     torch.set_num_threads(request["num_threads"])
     bench_model.COMPILE_BACKEND = request["compile_backend"]
-    settings, cfg, family = _settings(request["settings"]), request["cfg"], request["family"]
-    records, ref_losses = [], _losses(request["ref_losses"])
+    settings, cfg, family = common.settings_from_json(request["settings"]), request["cfg"], request["family"]
+    records, ref_losses = [], bench_model.losses_from_json(request["ref_losses"])
     build = bench_model.providers(cfg, settings, family)[name]
     counters.clear()
     bench_model.run_provider(name, build, cfg, settings, request["limits"], records, ref_losses, family)
@@ -194,10 +114,12 @@ def measure(request: dict) -> dict:
         if breaks:
             r.extra["graph_break_reasons"] = reasons
             r.note = "; ".join(filter(None, (r.note, f"{breaks} graph breaks over this provider's figures")))
-    return {"records": [dataclasses.asdict(r) for r in records], "ref_losses": _losses_json(ref_losses)}
+    return {"records": [dataclasses.asdict(r) for r in records], "ref_losses": bench_model.losses_json(ref_losses)}
 
 
 def main(argv=None) -> int:
+    """``python -m benchmarks.isolated REQUEST RESULT``: measure the request, write the result JSON
+    (``{"error": ...}`` if it raised); 0, or 130 on Ctrl-C."""
     request_path, result_path = argv if argv is not None else sys.argv[1:]
     request = json.loads(Path(request_path).read_text())
     if os.environ.get("TRITON_INTERPRET") is None and request["settings"]["device"] == "cpu":

@@ -21,18 +21,20 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # fake CPU tensors take the kern
 
 import torch  # noqa: E402
 
+from .shapes import GEMMA2_9B, LLAMA3_8B, QWEN3_8B, fields  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TOKENS = 4096
 
-# Public model cards' shapes (one decoder layer; the vocabulary for the LM head + loss row).
+# Public model cards' shapes (one decoder layer; the vocabulary for the LM head + loss row): the
+# fields this sets of the real models' configs (benchmarks/shapes.py), transformers' defaults for
+# the rest (Gemma 2: no final-logit soft-capping).
+_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 MODELS = {
-    "llama3-8b": ("LlamaConfig", "LlamaForCausalLM", dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                                          num_attention_heads=32, num_key_value_heads=8)),
-    "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                                                         num_attention_heads=32, num_key_value_heads=8, head_dim=128)),
-    "gemma2-9b": ("Gemma2Config", "Gemma2ForCausalLM", dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336,
-                                                            num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-                                                            final_logit_softcapping=None)),
+    "llama3-8b": ("LlamaConfig", "LlamaForCausalLM", fields(LLAMA3_8B, *_FIELDS)),
+    "qwen3-8b": ("Qwen3Config", "Qwen3ForCausalLM", fields(QWEN3_8B, *_FIELDS, "head_dim")),
+    "gemma2-9b": ("Gemma2Config", "Gemma2ForCausalLM",
+                  dict(fields(GEMMA2_9B, *_FIELDS, "head_dim"), final_logit_softcapping=None)),
 }
 PROVIDERS = ("eager", "sdpa", "ours")
 

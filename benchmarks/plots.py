@@ -11,6 +11,7 @@ from .common import Record, axis_name, say
 
 
 def write_plots(report: dict, records: list[Record], out_dir: Path, stem: str) -> list[Path]:
+    """``<stem>-<suite>-<op>.png`` in ``out_dir`` for every op with a measured figure; the paths."""
     try:
         import matplotlib
 
@@ -31,8 +32,8 @@ def write_plots(report: dict, records: list[Record], out_dir: Path, stem: str) -
         modes = list(dict.fromkeys(r.mode for r in rs))
         fig, axes = plt.subplots(len(shapes), len(modes), figsize=(5 * len(modes), 3.8 * len(shapes)),
                                  squeeze=False)
-        for row, shape in zip(axes, shapes):
-            for ax, mode in zip(row, modes):
+        for row, shape in zip(axes, shapes, strict=True):
+            for ax, mode in zip(row, modes, strict=True):
                 _panel(ax, [r for r in rs if (r.shape, r.mode) == (shape, mode)], report)
                 ax.set_title(f"{op} {mode}, {shape}", fontsize=9)
         title = f"{report['environment']['device']['name']}, {report['date']}"
@@ -58,7 +59,7 @@ def _panel(ax, rs: list[Record], report: dict) -> None:
     for provider, dtype in dict.fromkeys((r.provider, r.dtype) for r in rs):
         pts = sorted((r.tokens, r.tokens_per_s if model_level else r.throughput)
                      for r in rs if (r.provider, r.dtype) == (provider, dtype))
-        xs, ys = zip(*pts)
+        xs, ys = zip(*pts, strict=True)
         style = dict(linewidth=2.5, color="black") if provider == "ours" else dict(linewidth=1.2)
         if provider in colors:
             style["color"] = colors[provider]

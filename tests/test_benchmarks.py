@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_batches, bench_model, bench_ops
+from benchmarks import bench_batches, bench_model, shapes
+from benchmarks import ops as op_benchmarks
 from benchmarks.__main__ import PARTS, Terminated, main
-from benchmarks.bench_ops import OPS
+from benchmarks.ops import OPS, harness
+from benchmarks.ops import attention as attention_ops
 
 VARLEN = "varlen_attention"  # run by varlen_run, left out of smoke_run (each run stays short)
 SMOKE_OPS = [spec.name for spec in OPS if spec.name != VARLEN]
@@ -116,13 +118,13 @@ def test_smoke_run_measures_the_lm_head_and_loss(smoke_run):
     records = [r for r in _records(out) if r["op"] == spec.name]
     providers = {"ours", "eager", "torch.compile", "liger"}
     assert {(r["provider"], r["mode"]) for r in records} == {(p, m) for p in providers for m in spec.modes}
-    tokens = bench_ops.SWEEPS["smoke"]["lce"]
+    tokens = harness.SWEEPS["smoke"]["lce"]
     assert {(r["tokens"], r["dtype"]) for r in records} == {(n, "bf16") for n in tokens} | {(16, "fp16")}
     factor = {"forward": 2, "backward": 4, "forward+backward": 6}
     allowed = {"eager": ("ok",), "ours": ("ok", "missing"), "liger": ("ok", "missing"), "torch.compile": ("skipped",)}
     for r in records:
         n, h, v = r["tokens"], r["dims"]["hidden"], r["dims"]["vocab"]
-        assert (h, v) == (bench_ops.MODELS["smoke"]["hidden"], bench_ops.MODELS["smoke"]["vocab"])
+        assert (h, v) == (op_benchmarks.MODELS["smoke"]["hidden"], op_benchmarks.MODELS["smoke"]["vocab"])
         assert r["work_unit"] == "FLOP" and r["work"] == factor[r["mode"]] * n * v * h
         # eager "ok" beside ours "ok": ours' loss and gradients passed the check against eager's
         assert r["status"] in allowed[r["provider"]], r
@@ -136,7 +138,8 @@ def test_smoke_run_measures_the_lm_head_and_loss(smoke_run):
 def test_lce_inputs_have_realistic_logits_and_ignored_targets():
     import torch
 
-    from benchmarks.bench_ops import LCE_IGNORED, MODELS, Case, _build_lce
+    from benchmarks.ops.cross_entropy import LCE_IGNORED, _build_lce
+    from benchmarks.ops.harness import MODELS, Case
 
     case = Case("smoke", MODELS["smoke"], 40, torch.bfloat16, torch.device("cpu"))
     inp = _build_lce(case, torch.Generator().manual_seed(1000), True)
@@ -153,7 +156,7 @@ def test_lce_inputs_have_realistic_logits_and_ignored_targets():
 
 
 def test_memory_ratio_of_ours_over_eager_is_listed_with_ours():
-    from benchmarks.bench_ops import _memory_ratios
+    from benchmarks.ops.harness import _memory_ratios
     from benchmarks.common import Record
 
     def record(provider, mode, delta, status="ok"):
@@ -262,7 +265,7 @@ def test_shapes_replace_the_modes_shapes(tmp_path, capsys):
     spec = next(s for s in OPS if s.name == "flash_attention")
     settings = make_settings("quick", torch.device("cpu"), False, tokens=(2048, 4096, 8192, 16384),
                              shapes=("llama3-8b", "smollm2-135m"))
-    got = [(c.shape, c.dims["d"], c.tokens, c.dtype) for c in bench_ops.cases(spec, settings)]
+    got = [(c.shape, c.dims["d"], c.tokens, c.dtype) for c in harness.cases(spec, settings)]
     assert got == [(shape, d, n, torch.bfloat16) for shape, d in (("llama3-8b", 128), ("smollm2-135m", 64))
                    for n in (2048, 4096, 8192, 16384)]
     assert main(["--smoke", "--shapes", "smoke,nope", "--out", str(tmp_path)]) == 2
@@ -274,7 +277,8 @@ def test_a_providers_context_holds_for_its_backward_too():
     included, runs inside the provider's ``context``, and the setting is restored after each."""
     import torch
 
-    from benchmarks.bench_ops import Inputs, _check_run, _timed_call, deterministic_algorithms
+    from benchmarks.ops.attention import deterministic_algorithms
+    from benchmarks.ops.harness import Inputs, _check_run, _timed_call
     from benchmarks.common import make_settings
 
     seen = []
@@ -316,7 +320,7 @@ def test_deterministic_algorithms_restores_the_setting_and_warn_only(before):
     import torch
     import torch.utils.deterministic as det
 
-    from benchmarks.bench_ops import deterministic_algorithms
+    from benchmarks.ops.attention import deterministic_algorithms
 
     fill = det.fill_uninitialized_memory
     torch.use_deterministic_algorithms(before[0], warn_only=before[1])
@@ -349,8 +353,8 @@ def test_portable_forward_provider_turns_tma_off_for_the_call_only(monkeypatch):
         with pytest.raises(RuntimeError, match="on purpose"):
             fn(None, None, None)
         assert seen == [(False, True)] and current().tma_forward is True
-    assert spec.extra["ours-deterministic"]().context is bench_ops.deterministic_algorithms
-    assert {"ours-portable-fwd", "ours-deterministic"} <= set(bench_ops.provider_notes())
+    assert spec.extra["ours-deterministic"]().context is attention_ops.deterministic_algorithms
+    assert {"ours-portable-fwd", "ours-deterministic"} <= set(op_benchmarks.provider_notes())
 
 
 def test_unknown_op_is_refused(tmp_path):
@@ -419,7 +423,7 @@ def test_a_run_stopped_after_the_first_op_keeps_its_figures(stop, monkeypatch, t
     """The report is rewritten after every op: killed outright, the partial JSON/markdown remain,
     marked incomplete; stopped by SIGTERM, the final write (with plots) says so too.  Either way
     the stop comes while the second op is being timed, as a lease's end would."""
-    real_run_case, real_bench = bench_ops.run_case, bench_ops.bench
+    real_run_case, real_bench = harness.run_case, harness.bench
     second_op: list = []
 
     def run_case(spec, *args, **kwargs):
@@ -432,8 +436,8 @@ def test_a_run_stopped_after_the_first_op_keeps_its_figures(stop, monkeypatch, t
             raise stop()
         return real_bench(call, settings)
 
-    monkeypatch.setattr(bench_ops, "run_case", run_case)
-    monkeypatch.setattr(bench_ops, "bench", bench)
+    monkeypatch.setattr(harness, "run_case", run_case)
+    monkeypatch.setattr(harness, "bench", bench)
     argv = ["--smoke", "--only", "ops", "--ops", "rms_norm,swiglu", "--tokens", "16", "--out", str(tmp_path)]
     if stop is Killed:
         with pytest.raises(Killed):
@@ -514,7 +518,7 @@ def test_family_option_runs_another_transformers_family(monkeypatch, tmp_path):
     t, w, per_pair = 8192, 4096, 4 * 16 * 256  # local layers: only the pairs inside the window
     assert bench_model._attention_fwd_flop(gemma, t) == 2 * per_pair * t * t / 2 + 2 * per_pair * (
         t * t / 2 - (t - w) ** 2 / 2)
-    assert bench_model._linear_params(gemma) == 4 * (3584 * 256 * 48 + 3 * 3584 * 14336) + 3584 * 256000
+    assert shapes.linear_params(gemma) == 4 * (3584 * 256 * 48 + 3 * 3584 * 14336) + 3584 * 256000
     smoke = make_settings("smoke", torch.device("cpu"), False)
     model = bench_model._hf(bench_model._config(smoke, "gemma2"), smoke, "gemma2")
     assert model.config._attn_implementation == "eager" and model.config.head_dim == 64  # != 128 / 4
@@ -644,9 +648,9 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
             return self.returncode
 
     for error_result, reason in ((True, "Patched: refused"), (False, "exited with status -9 without a result")):
-        monkeypatch.setattr(isolated.subprocess, "Popen", Child)
+        monkeypatch.setattr(bench_model.subprocess, "Popen", Child)
         records, refs = [], {"hf": 1.0}
-        isolated.run_provider("hf+compile", cfg, settings, {}, records, refs, "qwen3")
+        bench_model.run_isolated("hf+compile", cfg, settings, {}, records, refs, "qwen3")
         assert [(r.op, r.status) for r in records] == [("prefill", "failed"), ("decode", "failed"),
                                                       ("train", "failed")]
         assert all(reason in r.reason for r in records) and refs == {"hf": 1.0}
@@ -655,7 +659,8 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
 def test_decode_bytes_split_at_the_graph_baseline():
     """The graph figure times steps 2..N-1 (generate(N) - generate(2)); the plain one steps 1..N-1:
     both count the weights once a step and the cache rows each step reads."""
-    from benchmarks.bench_model import SMOKE, _decode_bytes
+    from benchmarks.bench_model import _decode_bytes
+    from benchmarks.shapes import SMOKE
 
     cfg = dict(SMOKE, num_hidden_layers=2)
     kv_row = 2 * 2 * SMOKE["num_key_value_heads"] * (SMOKE["hidden_size"] // SMOKE["num_attention_heads"]) * 2
@@ -671,7 +676,7 @@ def test_decode_bytes_split_at_the_graph_baseline():
 # --- packed (varlen) attention and the padded/packed batches of transformers' model ----------------
 
 def test_varlen_lengths_are_uneven_fixed_and_total_the_tokens():
-    from benchmarks.bench_ops import varlen_lengths
+    from benchmarks.shapes import varlen_lengths
 
     for total in (1, 7, 40, 8192, 16384):
         lengths = varlen_lengths(total)
@@ -713,7 +718,7 @@ def test_varlen_run_checks_every_provider_in_the_packed_layout(varlen_run):
 def test_padded_layout_round_trip():
     import torch
 
-    from benchmarks.bench_ops import _pad, _unpad
+    from benchmarks.ops.attention import _pad, _unpad
 
     buf = torch.randn(1, 10, 3, 4)  # (1, total, H, D), seen as (1, H, total, D)
     x = buf.transpose(1, 2)

@@ -1,6 +1,6 @@
 """The patched model trains under torch.distributed with the losses of one process on the whole batch.
 
-Two processes (``distributed_worker.py``) join a ``gloo`` group on localhost and train the patched
+Two processes (``tools/distributed_worker.py``) join a ``gloo`` group on localhost and train the patched
 tiny LLaMA on the CPU through Triton's interpreter, each on half of one batch: once wrapped in
 ``DistributedDataParallel``, once sharded with FSDP2's ``fully_shard``.  Rank 0 also trains an
 unwrapped copy on the whole batch.  Gradients are averaged over ranks and each rank holds as many
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-WORKER = Path(__file__).with_name("distributed_worker.py")
-REPO_ROOT = WORKER.parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKER = REPO_ROOT / "tools" / "distributed_worker.py"
 WORLD_SIZE = 2
 WRAPPERS = ("ddp", "fsdp2")
 TIMEOUT_S = 240  # the workers take ~20 s on two cores

@@ -161,7 +161,9 @@ def global_loads(kernel) -> str:
     for vec, bits in re.findall(r"\bld\.global(?:\.[a-z_]+\d*)*?(?:\.v(\d))?\.[bufs](\d+)\b", ptx):
         key = ("ld", int(vec or 1) * int(bits) // 8)
         widths[key] = widths.get(key, 0) + 1
-    for size in re.findall(r"\bcp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9_]+)*\s+\[[^]]+\],\s*\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)", ptx):
+    # cp.async.c{a,g}.shared.global[.modifiers] [dst], [src], size: the copy's size in bytes
+    copies = r"\bcp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9_]+)*\s+\[[^]]+\],\s*\[[^]]+\],\s*(0x[0-9a-fA-F]+|\d+)"
+    for size in re.findall(copies, ptx):
         key = ("cp.async", int(size, 0))
         widths[key] = widths.get(key, 0) + 1
     tma = len(re.findall(r"\bcp\.async\.bulk\.tensor\.\dd\.shared::cluster\.global", ptx))

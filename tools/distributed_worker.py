@@ -1,9 +1,10 @@
 """One process of tests/test_distributed.py: trains the patched tiny LLaMA under torch.distributed.
 
-``python distributed_worker.py WRAPPERS RANK WORLD_SIZE PORT OUT_JSON`` joins a ``gloo`` process
-group on ``127.0.0.1:PORT``; for each of the comma-separated ``WRAPPERS`` (``ddp``, or ``fsdp2``:
-per-layer ``fully_shard`` then the root) it wraps a fresh model and runs a few SGD steps on this
-rank's share of one fixed batch, recording the loss averaged over ranks.  Rank 0 first trains an
+``python tools/distributed_worker.py WRAPPERS RANK WORLD_SIZE PORT OUT_JSON`` (the repository root
+on ``PYTHONPATH``, as the test sets it) joins a ``gloo`` process group on ``127.0.0.1:PORT``; for
+each of the comma-separated ``WRAPPERS`` (``ddp``, or ``fsdp2``: per-layer ``fully_shard`` then the
+root) it wraps a fresh model and runs a few SGD steps on this rank's share of one fixed batch,
+recording the loss averaged over ranks.  Rank 0 first trains an
 unwrapped copy on the whole batch (the single-process reference) and writes every loss list to
 ``OUT_JSON`` as ``{"reference": [...], "ddp": [...], ...}``.  Everything runs on the CPU through
 Triton's interpreter.

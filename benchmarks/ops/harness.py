@@ -1,0 +1,445 @@
+"""The op benchmarks' harness: how an op is declared (:class:`OpSpec`), and the one loop that checks
+and times every op (:func:`run_case`, :func:`run`).
+
+An op file (``rms_norm.py``, ``glu.py``, ``rope.py``, ``attention.py``, ``cross_entropy.py``)
+declares its :class:`OpSpec`: how its inputs are built (:class:`Inputs` of a :class:`Case`), how
+many bytes (or FLOP) one call must move (or do), which providers exist besides the three most ops
+have (``ours``, ``eager``, ``torch.compile``; an op's ``base`` may name fewer, see
+:func:`providers`) and what they are (``provider_notes``, assembled by :func:`provider_notes`).
+For every op and shape the loop checks each provider's outputs and gradients against the
+reference (ours, or eager where ours cannot run), then times each mode with rotated inputs and
+records the peak memory.
+
+A provider function may carry a ``context`` attribute (a context-manager factory): every step of it
+that the loop checks or times (forward, backward, both) runs inside that context (see
+:func:`_steps_in`), e.g. ``ours-deterministic``'s deterministic algorithms, which its backward reads.
+A provider may also carry a ``layout`` (``varlen_attention``'s padded batches): its inputs are
+converted to it before any timing, and its outputs and gradients are checked back in the op's own
+layout (see :func:`_in_own_layout`, :func:`_check_run`).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from llama_kernels import reference
+
+from ..common import (Missing, Record, Settings, Skipped, bench, classify, cycling, free_memory, nbytes,
+                      peak_memory, rotation, say)
+from ..shapes import LLAMA2_7B, LLAMA3_8B, SMOKE, SMOLLM2_135M, head_dim
+
+TRAIN_MODES = ("forward", "backward", "forward+backward")
+
+
+def model_dims(config: dict, **overrides) -> dict:
+    """The sizes op inputs are built from, of a model ``config`` (benchmarks/shapes.py): hidden,
+    intermediate (the MLP's width), hq and hk (query and key/value heads), d (head dim), vocab."""
+    dims = dict(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+                hq=config["num_attention_heads"], hk=config["num_key_value_heads"], d=head_dim(config),
+                vocab=config["vocab_size"])
+    return {**dims, **overrides}
+
+
+# The model shapes op sizes come from (their transformers configs).  LLaMA-2-7B is used for its
+# MLP width and vocabulary only; SmolLM2-135M is the small model the project's demos run; "smoke"
+# is for CPU runs (its vocabulary is odd, a multiple of no block size, so the tails run too).
+MODELS = {
+    "llama3-8b": model_dims(LLAMA3_8B),
+    "llama2-7b": model_dims(LLAMA2_7B),
+    "smollm2-135m": model_dims(SMOLLM2_135M),
+    "smoke": model_dims(SMOKE, vocab=1031),
+}
+
+# Token counts (batch 1) per run mode; decode's are KV-cache lengths.  fp16 runs once per op, at
+# `fp16_at` tokens on the op's first shape: it takes the same kernels as bf16, so one point shows
+# whether it differs.  varlen's are the tokens of a packed batch (see shapes.varlen_lengths); lce's
+# those of the LM head and its loss (linear_cross_entropy: a training batch's 4k to 16k tokens).
+SWEEPS = {
+    "full": dict(tokens=(1024, 2048, 4096, 8192, 16384, 32768), decode=(1024, 4096, 16384, 32768),
+                 varlen=(4096, 8192, 16384, 32768), lce=(4096, 8192, 16384), fp16_at=4096),
+    "quick": dict(tokens=(2048, 8192), decode=(4096, 32768), varlen=(8192, 16384), lce=(4096, 8192),
+                  fp16_at=None),
+    "smoke": dict(tokens=(16, 32), decode=(32, 64), varlen=(40,), lce=(16, 40), fp16_at=16),
+}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# Largest max|a - b| / max|ref| accepted between two providers: a few roundings of the dtype (bf16
+# keeps 8 bits, fp16 11), loose enough for eager attention's bf16 scores, far below a wrong result.
+TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
+
+
+@dataclass
+class Case:
+    """One shape an op runs at: the model's dims, the token count, the dtype and the device."""
+
+    shape: str
+    dims: dict
+    tokens: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclass
+class Inputs:
+    """What one call of every provider takes, and the tensors whose gradients the check compares."""
+
+    args: tuple  # what every provider is called with
+    leaves: tuple = ()  # the tensors gradients are taken for (autograd leaves under args)
+
+
+@dataclass
+class OpSpec:
+    """One op of the benchmark: its inputs, its work per call, its providers and what they are."""
+
+    name: str
+    lk_name: str  # the public function in llama_kernels
+    ref_name: str  # its eager twin in llama_kernels.reference
+    adapt: Callable  # f -> the provider function of Inputs.args (adds eps, causal, ...)
+    build: Callable  # (case, generator, requires_grad) -> Inputs
+    work: Callable  # (case, mode) -> (amount, "B" | "FLOP") per call
+    dims: Callable  # model dims -> the ones this op depends on (for the record)
+    shapes: tuple  # model shapes of the full sweep (quick runs the first only)
+    extra: dict = field(default_factory=dict)  # more providers: name -> factory(spec) -> function
+    modes: tuple = TRAIN_MODES
+    note: str = ""
+    sweep: str = "tokens"  # which token counts of SWEEPS[mode] the op runs at
+    base: tuple = ("ours", "eager", "torch.compile")  # the providers every op has, unless it says otherwise
+    case_dims: Callable | None = None  # case -> more dims for its records (e.g. varlen's lengths)
+    memory_vs: str | None = None  # a provider whose peak memory ours' is given as a ratio of (see run_case)
+    provider_notes: dict = field(default_factory=dict)  # what this op's `extra` providers are, for the report
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers of the op files: inputs and work.  Projections come as (B, T, H, D) buffers seen as
+# (B, H, T, D) views, as in the model.
+# ---------------------------------------------------------------------------------------------
+def randn(case: Case, gen, *shape, grad=False) -> torch.Tensor:
+    """A standard normal tensor of ``shape`` in the case's dtype and device, a leaf if ``grad``."""
+    t = torch.randn(*shape, generator=gen, device=case.device, dtype=case.dtype)
+    return t.requires_grad_(grad)
+
+
+def heads(case: Case, gen, n_heads: int, tokens: int, grad: bool):
+    """``(buffer, view)``: a ``(1, tokens, n_heads, D)`` buffer (the leaf) and its ``(1, n_heads,
+    tokens, D)`` transposed view (what the providers take)."""
+    buf = randn(case, gen, 1, tokens, n_heads, case.dims["d"], grad=grad)
+    return buf, buf.transpose(1, 2)
+
+
+def head_dims(model: dict) -> dict:
+    """The dims of an attention-shaped op's records: query and key/value heads and the head dim."""
+    return {k: model[k] for k in ("hq", "hk", "d")}
+
+
+def by_mode(mode: str, fwd, bwd):
+    """The work of ``mode`` from the forward's and the backward's."""
+    return {"forward": fwd, "backward": bwd, "forward+backward": fwd + bwd}[mode]
+
+
+def element_size(case: Case) -> int:
+    """Bytes per element of the case's dtype."""
+    return torch.finfo(case.dtype).bits // 8
+
+
+def liger_provider(attr: str, adapt: Callable, note: str = ""):
+    """Factory of a Liger-Kernel provider: ``adapt(liger_kernel.<module>.<name>)``, ``attr`` the
+    dotted path of that function.  The factory's ``liger_function`` (the name) goes into the
+    report's note of the ``liger`` provider (:func:`provider_notes`)."""
+
+    def factory():
+        module_name, name = attr.rsplit(".", 1)
+        try:
+            fn = adapt(getattr(importlib.import_module(module_name), name))
+        except Exception as exc:
+            raise Missing(f"liger_kernel not importable ({type(exc).__name__}: {exc}); "
+                          "benchmarks/README.md says how to carry its wheel") from None
+        fn.note = note or None
+        return fn
+
+    factory.liger_function = attr.rsplit(".", 1)[1]
+    return factory
+
+
+def provider_notes(specs) -> dict:
+    """What each provider of ``specs`` is, for the report's provider list: ours and its variants,
+    eager and torch.compile, Liger (the functions the op files name), then the others, in op order."""
+    contributed: dict = {}
+    for spec in specs:
+        contributed.update(spec.provider_notes)
+    liger = [f.liger_function for spec in specs for f in spec.extra.values()
+             if hasattr(f, "liger_function")]
+    notes = {"ours": "llama_kernels (Triton)"}
+    notes.update({name: note for name, note in contributed.items() if name.startswith("ours-")})
+    notes.update({
+        "eager": "llama_kernels.reference: the eager PyTorch twin of each op",
+        "torch.compile": "torch.compile (default mode) of the eager op; compile time is not timed; op runs "
+                         "compile backwards with torch._functorch.config.donated_buffer=False so that a "
+                         "backward can be timed alone (retain_graph)",
+    })
+    if liger:
+        notes["liger"] = f"Liger-Kernel's Triton ops ({', '.join(dict.fromkeys(liger))})"
+    notes.update({name: note for name, note in contributed.items() if name not in notes})
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+_COMPILED: dict = {}
+
+
+def providers(spec: OpSpec, settings: Settings) -> dict:
+    """name -> factory of the function every provider of ``spec`` is called through."""
+
+    def ours():
+        try:
+            import llama_kernels as lk
+
+            fn = getattr(lk, spec.lk_name)
+        except Exception as exc:  # an op module not written yet, or broken
+            raise Missing(f"llama_kernels.{spec.lk_name} not importable: {type(exc).__name__}: {exc}") from None
+        return spec.adapt(fn)
+
+    def compiled():
+        if not settings.compile:
+            raise Skipped("torch.compile providers are off (--no-compile, or --smoke where inductor's CPU "
+                          "compile takes ~20 s per graph; --compile turns them on)")
+        if spec.name not in _COMPILED:  # one per op, so dynamo's cache serves every shape
+            _COMPILED[spec.name] = torch.compile(spec.adapt(getattr(reference, spec.ref_name)))
+        return _COMPILED[spec.name]
+
+    def eager():
+        return spec.adapt(getattr(reference, spec.ref_name))
+
+    base = {"ours": ours, "eager": eager, "torch.compile": compiled}
+    return {**{name: base[name] for name in spec.base}, **spec.extra}
+
+
+def cases(spec: OpSpec, settings: Settings):
+    """Every :class:`Case` ``spec`` runs at in this run: its shapes (or ``--shapes``) times the
+    mode's token counts (or ``--tokens``), in bf16, plus fp16 at one point (``SWEEPS[mode]["fp16_at"]``)."""
+    sweep = SWEEPS[settings.mode]
+    if settings.shapes:  # --shapes: the same for every op
+        shapes = settings.shapes
+    elif settings.mode == "smoke":
+        shapes = ("smoke",)
+    else:
+        shapes = spec.shapes[:1] if settings.mode == "quick" else spec.shapes
+    tokens = settings.tokens or sweep[spec.sweep]
+    for i, shape in enumerate(shapes):
+        for n in tokens:
+            yield Case(shape, MODELS[shape], n, torch.bfloat16, settings.device)
+            if i == 0 and n == sweep["fp16_at"]:
+                yield Case(shape, MODELS[shape], n, torch.float16, settings.device)
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _cotangents(outs, seed: int):
+    """Random output gradients, laid out like the outputs (a provider may return strided views)."""
+    gen = torch.Generator(device=outs[0].device).manual_seed(seed)
+    cots = []
+    for o in outs:
+        values = torch.randn(o.shape, generator=gen, device=o.device, dtype=o.dtype)
+        cots.append(torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device).copy_(values))
+    return cots
+
+
+def _steps_in(fn):
+    """The context every checked or timed step of provider ``fn`` runs in: its ``context``
+    attribute (a context-manager factory), else none.  A backward step enters it too, so that a
+    setting the backward reads (deterministic algorithms) holds when autograd runs it."""
+    return getattr(fn, "context", None) or contextlib.nullcontext
+
+
+def _in_own_layout(fn, inputs: Inputs, grad: bool) -> Inputs:
+    """``inputs`` converted to provider ``fn``'s own layout (its ``layout`` attribute; see the
+    varlen providers), without autograd: its floating tensors become the new leaves.  Unchanged
+    for a provider without one."""
+    layout = getattr(fn, "layout", None)
+    if layout is None:
+        return inputs
+    with torch.no_grad():
+        args, _ = layout(*inputs.args)
+    args = tuple(a.detach().requires_grad_(grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)
+    leaves = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
+    return Inputs(args, leaves)
+
+
+def _check_run(fn, build, trains: bool):
+    """Outputs and (for training ops) input gradients of one call on input set 0.  A provider with
+    a ``layout`` is called through it, and its output restored, under autograd: outputs and
+    gradients come in the layout of ``build``'s inputs, comparable with every other provider's."""
+    inputs = build(0, trains)
+    layout = getattr(fn, "layout", None)
+    with _steps_in(fn)():
+        with torch.set_grad_enabled(trains):
+            if layout is None:
+                outs = _as_tuple(fn(*inputs.args))
+            else:
+                args, restore = layout(*inputs.args)
+                outs = _as_tuple(restore(fn(*args)))
+        grads = list(torch.autograd.grad(outs, inputs.leaves, _cotangents(outs, 7))) if trains else []
+    return [o.detach() for o in outs] + grads
+
+
+def _max_rel_err(got: list, want: list) -> float:
+    """max over tensors of max|got - want| / max|want|: inf on a shape mismatch or a non-finite value."""
+    if len(got) != len(want):
+        return float("inf")
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        if g.shape != w.shape or not torch.isfinite(g).all():
+            return float("inf")
+        scale = w.float().abs().max().clamp_min(1e-6)
+        worst = max(worst, ((g.float() - w.float()).abs().max() / scale).item())
+    return worst
+
+
+def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
+    """(call, sets): a no-argument function doing one ``mode`` step on the next of several input
+    sets, rotated so that the sets together exceed the L2.  Each step (and the forward that records
+    a backward's graph) runs in the provider's context (:func:`_steps_in`)."""
+    steps_in = _steps_in(fn)
+    own_build = build
+
+    def build(i, grad):  # in the provider's own layout, converted outside the timing
+        return _in_own_layout(fn, own_build(i, grad), grad)
+
+    probe = build(0, trains)
+    set_bytes = nbytes(*probe.args) * (2 if mode != "forward" else 1)  # + cotangents, about as large
+    del probe
+    if mode == "forward":
+        grad_mode = torch.enable_grad if trains else torch.no_grad  # a training forward records the graph
+
+        def call(inp):
+            with grad_mode(), steps_in():
+                return fn(*inp.args)
+
+        return cycling(rotation(lambda i: build(i, trains), set_bytes, settings), call), None
+
+    def make(i):
+        inp = build(i, True)
+        with steps_in():
+            outs = _as_tuple(fn(*inp.args))  # the graph is recorded once per set, kept for `backward`
+        cots = _cotangents(outs, 100 + i)  # laid out like this provider's outputs
+        return inp, (outs if mode == "backward" else None), cots
+
+    def backward(s):
+        with steps_in():
+            return torch.autograd.grad(s[1], s[0].leaves, s[2], retain_graph=True)
+
+    def forward_backward(s):
+        with steps_in():
+            return torch.autograd.grad(_as_tuple(fn(*s[0].args)), s[0].leaves, s[2])
+
+    sets = rotation(make, set_bytes, settings)
+    return cycling(sets, backward if mode == "backward" else forward_backward), sets
+
+
+def _memory_ratios(rs: list, other: str) -> None:
+    """Ours' peak memory over ``other``'s, mode by mode, in ``extra["peak_mem_vs_<other>"]`` and the
+    note of ours' records (so the markdown lists it under the table) and in the log: the figure a
+    fused op is judged by.  Nothing where either has no peak (the CPU allocator keeps none)."""
+    by = {(r.provider, r.mode): r for r in rs if r.status == "ok"}
+    for mode in dict.fromkeys(r.mode for r in rs):
+        ours, base = by.get(("ours", mode)), by.get((other, mode))
+        if ours is None or base is None or not ours.peak_mem_delta_bytes or not base.peak_mem_delta_bytes:
+            continue
+        ratio = ours.peak_mem_delta_bytes / base.peak_mem_delta_bytes
+        ours.extra[f"peak_mem_vs_{other}"] = ratio
+        line = f"peak memory {ratio:.2f}x {other}'s at {ours.shape} T={ours.tokens} {ours.dtype}"
+        ours.note = "; ".join(filter(None, (ours.note, line)))
+        say(f"ops {ours.op} [{mode}] ours: {line}")
+
+
+def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records: list) -> None:
+    """Check, then time, every provider of ``spec`` at ``case``; one record per provider and mode
+    into ``records`` (a provider that failed or disagrees is recorded with why, and not timed)."""
+    trains = spec.modes != ("forward",)
+    first = len(records)  # this case's records are records[first:]
+    dtype = DTYPE_NAMES[case.dtype]
+
+    def build(i, grad):
+        return spec.build(case, torch.Generator(device=case.device).manual_seed(1000 + i), grad)
+
+    def record(provider, mode, **kw):
+        work, unit = spec.work(case, mode)
+        dims = {**spec.dims(case.dims), "batch": 1, **(spec.case_dims(case) if spec.case_dims else {})}
+        r = Record("ops", spec.name, mode, provider, case.shape, dims, case.tokens, dtype, work=work,
+                   work_unit=unit, **kw)
+        records.append(r)
+        return r
+
+    say(f"ops {spec.name} {case.shape} T={case.tokens} {dtype}")
+    reference_out, reference_name = None, None
+    for name, factory in providers(spec, settings).items():
+        # 1. Check: outputs (and gradients) against the reference, the first provider that ran.
+        fn = err = None
+        try:
+            fn = factory()
+            out = _check_run(fn, build, trains)
+            if reference_out is None:
+                reference_out, reference_name = out, name
+            else:
+                err = _max_rel_err(out, reference_out)
+            del out
+        except Exception as exc:
+            status, reason = classify(exc)
+            for mode in spec.modes:
+                say(record(name, mode, status=status, reason=reason).describe())
+            free_memory()
+            continue
+        note = getattr(fn, "note", None)
+        if err is not None and not err <= TOLERANCE[case.dtype]:
+            reason = f"max|out - {reference_name}| / max|{reference_name}| = {err:.3g} > {TOLERANCE[case.dtype]}"
+            for mode in spec.modes:
+                say(record(name, mode, status="mismatch", reason=reason, note=note, max_rel_err=err).describe())
+            continue
+        # 2. Time every mode, then one more call for its peak memory.
+        for mode in spec.modes:
+            r = record(name, mode, note=note, max_rel_err=err)
+            call = sets = None
+            try:
+                call, sets = _timed_call(fn, build, mode, trains, settings)
+                r.set_timing(bench(call, settings), limits)
+                r.peak_mem_bytes, r.peak_mem_delta_bytes = peak_memory(call, settings.device)
+            except Exception as exc:
+                r.status, r.reason = classify(exc)
+            del call, sets  # the input sets and recorded graphs: free before the next mode
+            free_memory()
+            say(r.describe())
+    del reference_out
+    free_memory()
+    if spec.memory_vs:
+        _memory_ratios(records[first:], spec.memory_vs)
+
+
+def run(specs, settings: Settings, limits: dict, records: list, progress=None) -> None:
+    """Measure every op of ``specs`` (those of ``settings.ops``, when given) at every case into ``records``.
+
+    ``progress(label)``, when given, is called after each op's figures are in ``records``
+    (``__main__`` rewrites the report then, so a run killed later keeps them).
+    """
+    import torch._functorch.config as functorch_config
+
+    # AOTAutograd lets a compiled backward reuse ("donate") its saved tensors by default, which
+    # forbids retain_graph=True, and the backward mode times torch.autograd.grad(retain_graph=True)
+    # on one recorded graph.  The choice is made when the backward compiles (its first call), so it
+    # is switched off for the whole op run.
+    no_donation = functorch_config.patch(donated_buffer=False) if hasattr(
+        functorch_config, "donated_buffer") else contextlib.nullcontext()
+    with no_donation:
+        for spec in specs:
+            if settings.ops and spec.name not in settings.ops:
+                continue
+            for case in cases(spec, settings):
+                run_case(spec, case, settings, limits, records)
+            if progress is not None:
+                progress(f"ops {spec.name}")
