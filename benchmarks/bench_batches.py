@@ -45,9 +45,11 @@ import itertools
 
 import torch
 
+from llama_kernels.ops.registry import varlen_lengths
+
 from . import shapes
 from .common import Missing, Record, Settings, Timing, building, classify, free_memory, say, time_calls
-from .shapes import linear_params, varlen_lengths
+from .shapes import linear_params
 
 # LLaMA-3.2-1B's shape (head dim 64, tied embeddings), without its RoPE scaling (the sweep sets
 # the layer count); "smoke" for CPU runs: a tiny model of the same kind.
@@ -56,7 +58,7 @@ SMOKE = dict(LLAMA32_1B, vocab_size=128, hidden_size=64, intermediate_size=128, 
              num_key_value_heads=1, head_dim=32, max_position_embeddings=4096)
 
 # batch: prompts, the longest `prompt` tokens (the others drawn from [prompt/4, prompt]); `new`
-# tokens generated; train: real tokens of a training step (lengths: shapes.varlen_lengths).
+# tokens generated; train: real tokens of a training step (lengths: registry.varlen_lengths).
 SWEEPS = {
     "full": dict(layers=16, batch=16, prompt=1024, new=128, train=(8192, 16384), warmup=2, reps=5),
     "quick": dict(layers=16, batch=8, prompt=512, new=64, train=(8192,), warmup=1, reps=3),

@@ -89,18 +89,18 @@ class ModelSpec:
     source: str = ""
 
 
-# The real models at their full depth (their configs: benchmarks/shapes.py; copies, so that
-# nothing here can change another benchmark's).  LLaMA-3-8B as Meta-Llama-3-8B's config.json has
-# it: 8192 positions (the shared config takes 3.1's 131072), untied LM head.
+# The real models at their full depth (their configs: benchmarks/shapes.py, the op registry's;
+# the layer counts are the models' config.json's).  LLaMA-3-8B as Meta-Llama-3-8B's config.json
+# has it: 8192 positions (the shared config takes 3.1's 131072), untied LM head.
 MODELS = {
     "llama3-8b": ModelSpec("LLaMA-3-8B", "llama", dict(
-        shapes.LLAMA3_8B, max_position_embeddings=8192, tie_word_embeddings=False), ref=True,
+        shapes.LLAMA3_8B, max_position_embeddings=8192, tie_word_embeddings=False, num_hidden_layers=32), ref=True,
         source="meta-llama/Meta-Llama-3-8B config.json"),
-    "llama3.2-1b": ModelSpec("LLaMA-3.2-1B", "llama", dict(shapes.LLAMA32_1B), ref=True,
+    "llama3.2-1b": ModelSpec("LLaMA-3.2-1B", "llama", dict(shapes.LLAMA32_1B, num_hidden_layers=16), ref=True,
                              source="meta-llama/Llama-3.2-1B config.json"),
-    "qwen3-8b": ModelSpec("Qwen3-8B", "qwen3", dict(shapes.QWEN3_8B), ref=False,
+    "qwen3-8b": ModelSpec("Qwen3-8B", "qwen3", dict(shapes.QWEN3_8B, num_hidden_layers=36), ref=False,
                           source="Qwen/Qwen3-8B config.json (q/k RMSNorm per head)"),
-    "gemma2-9b": ModelSpec("Gemma-2-9B", "gemma2", dict(shapes.GEMMA2_9B), ref=False,
+    "gemma2-9b": ModelSpec("Gemma-2-9B", "gemma2", dict(shapes.GEMMA2_9B, num_hidden_layers=42), ref=False,
                            source="google/gemma-2-9b config.json (sliding window 4096 on alternate layers, "
                                   "softcaps 50/30)"),
 }

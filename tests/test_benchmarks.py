@@ -138,11 +138,12 @@ def test_smoke_run_measures_the_lm_head_and_loss(smoke_run):
 def test_lce_inputs_have_realistic_logits_and_ignored_targets():
     import torch
 
-    from benchmarks.ops.cross_entropy import LCE_IGNORED, _build_lce
-    from benchmarks.ops.harness import MODELS, Case
+    from benchmarks.ops.harness import MODELS, Case, build_inputs
+    from llama_kernels.ops.registry import LOSS_IGNORED as LCE_IGNORED
 
+    spec = next(s for s in OPS if s.name == "linear_cross_entropy")
     case = Case("smoke", MODELS["smoke"], 40, torch.bfloat16, torch.device("cpu"))
-    inp = _build_lce(case, torch.Generator().manual_seed(1000), True)
+    inp = build_inputs(spec, case, 1000, True)
     x, w, target = inp.args
     assert inp.leaves == (x, w) and x.requires_grad and w.requires_grad and x.dtype == w.dtype == torch.bfloat16
     assert w.shape == (MODELS["smoke"]["vocab"], MODELS["smoke"]["hidden"]) and target.dtype == torch.int64
@@ -151,7 +152,7 @@ def test_lce_inputs_have_realistic_logits_and_ignored_targets():
     ignored = target == -100
     assert ignored.sum().item() == max(1, round(40 * LCE_IGNORED))
     assert 0 <= target[~ignored].min() and target[~ignored].max() < MODELS["smoke"]["vocab"]
-    again = _build_lce(case, torch.Generator().manual_seed(1000), False).args
+    again = build_inputs(spec, case, 1000, False).args
     assert all(torch.equal(a, b) for a, b in zip((x, w, target), again))  # fixed seeds: every provider alike
 
 
@@ -676,7 +677,7 @@ def test_decode_bytes_split_at_the_graph_baseline():
 # --- packed (varlen) attention and the padded/packed batches of transformers' model ----------------
 
 def test_varlen_lengths_are_uneven_fixed_and_total_the_tokens():
-    from benchmarks.shapes import varlen_lengths
+    from llama_kernels.ops.registry import varlen_lengths
 
     for total in (1, 7, 40, 8192, 16384):
         lengths = varlen_lengths(total)

@@ -1,8 +1,9 @@
 """Per-op benchmarks: every llama_kernels op against eager, torch.compile, Liger-Kernel, SDPA, flash-attn.
 
-One table, :data:`OPS`, says for each op which model shapes it runs at, how its inputs are built,
-how many bytes (or FLOP) one call must move (or do), and which providers exist besides the three
-most ops have (``ours``, ``eager``, ``torch.compile``; an op's ``base`` may name fewer).  Each op
+One table, :data:`OPS`, says for each op which model shapes it runs at, which sample of the op
+registry (``llama_kernels.ops.registry.SAMPLES``) builds its inputs and names its kernel and eager
+twin, how many bytes (or FLOP) one call must move (or do), and which providers exist besides the
+three most ops have (``ours``, ``eager``, ``torch.compile``; an op's ``base`` may name fewer).  Each op
 family declares its ops in its own file (``rms_norm``, ``glu``, ``rope``, ``attention``,
 ``cross_entropy``); :mod:`benchmarks.ops.harness` holds the declaration type and the one loop
 (:func:`~benchmarks.ops.harness.run_case`) that does the same for every op and shape: check each

@@ -1,47 +1,30 @@
 """Attention: causal prefill (``flash_attention``), one token's decode over a KV cache (``decode``)
 and packed sequences of uneven lengths (``varlen_attention``), against SDPA's backends, flash-attn,
 padded batches and a per-sequence loop.
+
+Inputs: the registry's samples of the same names.  q ``(1, Hq, N, D)``, k, v ``(1, Hk, N, D)`` in
+the layouts of transposed views of ``(1, N, H, D)`` projections, as in the model, ``causal=True``;
+decode: one query over a KV cache of N positions laid out as the cache is; varlen: a packed batch
+(``registry.varlen_lengths``) with ``cu_seqlens_q`` (int32, on the device) and the longest length
+as an int (no host sync in ours).
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 
 import torch
 import torch.nn.functional as F
 
 from llama_kernels import reference
+from llama_kernels.ops.registry import SAMPLES, varlen_lengths
 
 from ..common import Missing
-from ..shapes import varlen_lengths
-from .harness import Inputs, OpSpec, by_mode, element_size, head_dims, heads, randn
+from .harness import OpSpec, by_mode, element_size, head_dims
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs and work per call
+# Work per call
 # ---------------------------------------------------------------------------------------------
-def _build_attention(case, gen, grad):
-    (qb, q), (kb, k), (vb, v) = (heads(case, gen, case.dims[h], case.tokens, grad) for h in ("hq", "hk", "hk"))
-    return Inputs((q, k, v), (qb, kb, vb))
-
-
-def _build_decode(case, gen, grad):
-    # One new token's query against a KV cache of `tokens` positions, laid out as the cache is.
-    _, q = heads(case, gen, case.dims["hq"], 1, False)
-    k = randn(case, gen, 1, case.dims["hk"], case.tokens, case.dims["d"])
-    v = randn(case, gen, 1, case.dims["hk"], case.tokens, case.dims["d"])
-    return Inputs((q, k, v))
-
-
-def _build_varlen(case, gen, grad):
-    # Packed: q (1, Hq, total, D), k, v (1, Hk, total, D) as transposed views of (1, total, H, D),
-    # cu_seqlens int32 on the device, and the longest length as an int (no host sync in ours).
-    (qb, q), (kb, k), (vb, v) = (heads(case, gen, case.dims[h], case.tokens, grad) for h in ("hq", "hk", "hk"))
-    lengths = varlen_lengths(case.tokens)
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=case.device)
-    return Inputs((q, k, v, cu, max(lengths)), (qb, kb, vb))
-
-
 def _varlen_case_dims(case):
     lengths = varlen_lengths(case.tokens)
     return {"sequences": len(lengths), "max_len": max(lengths), "padded_tokens": len(lengths) * max(lengths),
@@ -67,24 +50,10 @@ def _work_decode(case, mode):
 
 
 # ---------------------------------------------------------------------------------------------
-# Calls and providers beyond ours / eager / torch.compile
+# Providers beyond ours / eager / torch.compile.  Each is called as the sample says, (q, k, v,
+# causal=True[, cu_seqlens_q=..., max_seqlen_q=..., max_seqlen_k=...]); SDPA's and flash-attn's
+# causal masks are their own (the `causal` each was made with): see _attention_extras.
 # ---------------------------------------------------------------------------------------------
-# How each op calls a function of its family: ours and eager share one adapter, and the eager one
-# is what torch.compile compiles.  (decode has its own lambda so that torch.compile caches its
-# graphs apart from prefill's.)
-def _attention_call(f):
-    return lambda q, k, v: f(q, k, v, causal=True)
-
-
-def _decode_call(f):
-    return lambda q, k, v: f(q, k, v, True)
-
-
-def _varlen_call(f):
-    return lambda q, k, v, cu, max_len: f(q, k, v, causal=True, cu_seqlens_q=cu, max_seqlen_q=max_len,
-                                          max_seqlen_k=max_len)
-
-
 class Sdpa:
     """``F.scaled_dot_product_attention`` pinned to one backend with ``sdpa_kernel``.
 
@@ -107,7 +76,7 @@ class Sdpa:
         with sdpa_kernel(getattr(SDPBackend, self.backend_name)):
             return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=not expand)
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, **options):  # options: the sample's causal=True, which self.causal replaces
         if self.expand is not None:
             return self._call(q, k, v, self.expand)
         try:
@@ -137,7 +106,7 @@ def _flash_attn(causal: bool):
         except Exception as exc:
             raise Missing(f"flash_attn not importable ({type(exc).__name__}: {exc})") from None
 
-        def run(q, k, v):  # flash-attn takes (B, T, H, D): our views transposed back, no copy
+        def run(q, k, v, **options):  # flash-attn takes (B, T, H, D): our views transposed back, no copy
             out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
             return out.transpose(1, 2)
 
@@ -148,27 +117,25 @@ def _flash_attn(causal: bool):
 
 
 def _ours_with_options():
-    """``llama_kernels``; Missing when it, or its ``kernel_options``, is not importable."""
+    """``(flash_attention, kernel_options)`` of ``llama_kernels`` (the sample's kernel, looked up
+    now); Missing when either is not importable."""
     try:
         import llama_kernels as lk
 
-        lk.kernel_options  # noqa: B018  (the switch ours-portable-fwd sets)
+        return SAMPLES["flash_attention"].kernel(), lk.kernel_options  # the switch ours-portable-fwd sets
     except Exception as exc:
         raise Missing(f"llama_kernels.kernel_options not importable: {type(exc).__name__}: {exc}") from None
-    return lk
 
 
 def _ours_portable_fwd():
     """Ours with the ``tma_forward=False`` kernel option during each call: the portable forward
     kernel where ours would take the Hopper TMA one.  The backward does not read the option, so
     it is ours'."""
-    lk = _ours_with_options()
-    options = lk.kernel_options
-    call = _attention_call(lk.flash_attention)
+    kernel, options = _ours_with_options()
 
-    def run(q, k, v):
+    def run(*args, **kwargs):
         with options(tma_forward=False):
-            return call(q, k, v)
+            return kernel(*args, **kwargs)
 
     run.note = "kernel_options(tma_forward=False): the portable forward kernel; backward as ours"
     return run
@@ -200,8 +167,11 @@ def _ours_deterministic():
     """Ours with deterministic algorithms on for each checked or timed step, its backward included
     (the ``context`` attribute, honoured by :func:`_steps_in`): the two-kernel backward schedule
     instead of the fused one with float32 atomic dQ."""
-    lk = _ours_with_options()
-    run = _attention_call(lk.flash_attention)
+    kernel, _ = _ours_with_options()
+
+    def run(*args, **kwargs):  # a function of ours to carry the attributes, not the package's
+        return kernel(*args, **kwargs)
+
     run.context = deterministic_algorithms
     run.note = ("torch.use_deterministic_algorithms(True) around each step, backward included: "
                 "the deterministic backward (separate dQ and dK/dV kernels)")
@@ -219,11 +189,12 @@ def _attention_extras(causal: bool) -> dict:
 
 
 # Packed (varlen) attention.  Providers that want another layout (a padded batch, a list of
-# slices) carry a ``layout`` attribute: ``layout(*packed_args) -> (their args, restore)``, where
-# ``restore`` maps their output back to the packed layout.  The check runs layout -> call ->
-# restore under autograd, so outputs and input gradients are compared in the packed layout with
-# the same cotangents; the timed calls get inputs converted beforehand (:func:`_in_own_layout`),
-# so a conversion is never timed: a padded batch is what its user already has.
+# slices) carry a ``layout`` attribute: ``layout(*packed_args, **packed_kwargs) -> (their args,
+# their kwargs, restore)``, where ``restore`` maps their output back to the packed layout.  The
+# check runs layout -> call -> restore under autograd, so outputs and input gradients are compared
+# in the packed layout with the same cotangents; the timed calls get inputs converted beforehand
+# (:func:`_in_own_layout`), so a conversion is never timed: a padded batch is what its user
+# already has.
 def _bounds(cu) -> list:
     cu = cu.tolist()
     return list(zip(cu[:-1], cu[1:], strict=True))
@@ -242,8 +213,8 @@ def _unpad(out, bounds):
 
 
 def _padded_layout(masked: bool):
-    def layout(q, k, v, cu, max_len):
-        bounds = _bounds(cu)
+    def layout(q, k, v, *, cu_seqlens_q, **options):
+        bounds = _bounds(cu_seqlens_q)
         width = max(b - a for a, b in bounds)
         args = tuple(_pad(t, bounds, width) for t in (q, k, v))
         if masked:  # as transformers builds it for a padded batch: causal, and no padding key
@@ -251,7 +222,7 @@ def _padded_layout(masked: bool):
             keys = torch.arange(width, device=q.device)
             mask = reference.causal_mask(width, width, q.device)[None] & (keys < lengths[:, None])[:, None, :]
             args += (mask[:, None],)  # (B, 1, width, width)
-        return args, lambda out: _unpad(out, bounds)
+        return args, {}, lambda out: _unpad(out, bounds)
 
     return layout
 
@@ -289,8 +260,8 @@ class _SdpaLoop:
         self.inner = Sdpa("FLASH_ATTENTION", causal=True, what="one SDPA flash call per sequence, outputs "
                                                                "concatenated")
 
-    def layout(self, q, k, v, cu, max_len):
-        return (q, k, v, _bounds(cu)), (lambda out: out)
+    def layout(self, q, k, v, *, cu_seqlens_q, **options):
+        return (q, k, v, _bounds(cu_seqlens_q)), {}, (lambda out: out)
 
     def __call__(self, q, k, v, bounds):
         return torch.cat([self.inner(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b]) for a, b in bounds], dim=2)
@@ -306,9 +277,10 @@ def _flash_attn_varlen():
     except Exception as exc:
         raise Missing(f"flash_attn not importable ({type(exc).__name__}: {exc})") from None
 
-    def run(q, k, v, cu, max_len):  # (total, H, D): our views transposed back, no copy
+    def run(q, k, v, *, cu_seqlens_q, max_seqlen_q, max_seqlen_k, causal=True):  # (total, H, D): no copy
+        cu = cu_seqlens_q
         out = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                     cu, cu, max_len, max_len, causal=True)
+                                     cu, cu, max_seqlen_q, max_seqlen_k, causal=causal)
         return out.unsqueeze(0).transpose(1, 2)
 
     run.note = "flash_attn_varlen_func, native GQA"
@@ -316,12 +288,15 @@ def _flash_attn_varlen():
 
 
 def _varlen_eager():
-    def run(q, k, v, cu, max_len):
-        return reference.varlen_attention(q, k, v, cu, None, True)
+    """The sample's eager twin (``reference.flash_attention`` with ``cu_seqlens_q``, which runs
+    ``reference.varlen_attention``), with a note of what it does."""
+    eager = SAMPLES["varlen_attention"].eager()
+
+    def run(*args, **kwargs):
+        return eager(*args, **kwargs)
 
     run.note = "reference.varlen_attention: eager attention per sequence (a Python loop, scores materialised)"
     return run
-
 
 
 
@@ -335,8 +310,7 @@ _SDPA_NOTES = {
 }
 
 FLASH_ATTENTION = OpSpec(
-    "flash_attention", "flash_attention", "attention", _attention_call, _build_attention, _work_attention,
-    head_dims, ("llama3-8b", "smollm2-135m"),
+    "flash_attention", "flash_attention", _work_attention, head_dims, ("llama3-8b", "smollm2-135m"),
     {"ours-portable-fwd": _ours_portable_fwd, "ours-deterministic": _ours_deterministic,
      **_attention_extras(causal=True)},
     note="causal prefill, Tq = Tk = N, GQA: forward 4 Hq N^2 D / 2 FLOP (two matrix products, causal "
@@ -355,15 +329,14 @@ FLASH_ATTENTION = OpSpec(
     })
 
 DECODE = OpSpec(
-    "decode", "flash_attention", "attention", _decode_call, _build_decode, _work_decode, head_dims,
-    ("llama3-8b", "smollm2-135m"), _attention_extras(causal=False), modes=("forward",), sweep="decode",
+    "decode", "decode", _work_decode, head_dims, ("llama3-8b", "smollm2-135m"), _attention_extras(causal=False),
+    modes=("forward",), sweep="decode",
     note="one query token over a KV cache of L positions (the tokens column), inference: "
          "(2 Hq D + 2 Hk L D)s bytes: read q, K, V; write o; compared with the copy bandwidth.",
     provider_notes=_SDPA_NOTES)
 
 VARLEN_ATTENTION = OpSpec(
-    "varlen_attention", "flash_attention", "varlen_attention", _varlen_call, _build_varlen, _work_varlen,
-    head_dims, ("llama3-8b", "smollm2-135m"),
+    "varlen_attention", "varlen_attention", _work_varlen, head_dims, ("llama3-8b", "smollm2-135m"),
     {"eager": _varlen_eager, "flash-attn": _flash_attn_varlen, "sdpa-padded": _sdpa_padded,
      "sdpa-padded-mask": _sdpa_padded_mask, "sdpa-loop": _SdpaLoop},
     modes=("forward", "forward+backward"), sweep="varlen", base=("ours",), case_dims=_varlen_case_dims,

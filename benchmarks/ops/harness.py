@@ -2,10 +2,12 @@
 and times every op (:func:`run_case`, :func:`run`).
 
 An op file (``rms_norm.py``, ``glu.py``, ``rope.py``, ``attention.py``, ``cross_entropy.py``)
-declares its :class:`OpSpec`: how its inputs are built (:class:`Inputs` of a :class:`Case`), how
-many bytes (or FLOP) one call must move (or do), which providers exist besides the three most ops
-have (``ours``, ``eager``, ``torch.compile``; an op's ``base`` may name fewer, see
-:func:`providers`) and what they are (``provider_notes``, assembled by :func:`provider_notes`).
+declares its :class:`OpSpec`: the sample of the op registry (``llama_kernels.ops.registry.SAMPLES``)
+its inputs come from (:func:`build_inputs`: a :class:`Case`'s :class:`Inputs`), how many bytes (or
+FLOP) one call must move (or do), which providers exist besides the three most ops have (``ours``,
+the sample's kernel; ``eager``, its eager twin; ``torch.compile`` of that twin; an op's ``base``
+may name fewer, see :func:`providers`) and what they are (``provider_notes``, assembled by
+:func:`provider_notes`).  Every provider is called as the sample says, ``fn(*args, **kwargs)``.
 For every op and shape the loop checks each provider's outputs and gradients against the
 reference (ours, or eager where ours cannot run), then times each mode with rotated inputs and
 records the peak memory.
@@ -13,50 +15,37 @@ records the peak memory.
 A provider function may carry a ``context`` attribute (a context-manager factory): every step of it
 that the loop checks or times (forward, backward, both) runs inside that context (see
 :func:`_steps_in`), e.g. ``ours-deterministic``'s deterministic algorithms, which its backward reads.
-A provider may also carry a ``layout`` (``varlen_attention``'s padded batches): its inputs are
-converted to it before any timing, and its outputs and gradients are checked back in the op's own
-layout (see :func:`_in_own_layout`, :func:`_check_run`).
+A provider may also carry a ``layout`` (``varlen_attention``'s padded batches):
+``layout(*args, **kwargs) -> (its args, its kwargs, restore)``; its inputs are converted to it
+before any timing, and its outputs and gradients are checked back in the op's own layout (see
+:func:`_in_own_layout`, :func:`_check_run`).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import types
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from llama_kernels import reference
+from llama_kernels.ops.registry import MODEL_SHAPES, SAMPLES, SampleCase, dtype_name
+from llama_kernels.oracle import leaf
 
 from ..common import (Missing, Record, Settings, Skipped, bench, classify, cycling, free_memory, nbytes,
                       peak_memory, rotation, say)
-from ..shapes import LLAMA2_7B, LLAMA3_8B, SMOKE, SMOLLM2_135M, head_dim
 
 TRAIN_MODES = ("forward", "backward", "forward+backward")
 
-
-def model_dims(config: dict, **overrides) -> dict:
-    """The sizes op inputs are built from, of a model ``config`` (benchmarks/shapes.py): hidden,
-    intermediate (the MLP's width), hq and hk (query and key/value heads), d (head dim), vocab."""
-    dims = dict(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
-                hq=config["num_attention_heads"], hk=config["num_key_value_heads"], d=head_dim(config),
-                vocab=config["vocab_size"])
-    return {**dims, **overrides}
-
-
-# The model shapes op sizes come from (their transformers configs).  LLaMA-2-7B is used for its
-# MLP width and vocabulary only; SmolLM2-135M is the small model the project's demos run; "smoke"
+# The model shapes op sizes come from: the registry's (their transformers configs), as the short
+# dims op inputs are built from (hidden, intermediate, hq, hk, d, vocab, rope_theta, eps).  "smoke"
 # is for CPU runs (its vocabulary is odd, a multiple of no block size, so the tails run too).
-MODELS = {
-    "llama3-8b": model_dims(LLAMA3_8B),
-    "llama2-7b": model_dims(LLAMA2_7B),
-    "smollm2-135m": model_dims(SMOLLM2_135M),
-    "smoke": model_dims(SMOKE, vocab=1031),
-}
+MODELS = {name: shape.dims() for name, shape in MODEL_SHAPES.items()}
 
 # Token counts (batch 1) per run mode; decode's are KV-cache lengths.  fp16 runs once per op, at
 # `fp16_at` tokens on the op's first shape: it takes the same kernels as bf16, so one point shows
-# whether it differs.  varlen's are the tokens of a packed batch (see shapes.varlen_lengths); lce's
+# whether it differs.  varlen's are the tokens of a packed batch (see registry.varlen_lengths); lce's
 # those of the LM head and its loss (linear_cross_entropy: a training batch's 4k to 16k tokens).
 SWEEPS = {
     "full": dict(tokens=(1024, 2048, 4096, 8192, 16384, 32768), decode=(1024, 4096, 16384, 32768),
@@ -65,7 +54,6 @@ SWEEPS = {
                   fp16_at=None),
     "smoke": dict(tokens=(16, 32), decode=(32, 64), varlen=(40,), lce=(16, 40), fp16_at=16),
 }
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 # Largest max|a - b| / max|ref| accepted between two providers: a few roundings of the dtype (bf16
 # keeps 8 bits, fp16 11), loose enough for eager attention's bf16 scores, far below a wrong result.
 TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 1e-2, torch.float32: 1e-3}
@@ -84,25 +72,24 @@ class Case:
 
 @dataclass
 class Inputs:
-    """What one call of every provider takes, and the tensors whose gradients the check compares."""
+    """What one call of every provider takes, ``fn(*args, **kwargs)``, and the tensors whose
+    gradients the check compares."""
 
-    args: tuple  # what every provider is called with
-    leaves: tuple = ()  # the tensors gradients are taken for (autograd leaves under args)
+    args: tuple  # what every provider is called with, positionally
+    leaves: tuple = ()  # the tensors gradients are taken for (autograd leaves among args)
+    kwargs: dict = field(default_factory=dict)  # and by keyword
 
 
 @dataclass
 class OpSpec:
-    """One op of the benchmark: its inputs, its work per call, its providers and what they are."""
+    """One op of the benchmark: its registry sample, its work per call, its providers and what they are."""
 
-    name: str
-    lk_name: str  # the public function in llama_kernels
-    ref_name: str  # its eager twin in llama_kernels.reference
-    adapt: Callable  # f -> the provider function of Inputs.args (adds eps, causal, ...)
-    build: Callable  # (case, generator, requires_grad) -> Inputs
+    name: str  # the records' op label
+    sample: str  # the registry sample (registry.SAMPLES) that builds its inputs and names its kernel and twin
     work: Callable  # (case, mode) -> (amount, "B" | "FLOP") per call
     dims: Callable  # model dims -> the ones this op depends on (for the record)
     shapes: tuple  # model shapes of the full sweep (quick runs the first only)
-    extra: dict = field(default_factory=dict)  # more providers: name -> factory(spec) -> function
+    extra: dict = field(default_factory=dict)  # more providers: name -> factory() -> function
     modes: tuple = TRAIN_MODES
     note: str = ""
     sweep: str = "tokens"  # which token counts of SWEEPS[mode] the op runs at
@@ -113,20 +100,20 @@ class OpSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers of the op files: inputs and work.  Projections come as (B, T, H, D) buffers seen as
-# (B, H, T, D) views, as in the model.
+# Inputs, and helpers of the op files
 # ---------------------------------------------------------------------------------------------
-def randn(case: Case, gen, *shape, grad=False) -> torch.Tensor:
-    """A standard normal tensor of ``shape`` in the case's dtype and device, a leaf if ``grad``."""
-    t = torch.randn(*shape, generator=gen, device=case.device, dtype=case.dtype)
-    return t.requires_grad_(grad)
-
-
-def heads(case: Case, gen, n_heads: int, tokens: int, grad: bool):
-    """``(buffer, view)``: a ``(1, tokens, n_heads, D)`` buffer (the leaf) and its ``(1, n_heads,
-    tokens, D)`` transposed view (what the providers take)."""
-    buf = randn(case, gen, 1, tokens, n_heads, case.dims["d"], grad=grad)
-    return buf, buf.transpose(1, 2)
+def build_inputs(spec: OpSpec, case: Case, seed: int, grad: bool) -> Inputs:
+    """The inputs of one call of ``spec`` at ``case``: its registry sample built at the case's shape
+    (batch 1) from ``seed``; with ``grad``, the arguments the sample differentiates made leaves that
+    keep their strides (``llama_kernels.oracle.leaf``: q/k/v stay transposed views' layouts)."""
+    generator = torch.Generator(device=case.device).manual_seed(seed)
+    sample = SAMPLES[spec.sample].build(SampleCase(case.dims, 1, case.tokens, case.dtype, case.device, generator))
+    args = list(sample.args)
+    if grad:
+        for i in sample.grad:
+            args[i] = leaf(args[i])
+    leaves = tuple(args[i] for i in sample.grad) if grad else ()
+    return Inputs(tuple(args), leaves, dict(sample.kwargs))
 
 
 def head_dims(model: dict) -> dict:
@@ -194,28 +181,39 @@ _COMPILED: dict = {}
 def providers(spec: OpSpec, settings: Settings) -> dict:
     """name -> factory of the function every provider of ``spec`` is called through."""
 
+    sample = SAMPLES[spec.sample]
+
     def ours():
         try:
-            import llama_kernels as lk
-
-            fn = getattr(lk, spec.lk_name)
+            return sample.kernel()
         except Exception as exc:  # an op module not written yet, or broken
-            raise Missing(f"llama_kernels.{spec.lk_name} not importable: {type(exc).__name__}: {exc}") from None
-        return spec.adapt(fn)
+            raise Missing(f"llama_kernels.{sample.op} not importable: {type(exc).__name__}: {exc}") from None
 
     def compiled():
         if not settings.compile:
             raise Skipped("torch.compile providers are off (--no-compile, or --smoke where inductor's CPU "
                           "compile takes ~20 s per graph; --compile turns them on)")
-        if spec.name not in _COMPILED:  # one per op, so dynamo's cache serves every shape
-            _COMPILED[spec.name] = torch.compile(spec.adapt(getattr(reference, spec.ref_name)))
-        return _COMPILED[spec.name]
+        if spec.sample not in _COMPILED:  # one per sample, so dynamo's cache serves every shape
+            _COMPILED[spec.sample] = torch.compile(_own_code(sample.eager(), spec.sample))
+        return _COMPILED[spec.sample]
 
     def eager():
-        return spec.adapt(getattr(reference, spec.ref_name))
+        return sample.eager()
 
     base = {"ours": ours, "eager": eager, "torch.compile": compiled}
     return {**{name: base[name] for name in spec.base}, **spec.extra}
+
+
+def _own_code(fn: Callable, name: str) -> Callable:
+    """A function calling ``fn``, with a code object of its own (named ``name``).  Dynamo caches the
+    graphs of a compiled function on the code object it traces: two samples of one op (prefill and
+    decode both call the eager attention) get separate caches, as separate functions would."""
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=name)
+    return types.FunctionType(code, call.__globals__, name, call.__defaults__, call.__closure__)
 
 
 def cases(spec: OpSpec, settings: Settings):
@@ -265,11 +263,11 @@ def _in_own_layout(fn, inputs: Inputs, grad: bool) -> Inputs:
     if layout is None:
         return inputs
     with torch.no_grad():
-        args, _ = layout(*inputs.args)
+        args, kwargs, _ = layout(*inputs.args, **inputs.kwargs)
     args = tuple(a.detach().requires_grad_(grad) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
                  for a in args)
     leaves = tuple(a for a in args if isinstance(a, torch.Tensor) and a.requires_grad)
-    return Inputs(args, leaves)
+    return Inputs(args, leaves, kwargs)
 
 
 def _check_run(fn, build, trains: bool):
@@ -281,10 +279,10 @@ def _check_run(fn, build, trains: bool):
     with _steps_in(fn)():
         with torch.set_grad_enabled(trains):
             if layout is None:
-                outs = _as_tuple(fn(*inputs.args))
+                outs = _as_tuple(fn(*inputs.args, **inputs.kwargs))
             else:
-                args, restore = layout(*inputs.args)
-                outs = _as_tuple(restore(fn(*args)))
+                args, kwargs, restore = layout(*inputs.args, **inputs.kwargs)
+                outs = _as_tuple(restore(fn(*args, **kwargs)))
         grads = list(torch.autograd.grad(outs, inputs.leaves, _cotangents(outs, 7))) if trains else []
     return [o.detach() for o in outs] + grads
 
@@ -313,21 +311,21 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
         return _in_own_layout(fn, own_build(i, grad), grad)
 
     probe = build(0, trains)
-    set_bytes = nbytes(*probe.args) * (2 if mode != "forward" else 1)  # + cotangents, about as large
+    set_bytes = nbytes(*probe.args, *probe.kwargs.values()) * (2 if mode != "forward" else 1)  # + cotangents
     del probe
     if mode == "forward":
         grad_mode = torch.enable_grad if trains else torch.no_grad  # a training forward records the graph
 
         def call(inp):
             with grad_mode(), steps_in():
-                return fn(*inp.args)
+                return fn(*inp.args, **inp.kwargs)
 
         return cycling(rotation(lambda i: build(i, trains), set_bytes, settings), call), None
 
     def make(i):
         inp = build(i, True)
         with steps_in():
-            outs = _as_tuple(fn(*inp.args))  # the graph is recorded once per set, kept for `backward`
+            outs = _as_tuple(fn(*inp.args, **inp.kwargs))  # the graph is recorded once per set, kept for `backward`
         cots = _cotangents(outs, 100 + i)  # laid out like this provider's outputs
         return inp, (outs if mode == "backward" else None), cots
 
@@ -337,7 +335,7 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
 
     def forward_backward(s):
         with steps_in():
-            return torch.autograd.grad(_as_tuple(fn(*s[0].args)), s[0].leaves, s[2])
+            return torch.autograd.grad(_as_tuple(fn(*s[0].args, **s[0].kwargs)), s[0].leaves, s[2])
 
     sets = rotation(make, set_bytes, settings)
     return cycling(sets, backward if mode == "backward" else forward_backward), sets
@@ -364,10 +362,10 @@ def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records
     into ``records`` (a provider that failed or disagrees is recorded with why, and not timed)."""
     trains = spec.modes != ("forward",)
     first = len(records)  # this case's records are records[first:]
-    dtype = DTYPE_NAMES[case.dtype]
+    dtype = dtype_name(case.dtype)
 
     def build(i, grad):
-        return spec.build(case, torch.Generator(device=case.device).manual_seed(1000 + i), grad)
+        return build_inputs(spec, case, 1000 + i, grad)
 
     def record(provider, mode, **kw):
         work, unit = spec.work(case, mode)
