@@ -62,7 +62,6 @@ the graph breaks Dynamo counted over the provider's figures (``graph_breaks``, `
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import importlib
 import json
@@ -75,57 +74,64 @@ from pathlib import Path
 
 import torch
 
+from llama_kernels.integrations.transformers import families as transformers_families
+from llama_kernels.ops.registry import MODEL_SHAPES
+
+from . import shapes
 from .common import (Missing, Record, Settings, Skipped, Timing, Unreliable, building, classify, elapsed_s,
                      free_memory, peak_memory, say, settings_json, time_calls)
-from .shapes import GEMMA2_9B, LLAMA3_8B, QWEN3_8B, SMOKE, head_dim, linear_params
+from .shapes import head_dim, linear_params
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """One transformers model family of the model benchmark: ``--family NAME``."""
-
-    shape: str  # the records' shape label (the real model)
-    title: str  # the real model, for the log and the notes
-    module: str  # transformers.models.<module>.modeling_<module>
-    prefix: str  # class prefix: <prefix>Config, <prefix>ForCausalLM, <prefix>RMSNorm, <prefix>MLP
-    dims: dict  # the real model's config (its layer count replaced by the sweep's)
-    smoke: dict  # tiny config of the same kind, for --smoke
-    smoke_shape: str  # the records' shape label in smoke runs
-    liger: str  # liger_kernel.transformers' function for it
-    attention: str = "sdpa"  # transformers' attn_implementation of the hf providers
-    note: str | None = None  # what the FLOP counts leave out, for the records' note
-    ours_note: str | None = None  # what apply_kernels leaves to transformers, for hf+ours' note
-
-    @property
-    def config_class(self) -> str:
-        return f"{self.prefix}Config"
-
-    @property
-    def model_class(self) -> str:
-        return f"{self.prefix}ForCausalLM"
+# The families --family takes: the package's transformers families that name a real model to
+# measure (registry.MODEL_SHAPES: llama3-8b, qwen3-8b, gemma2-9b).  llama also has the
+# reference-model providers (eager, ours, torch.compile); the others run transformers' model only
+# (hf, hf+ours, hf+compile, hf+liger).
+FAMILIES = {key: family for key, family in transformers_families.FAMILIES.items() if family.model_shape}
+# Smoke runs: the family's real config at the registry smoke shape's sizes, with a vocabulary of
+# 256 (the odd vocabulary of the op benchmark's smoke shape is there for the kernels' tails) ...
+SMOKE_SIZES = dict(shapes.fields(shapes.config("smoke"), "hidden_size", "intermediate_size", "num_attention_heads",
+                                 "num_key_value_heads", "max_position_embeddings"), vocab_size=256)
+# ... and what keeps the family's own kind at that size: Qwen3 gives its head dim, as its config
+# does; Gemma 2's differs from hidden / heads, as the real one's (256 vs 224) does, and its window
+# (8) is shorter than the smoke sweep's 16 tokens, so its local layers slide.
+SMOKE_KIND = {"qwen3": dict(head_dim=32), "gemma2": dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=8)}
+# The benchmark's notes by family: what the FLOP counts leave out (the records' note) and what
+# apply_kernels leaves to transformers (hf+ours' note).
+FLOP_NOTES = {"gemma2": "the soft-capping (tanh) of attention scores and final logits not counted"}
+OURS_NOTES = {"gemma2": "the LM head and loss stay transformers' (apply_kernels does not fuse the final-logit "
+                        "soft-capping)"}
 
 
-# The families --family takes (their real models' configs: benchmarks/shapes.py).  llama also has
-# the reference-model providers (eager, ours, torch.compile); the others run transformers' model
-# only (hf, hf+ours, hf+compile, hf+liger).
-FAMILIES = {
-    "llama": Family("llama3-8b", "LLaMA-3-8B", "llama", "Llama", LLAMA3_8B, SMOKE, "smoke",
-                    "apply_liger_kernel_to_llama"),
-    "qwen3": Family("qwen3-8b", "Qwen3-8B", "qwen3", "Qwen3", QWEN3_8B,
-                    dict(SMOKE, head_dim=32, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
-                    "qwen3-smoke", "apply_liger_kernel_to_qwen3"),
-    # Soft-capped attention logits: SDPA cannot soft-cap, so transformers runs Gemma 2 eager.  The
-    # smoke config's head dim differs from hidden / heads, as the real one's (256 vs 224) does, and
-    # its window (8) is shorter than the smoke sweep's 16 tokens, so its local layers slide.
-    "gemma2": Family("gemma2-9b", "Gemma-2-9B", "gemma2", "Gemma2", GEMMA2_9B,
-                     dict(GEMMA2_9B, vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64, sliding_window=8,
-                          max_position_embeddings=4096),
-                     "gemma2-smoke", "apply_liger_kernel_to_gemma2", attention="eager",
-                     note="the soft-capping (tanh) of attention scores and final logits not counted",
-                     ours_note="the LM head and loss stay transformers' (apply_kernels does not fuse the "
-                               "final-logit soft-capping)"),
-}
+def real_config(family: str) -> dict:
+    """The transformers config of the family's real model (a copy of the registry's; no layer count)."""
+    return shapes.config(FAMILIES[family].model_shape)
+
+
+def smoke_config(family: str) -> dict:
+    """The family's tiny config of smoke runs: its real config at :data:`SMOKE_SIZES`."""
+    return dict(real_config(family), **SMOKE_SIZES, **SMOKE_KIND.get(family, {}))
+
+
+def title(family: str) -> str:
+    """The family's real model as the log and the notes name it, e.g. ``Qwen3-8B``."""
+    return MODEL_SHAPES[FAMILIES[family].model_shape].title
+
+
+def shape_label(family: str, settings: Settings) -> str:
+    """The records' shape: the real model's (``qwen3-8b``), in smoke runs ``<family>-smoke`` (LLaMA's: ``smoke``)."""
+    if settings.mode != "smoke":
+        return FAMILIES[family].model_shape
+    return "smoke" if family == "llama" else f"{family}-smoke"
+
+
+def attention_implementation(family: str) -> str:
+    """transformers' attn_implementation of the hf providers: SDPA, or eager where SDPA cannot run
+    the model (soft-capped attention logits: Gemma 2)."""
+    return "eager" if real_config(family).get("attn_logit_softcapping") is not None else "sdpa"
+
+
+SMOKE = smoke_config("llama")  # the LLaMA smoke model's config (no layer count)
 
 # layers: as many as leave room for eager's activations at the largest T on an 80 GB card.
 SWEEPS = {
@@ -152,8 +158,7 @@ DECODE_NOTES = {True: "decode: generate(cuda_graphs=True), one CUDA-graph replay
 
 
 def _config(settings: Settings, family: str = "llama") -> dict:
-    fam = FAMILIES[family]
-    base = fam.smoke if settings.mode == "smoke" else fam.dims
+    base = smoke_config(family) if settings.mode == "smoke" else real_config(family)
     layers = SWEEPS[settings.mode]["layers"]
     cfg = dict(base, num_hidden_layers=layers)
     if "sliding_window" in base:  # Gemma 2: local layers first, then alternating (transformers' default)
@@ -217,10 +222,10 @@ def _hf(cfg, settings, family: str = "llama"):
     try:
         import transformers
 
-        config_class, model_class = getattr(transformers, fam.config_class), getattr(transformers, fam.model_class)
+        config_class, model_class = getattr(transformers, fam.config_class), getattr(transformers, fam.causal_lm_class)
     except Exception as exc:
-        raise Missing(f"transformers' {fam.model_class} not importable ({type(exc).__name__}: {exc})") from None
-    config = config_class(**dict(cfg, head_dim=head_dim(cfg)), attn_implementation=fam.attention)
+        raise Missing(f"transformers' {fam.causal_lm_class} not importable ({type(exc).__name__}: {exc})") from None
+    config = config_class(**dict(cfg, head_dim=head_dim(cfg)), attn_implementation=attention_implementation(family))
     with building(settings.device):
         return model_class._from_config(config, dtype=torch.bfloat16)
 
@@ -239,7 +244,7 @@ def _liger_patched(stack: contextlib.ExitStack, model, family: str = "llama"):
     try:
         import liger_kernel.transformers as liger
 
-        modeling = importlib.import_module(f"transformers.models.{fam.module}.modeling_{fam.module}")
+        modeling = importlib.import_module(fam.modeling_module)
     except Exception as exc:
         raise Missing(f"liger_kernel not importable ({type(exc).__name__}: {exc}); "
                       "benchmarks/README.md says how to carry its wheel") from None
@@ -249,7 +254,7 @@ def _liger_patched(stack: contextlib.ExitStack, model, family: str = "llama"):
     # Liger also swaps module-level names of transformers' modeling module for every later model:
     # undo that when this provider is done, so it cannot leak into other providers (or other tests).
     saved = {n: getattr(modeling, n) for n in ("apply_rotary_pos_emb", f"{fam.prefix}RMSNorm", f"{fam.prefix}MLP")}
-    causal_lm = getattr(modeling, fam.model_class)
+    causal_lm = getattr(modeling, fam.causal_lm_class)
     saved_forward = causal_lm.forward
     stack.callback(lambda: [setattr(modeling, n, v) for n, v in saved.items()])
     stack.callback(setattr, causal_lm, "forward", saved_forward)
@@ -275,17 +280,18 @@ def _compiled_runner(cfg, settings) -> LlamaRunner:
 def provider_notes(family: str = "llama") -> dict:
     """What each provider of the model benchmark is, for the report's provider list."""
     if family != "llama":
-        fam = FAMILIES[family]
+        fam, real = FAMILIES[family], real_config(family)
         work = "; ".join(filter(None, (
-            f"work counts as LLaMA's, with its head dim {fam.dims['head_dim']}",
+            f"work counts as LLaMA's, with its head dim {real['head_dim']}",
             "the attention FLOP of local (sliding-window) layers count only the query-key pairs inside the window"
-            if "sliding_window" in fam.dims else None,
-            fam.note)))
+            if "sliding_window" in real else None,
+            FLOP_NOTES.get(family))))
         return {
-            f"model ({fam.title} shapes)": f"transformers {fam.model_class} only (the reference model is "
-                                          f"LLaMA's); {work}",
-            "model hf / hf+ours / hf+compile / hf+liger": f"transformers {fam.model_class} "
-                                                          f"(attn_implementation={fam.attention}): plain, "
+            f"model ({title(family)} shapes)": f"transformers {fam.causal_lm_class} only (the reference model is "
+                                               f"LLaMA's); {work}",
+            "model hf / hf+ours / hf+compile / hf+liger": f"transformers {fam.causal_lm_class} "
+                                                          f"(attn_implementation={attention_implementation(family)}): "
+                                                          "plain, "
                                                           f"apply_kernels, model.compile(), {fam.liger} (defaults, "
                                                           "incl. fused linear cross-entropy)",
             "model train": "transformers' model(input_ids=ids, labels=ids).loss (hf+ours: fused in training mode "
@@ -321,9 +327,10 @@ def providers(cfg: dict, settings: Settings, family: str = "llama") -> dict:
             return _hf(cfg, settings, family)
 
         return {
-            "hf": lambda stack: HFRunner(hf(), f"transformers {fam.model_class}, attn_implementation={fam.attention}"),
+            "hf": lambda stack: HFRunner(hf(), f"transformers {fam.causal_lm_class}, "
+                                               f"attn_implementation={attention_implementation(family)}"),
             "hf+ours": lambda stack: HFRunner(_patched(hf()), "; ".join(filter(None, (
-                "apply_kernels on transformers' model", fam.ours_note)))),
+                "apply_kernels on transformers' model", OURS_NOTES.get(family))))),
             "hf+compile": lambda stack: HFRunner(_compiled(hf(), settings),
                                                  "model.compile() of transformers' model, default mode; compile "
                                                  f"time not timed; {ISOLATED_NOTE}"),
@@ -365,12 +372,12 @@ def _attention_fwd_flop(cfg, t: int) -> float:
                for kind in types[:cfg["num_hidden_layers"]])
 
 
-def _flop_note(cfg, fam: Family) -> str | None:
+def _flop_note(cfg, family: str) -> str | None:
     parts = []
     if "sliding_attention" in cfg.get("layer_types", ()):
         parts.append(f"attention FLOP of the local (sliding-window) layers count only the query-key pairs inside "
                      f"their {cfg['sliding_window']}-token window")
-    return "; ".join(filter(None, (*parts, fam.note))) or None
+    return "; ".join(filter(None, (*parts, FLOP_NOTES.get(family)))) or None
 
 
 def _weight_bytes_per_token(model, cfg) -> int:
@@ -408,14 +415,13 @@ _OPS = (("prefill", "forward"), ("decode", "generate"), ("decode-no-graph", "gen
 
 
 def _record(name, op, tokens, cfg, settings, family="llama", **kw) -> Record:
-    fam = FAMILIES[family]
     dims = {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                                 "num_key_value_heads", "vocab_size")}
     dims.update(head_dim=head_dim(cfg), family=family)
     if kw.get("work_unit") == "FLOP":  # what the FLOP count of this family approximates
-        kw["note"] = "; ".join(filter(None, (kw.get("note"), _flop_note(cfg, fam)))) or None
-    return Record("model", op, dict(_OPS)[op], name, fam.smoke_shape if settings.mode == "smoke" else fam.shape,
-                  {**dims, "batch": 1}, tokens, "bf16", **kw)
+        kw["note"] = "; ".join(filter(None, (kw.get("note"), _flop_note(cfg, family)))) or None
+    return Record("model", op, dict(_OPS)[op], name, shape_label(family, settings), {**dims, "batch": 1}, tokens,
+                  "bf16", **kw)
 
 
 def _decode_ops(name: str) -> tuple:
@@ -559,9 +565,8 @@ def run(settings: Settings, limits: dict, records: list, progress=None, family: 
     of :data:`FAMILIES`) picks the model: LLaMA-3-8B's shapes and the reference model too, or
     another transformers family's (its ``hf`` providers only).
     """
-    fam = FAMILIES[family]
     cfg = _config(settings, family)
-    say(f"model: {cfg['num_hidden_layers']} layers of {fam.title} shape" if settings.mode != "smoke"
+    say(f"model: {cfg['num_hidden_layers']} layers of {title(family)} shape" if settings.mode != "smoke"
         else f"model: tiny smoke config ({family})")
     ref_losses: dict = {}
     for name, build in providers(cfg, settings, family).items():

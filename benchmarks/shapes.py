@@ -21,9 +21,6 @@ def config(name: str) -> dict:
 LLAMA3_8B = config("llama3-8b")
 QWEN3_8B = config("qwen3-8b")
 GEMMA2_9B = config("gemma2-9b")
-# The model benchmark's tiny LLaMA: the registry's smoke shape with a vocabulary of 256 (the odd
-# vocabulary of the op benchmark's smoke shape is there for the kernels' tails).
-SMOKE = dict(config("smoke"), vocab_size=256)
 # meta-llama/Llama-3.2-1B's config.json: head dim 64, tied embeddings, LLaMA-3's RoPE scaling (not
 # in the registry: only the benchmarks run it).
 LLAMA32_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32,

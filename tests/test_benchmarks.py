@@ -660,8 +660,7 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
 def test_decode_bytes_split_at_the_graph_baseline():
     """The graph figure times steps 2..N-1 (generate(N) - generate(2)); the plain one steps 1..N-1:
     both count the weights once a step and the cache rows each step reads."""
-    from benchmarks.bench_model import _decode_bytes
-    from benchmarks.shapes import SMOKE
+    from benchmarks.bench_model import SMOKE, _decode_bytes
 
     cfg = dict(SMOKE, num_hidden_layers=2)
     kv_row = 2 * 2 * SMOKE["num_key_value_heads"] * (SMOKE["hidden_size"] // SMOKE["num_attention_heads"]) * 2
