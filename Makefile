@@ -1,7 +1,7 @@
 # Fresh-machine entry points (CPU: kernels run through Triton's interpreter).
 #   make test          install into .venv and .venv-oldest, then run both test jobs below (what CI runs)
-#   make test-latest   the whole test suite on current releases (.venv: torch 2.13.0 CPU build, Triton 3.9.0, the
-#                      newest; newest transformers 5.x), the compile matrix included
+#   make test-latest   ruff's lint, then the whole test suite on current releases (.venv: torch 2.13.0 CPU build,
+#                      Triton 3.9.0, the newest transformers 5.x), the compile matrix included
 #   make test-oldest   the torch/transformers-sensitive tests and the kernels' interpreter tests on the OLDEST
 #                      releases setup.py accepts (.venv-oldest, pins in .ci/oldest-constraints.txt: torch 2.11.0,
 #                      Triton 3.6.0, transformers 5.0.0), less the tests marked latest_only
@@ -54,6 +54,7 @@ test:
 	$(MAKE) test-oldest
 
 test-latest: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test-oldest: install-oldest

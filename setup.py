@@ -20,7 +20,8 @@ setup(
     install_requires=["torch>=2.11,<3", "triton>=3.6,<3.10", "numpy", "einops"],
     extras_require={
         # Triton 3.6's CPU interpreter fails on numpy >= 2.3 (loop bounds from tl.program_id).
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis>=6", "numpy<2.3"],
+        # ruff: the lint `make test-latest` runs first (its rules in pyproject.toml; pinned, as new releases add rules).
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "hypothesis>=6", "numpy<2.3", "ruff==0.17.6"],
         "hf": HF,
         "bench": ["matplotlib"],
         # LoRA / QLoRA (tests/test_peft.py): the releases it was checked on; bitsandbytes runs 4-bit

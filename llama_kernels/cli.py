@@ -261,6 +261,14 @@ def check(args) -> int:
 def bench(args) -> int:
     """Run the benchmarks (see benchmarks/README in the repository)."""
     select_device()
+    # The benchmarks are not installed: they run from the source checkout this package lives in.
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise RuntimeError(f"llama-kernels bench runs the benchmarks of a source checkout, and there is no "
+                           f"benchmarks/ beside this llama_kernels ({root}): clone the repository and "
+                           "pip install -e . there (or run python -m benchmarks at its root)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     from benchmarks.__main__ import main as bench_main
 
     return bench_main(args.bench_args, prog="llama-kernels bench")

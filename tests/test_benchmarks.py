@@ -611,7 +611,8 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
     def lce_forward(self, **kwargs):
         pass
 
-    rope.__module__, rope.__qualname__ = "llama_kernels.integrations.transformers.rows", "rope"
+    rows = "llama_kernels.integrations.transformers.rows"
+    rope.__module__, rope.__qualname__ = rows, "rope"
     lce_forward.__module__ = "liger_kernel.transformers.model.qwen3"
     before = set(isolated.patches_present())  # other tests of this process may have patched already
     monkeypatch.setattr(modeling_qwen3, "apply_rotary_pos_emb", rope)
@@ -619,16 +620,16 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
     monkeypatch.setitem(AttentionInterface._global_mapping, "llama_kernels", rope)
     found = set(isolated.patches_present()) - before
     assert found == {
-        "transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb is llama_kernels.integrations.transformers.rows.rope",
+        f"transformers.models.qwen3.modeling_qwen3.apply_rotary_pos_emb is {rows}.rope",
         "transformers.models.qwen3.modeling_qwen3.Qwen3ForCausalLM.forward is liger_kernel.transformers.model.qwen3's",
-        "transformers.modeling_utils.AttentionInterface._global_mapping['llama_kernels'] is llama_kernels.integrations.transformers.rows's",
+        f"transformers.modeling_utils.AttentionInterface._global_mapping['llama_kernels'] is {rows}'s",
     }
     request, result = tmp_path / "request.json", tmp_path / "result.json"
     request.write_text(json.dumps({"name": "hf+compile", "settings": {"device": "cpu"}}))
     assert isolated.main([str(request), str(result)]) == 0
     error = json.loads(result.read_text())["error"]
     assert error.startswith("Patched: hf+compile (a compiled baseline) refused: this process has patched "
-                            "transformers (") and "apply_rotary_pos_emb is llama_kernels.integrations.transformers.rows.rope" in error
+                            "transformers (") and f"apply_rotary_pos_emb is {rows}.rope" in error
     monkeypatch.undo()
     assert set(isolated.patches_present()) == before
 
@@ -648,7 +649,8 @@ def test_a_compiled_baseline_refuses_a_patched_process(monkeypatch, tmp_path):
         def poll(self):
             return self.returncode
 
-    for error_result, reason in ((True, "Patched: refused"), (False, "exited with status -9 without a result")):
+    # Child reads error_result when the loop's body constructs it.
+    for error_result, reason in ((True, "Patched: refused"), (False, "exited with status -9 without a result")):  # noqa: B007
         monkeypatch.setattr(bench_model.subprocess, "Popen", Child)
         records, refs = [], {"hf": 1.0}
         bench_model.run_isolated("hf+compile", cfg, settings, {}, records, refs, "qwen3")
