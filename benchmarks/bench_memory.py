@@ -59,7 +59,7 @@ from pathlib import Path
 import torch
 
 from . import shapes
-from .common import say
+from .common import Missing, Skipped, classify, say
 from .report import json_safe, write_text
 
 CATEGORIES = ("PARAM", "BUFFER", "GRAD", "ACT", "TEMP", "OPT", "OTH")
@@ -139,14 +139,6 @@ SMOKE_MODES = ("full", "lora+ckpt")  # the smoke run's default: both kinds of tr
 DEFAULT_MODELS = ("llama3-8b", "llama3.2-1b", "qwen3-8b", "gemma2-9b")
 
 
-class Missing(Exception):
-    """The provider cannot run here (a module not importable yet); the message says why."""
-
-
-class Skipped(Exception):
-    """The provider does not apply to this model or mode; the message says why."""
-
-
 @dataclass
 class Settings:
     smoke: bool
@@ -212,15 +204,6 @@ class MemRecord:
     cuda_note: str | None = None  # "no GPU", or why the real step was not run
     seconds: float | None = None
     note: str | None = None
-
-
-def _classify(exc: BaseException) -> tuple[str, str]:
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    if isinstance(exc, Missing):
-        return "missing", str(exc)
-    if isinstance(exc, Skipped):
-        return "skipped", str(exc)
-    return "failed", f"{type(exc).__name__}: {first}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,7 +662,7 @@ def _measure_record(s: Settings, name: str, mode: str, provider: str, tokens: in
     try:
         m = measure_fake(spec, mode, provider, tokens, s.fake_device)
     except Exception as exc:  # reported, never fatal: the run goes on with the next provider
-        rec.status, rec.reason = _classify(exc)
+        rec.status, rec.reason = classify(exc)
     else:
         rec.peak_bytes = m["total"]
         rec.categories = m["categories"]
@@ -705,7 +688,7 @@ def _measure_record(s: Settings, name: str, mode: str, provider: str, tokens: in
         try:
             rec.cuda_max_allocated_bytes = measure_cuda(spec, mode, provider, tokens)
         except Exception as exc:
-            rec.cuda_note = "failed: " + _classify(exc)[1]
+            rec.cuda_note = "failed: " + classify(exc)[1]
             torch.cuda.empty_cache()
     return rec
 
