@@ -44,8 +44,7 @@ class ModelShape:
 
     @property
     def head_dim(self) -> int:
-        c = self.config
-        return c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        return head_dim(self.config)
 
     def dims(self) -> dict:
         """``hidden, intermediate, hq, hk, d, vocab, rope_theta, eps``: what op inputs are built from."""
@@ -53,6 +52,11 @@ class ModelShape:
         return dict(hidden=c["hidden_size"], intermediate=c["intermediate_size"], hq=c["num_attention_heads"],
                     hk=c["num_key_value_heads"], d=self.head_dim, vocab=c["vocab_size"],
                     rope_theta=c["rope_theta"], eps=c["rms_norm_eps"])
+
+
+def head_dim(config: dict) -> int:
+    """The attention head dim of a transformers config: its ``head_dim``, else hidden / heads."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
 def _shapes(*shapes: ModelShape) -> dict:
@@ -82,6 +86,13 @@ MODEL_SHAPES = _shapes(
         head_dim=256, query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
         final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
         max_position_embeddings=8192, tie_word_embeddings=True)),
+    # meta-llama/Llama-3.2-1B's config.json: head dim 64, tied embeddings, LLaMA-3's RoPE scaling.
+    ModelShape("llama3.2-1b", "LLaMA-3.2-1B", dict(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        max_position_embeddings=131072, tie_word_embeddings=True)),
     ModelShape("smoke", "a smoke-test model", dict(
         vocab_size=1031, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
         rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=4096)),
