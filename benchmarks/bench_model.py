@@ -501,8 +501,11 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="l
         def gen(n):
             return runner.generate(ids, n, cuda_graphs=graphs)
 
-        short = time_calls(lambda: gen(base), dev, sweep["warmup"], sweep["reps"])
-        long = time_calls(lambda: gen(new), dev, sweep["warmup"], sweep["reps"])
+        # A step is the difference of two timings: a first call's one-off costs in the shorter one
+        # (smoke runs warm nothing up) would make it negative, so each is warmed and repeated.
+        warmup, reps = max(sweep["warmup"], 1), max(sweep["reps"], 3)
+        short = time_calls(lambda: gen(base), dev, warmup, reps)
+        long = time_calls(lambda: gen(new), dev, warmup, reps)
         steps = new - base
         step_ms = (long.ms - short.ms) / steps
         if step_ms <= 0:
