@@ -118,9 +118,9 @@ def _compare_all(labels, outs, oracles, eagers) -> list[Comparison]:
 
 
 def _at(args, kwargs, dtype=None, grad=()):
-    """``args``/``kwargs`` with their floating tensors copied: those at positions ``grad`` as leaves
-    requiring grad (strides kept), the others as constants; cast to ``dtype`` when given (the
-    oracle's float64), else kept."""
+    """``args``/``kwargs`` for one side of a check: the floating tensors at positions ``grad`` become
+    fresh leaves requiring grad (strides kept), the other floating tensors stay constants; all of
+    them cast to ``dtype`` when given (the oracle's float64), else at their own precision."""
     def convert(i, a):
         if not (isinstance(a, torch.Tensor) and a.is_floating_point()):
             return a
@@ -145,10 +145,9 @@ def check_backward(kernel: Callable, eager: Callable, args: Sequence, kwargs: di
                    grad: Sequence[int] | None = None, names: Sequence[str] | None = None,
                    generator: torch.Generator | None = None, gradients: bool = True) -> CheckResult:
     """The training forward's outputs (inputs requiring grad), then, unless ``gradients`` is false,
-    the gradients of ``args[i]`` for ``i`` in ``grad``
-    (default: every argument), for one random cotangent per output (drawn from ``generator``, or
-    torch's global one), against ``eager``'s and the float64 oracle's.  The gradients are left out
-    when an output already fails."""
+    the gradients of ``args[i]`` for ``i`` in ``grad`` (default: every argument), for one random
+    cotangent per output (drawn from ``generator``, or torch's global one), against ``eager``'s and
+    the float64 oracle's.  The gradients are left out when an output already fails."""
     kwargs = kwargs or {}
     grad = tuple(range(len(args))) if grad is None else tuple(grad)
     names = names or [f"input {i}" for i in range(len(args))]

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from llama_kernels.ops.registry import MODEL_SHAPES, SAMPLES, SampleCase, dtype_name
-from llama_kernels.oracle import leaf
+from llama_kernels.oracle import as_tuple, leaf
 
 from ..common import (Missing, Record, Settings, Skipped, bench, classify, cycling, free_memory, nbytes,
                       peak_memory, rotation, say)
@@ -234,10 +234,6 @@ def cases(spec: OpSpec, settings: Settings):
                 yield Case(shape, MODELS[shape], n, torch.float16, settings.device)
 
 
-def _as_tuple(x):
-    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
 def _cotangents(outs, seed: int):
     """Random output gradients, laid out like the outputs (a provider may return strided views)."""
     gen = torch.Generator(device=outs[0].device).manual_seed(seed)
@@ -279,10 +275,10 @@ def _check_run(fn, build, trains: bool):
     with _steps_in(fn)():
         with torch.set_grad_enabled(trains):
             if layout is None:
-                outs = _as_tuple(fn(*inputs.args, **inputs.kwargs))
+                outs = as_tuple(fn(*inputs.args, **inputs.kwargs))
             else:
                 args, kwargs, restore = layout(*inputs.args, **inputs.kwargs)
-                outs = _as_tuple(restore(fn(*args, **kwargs)))
+                outs = as_tuple(restore(fn(*args, **kwargs)))
         grads = list(torch.autograd.grad(outs, inputs.leaves, _cotangents(outs, 7))) if trains else []
     return [o.detach() for o in outs] + grads
 
@@ -325,7 +321,7 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
     def make(i):
         inp = build(i, True)
         with steps_in():
-            outs = _as_tuple(fn(*inp.args, **inp.kwargs))  # the graph is recorded once per set, kept for `backward`
+            outs = as_tuple(fn(*inp.args, **inp.kwargs))  # the graph is recorded once per set, kept for `backward`
         cots = _cotangents(outs, 100 + i)  # laid out like this provider's outputs
         return inp, (outs if mode == "backward" else None), cots
 
@@ -335,7 +331,7 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
 
     def forward_backward(s):
         with steps_in():
-            return torch.autograd.grad(_as_tuple(fn(*s[0].args, **s[0].kwargs)), s[0].leaves, s[2])
+            return torch.autograd.grad(as_tuple(fn(*s[0].args, **s[0].kwargs)), s[0].leaves, s[2])
 
     sets = rotation(make, set_bytes, settings)
     return cycling(sets, backward if mode == "backward" else forward_backward), sets

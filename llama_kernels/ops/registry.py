@@ -14,6 +14,7 @@ command line reads this table before it decides whether Triton's interpreter is 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 from dataclasses import dataclass, field
@@ -167,8 +168,7 @@ class Op:
     sequence: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "samples", tuple(OpSample(s.name, s.build, s.training, s.check, self.name)
-                                                  for s in self.samples))
+        object.__setattr__(self, "samples", tuple(dataclasses.replace(s, op=self.name) for s in self.samples))
 
 
 def _rms_norm(case):
