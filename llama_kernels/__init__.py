@@ -23,6 +23,8 @@ signatures; a test keeps it current)::
     fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index=-100,
             reduction='mean', label_smoothing=0.0)
         ``F.cross_entropy((hidden @ weight.T + bias).float(), target, ...)`` without the logits.
+    quantized_linear(x, qweight, scales, zeros=None, bias=None, *, bits=8, group_size=None)
+        ``x @ W.T + bias`` for ``x (..., K)`` with a weight-only quantised ``W (N, K)``.
     apply_kernels(model, *, rms_norm=True, swiglu=True, rope=True, attention=True,
             cross_entropy=True)
         Patch ``model`` in place to run the Triton kernels; returns ``model``.
@@ -38,8 +40,8 @@ signatures; a test keeps it current)::
         Run a block with some launcher options changed (``KernelOptions``' fields; the others keep
         the values in force).
     KernelOptions(tma_forward=None, deterministic=None, min_programs_per_sm=2,
-            decode_min_keys_per_split=None, cross_entropy_chunk=67108864, interpreter_tiles=None,
-            interpreter_half_dots=False, only_candidate=None)
+            decode_min_keys_per_split=None, quantized_split_k=None, cross_entropy_chunk=67108864,
+            interpreter_tiles=None, interpreter_half_dots=False, only_candidate=None)
         The launchers' runtime switches (defaults: what a user gets without asking).
     model          the eager reference LLaMA (model.Llama, model.LlamaConfig)
     reference      the eager twin of every op, named after it

@@ -393,6 +393,9 @@ class Llama(nn.Module):
         # The op wants int64 targets on the hidden states' device (labels may be int32, or on the
         # host as a data loader leaves them: transformers' loss moves them too).
         shifted = shifted.to(device=hidden.device, dtype=torch.long)
+        if type(self.lm_head) is not nn.Linear:  # a quantised head: no weight to fuse, the logits are made
+            logits = self.lm_head(hidden).float()
+            return F.cross_entropy(logits.flatten(0, -2), shifted.flatten(), ignore_index=IGNORE_INDEX)
         return self.cross_entropy(hidden, self.lm_head.weight, shifted, ignore_index=IGNORE_INDEX)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

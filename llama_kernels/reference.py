@@ -211,6 +211,38 @@ def fused_linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_inde
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
+def unpack_int4(packed):
+    """``(N, K // 2)`` uint8 -> ``(N, K)`` uint8 values in [0, 15]: input feature ``2j`` from byte
+    ``j``'s low nibble, ``2j + 1`` from its high one."""
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_weight(qweight, scales, zeros=None, *, bits=8, group_size=None, dtype=None):
+    """The ``(N, K)`` weight a quantised one stands for (formats: ``ops.quantized``), computed in
+    float32 (float64 for float64 scales or ``dtype``: the oracle) and returned in ``dtype``
+    (default: the scales')::
+
+        bits=8:  qweight * scales[:, None]
+        bits=4:  (q - zeros[:, k // group_size]) * scales[:, k // group_size]
+    """
+    dtype = scales.dtype if dtype is None else dtype
+    compute = torch.float64 if torch.float64 in (dtype, scales.dtype) else torch.float32
+    if bits == 8:
+        return (qweight.to(compute) * scales.to(compute)[:, None]).to(dtype)
+    q = unpack_int4(qweight).to(compute)
+    n, k = q.shape
+    q = q.view(n, k // group_size, group_size)
+    w = (q - zeros.to(compute)[..., None]) * scales.to(compute)[..., None]
+    return w.view(n, k).to(dtype)
+
+
+def quantized_linear(x, qweight, scales, zeros=None, bias=None, *, bits=8, group_size=None):
+    """``F.linear(x, W, bias)`` with ``W`` the dequantised weight rounded to ``x``'s dtype
+    (:func:`dequantize_weight`): the eager twin of ``ops.quantized.quantized_linear``."""
+    return F.linear(x, dequantize_weight(qweight, scales, zeros, bits=bits, group_size=group_size, dtype=x.dtype),
+                    bias)
+
+
 # The names these twins had before they were named after their ops.
 attention = flash_attention
 attention_with_cache_lengths = flash_decode

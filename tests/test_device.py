@@ -9,8 +9,8 @@ import types
 import pytest
 import torch
 
-from llama_kernels.ops import rms_norm
-from llama_kernels.ops.attention import backward as attention_backward, configs, forward as attention_forward, problem
+from llama_kernels.ops import device as device_module, rms_norm
+from llama_kernels.ops.attention import backward as attention_backward, configs, forward as attention_forward
 from llama_kernels.ops.device import (
     INTERPRETER,
     PUBLISHED_LIMITS,
@@ -56,12 +56,12 @@ def test_tma_forward_only_on_hopper(monkeypatch, limits, expected):
 def test_dot_precision_per_backend(monkeypatch, limits, half):
     # gfx90a and gfx950 refuse input_precision="tf32" (only gfx942 takes it): half-precision
     # operands name each backend's default; float32 is IEEE everywhere.
-    monkeypatch.setattr(problem, "INTERPRET", False)
-    monkeypatch.setattr(problem, "device_limits", lambda device: limits)
+    monkeypatch.setattr(device_module, "INTERPRET", False)
+    monkeypatch.setattr(device_module, "device_limits", lambda device: limits)
     cpu = torch.device("cpu")
-    assert problem.dot_mode(torch.bfloat16, cpu) == (False, half)
-    assert problem.dot_mode(torch.float16, cpu) == (False, half)
-    assert problem.dot_mode(torch.float32, cpu) == (False, "ieee")
+    assert device_module.dot_mode(torch.bfloat16, cpu) == (False, half)
+    assert device_module.dot_mode(torch.float16, cpu) == (False, half)
+    assert device_module.dot_mode(torch.float32, cpu) == (False, "ieee")
 
 
 @pytest.mark.parametrize("element_size", [2, 4])

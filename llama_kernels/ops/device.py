@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from .common import INTERPRET
+from .options import current as current_options
 
 # CUDA and HIP both cap a block (workgroup) at 1024 threads, whatever the warp size.
 MAX_THREADS_PER_BLOCK = 1024
@@ -198,3 +199,17 @@ def first_fit(kernel, args, consts: dict, configs, limits: DeviceLimits, what: s
         f"({limits.shared_memory} bytes of shared memory per block, {limits.max_threads} threads "
         f"of {limits.warp_size}-wide warps); tried {list(configs)}"
     )
+
+
+def dot_mode(dtype, device):
+    """``(DOT_IN_FP32, PRECISION)`` for the dots of the attention and quantised-linear kernels on
+    ``device``: the GPU multiplies half-precision operands as they are and float32 in IEEE
+    precision (never TF32); the interpreter multiplies everything in float32 (its bfloat16 dots
+    are wrong), unless the ``interpreter_half_dots`` option asks for the GPU's operand path.  Half-precision operands
+    name the backend's default precision, which they ignore: "tf32" on NVIDIA (the PTX every list
+    was checked with), "ieee" on AMD (only gfx942 accepts "tf32"; gfx90a and gfx950 refuse it)."""
+    if dtype == torch.float32:
+        return INTERPRET, "ieee"
+    if INTERPRET and not current_options().interpreter_half_dots:
+        return True, "ieee"
+    return False, ("tf32" if device_limits(device).backend in ("cuda", "interpreter") else "ieee")

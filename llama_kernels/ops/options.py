@@ -42,13 +42,16 @@ class KernelOptions:
       (0: never split).
     * ``decode_min_keys_per_split``: the fewest keys a split-KV decode program reads (``None``:
       256 on a GPU, 64 under the interpreter, so that tests see several splits).
+    * ``quantized_split_k``: how many programs share each output tile's reduction over the input
+      features in the quantised linear (split-K; ``None``: as many as fill the device's
+      multiprocessors twice over, capped by the reduction's blocks).
     * ``cross_entropy_chunk``: logits computed at a time by the fused linear cross-entropy
       (elements of its float32 ``(tokens, vocab chunk)`` tile).
     * ``interpreter_tiles``: ``{kind: (BLOCK_M, BLOCK_N)}`` for the attention kernels under the
       interpreter (kinds: ``fwd``, ``fwd_tma``, ``dq``, ``dkdv``, ``bwd_fused``; the missing ones
       keep their defaults), to test other orientations around the causal diagonal.
     * ``interpreter_half_dots``: under the interpreter, feed float16/bfloat16 tiles to the
-      attention dots as they are (the GPU's operand path; the interpreter's bfloat16 dots are
+      attention and quantised-linear dots as they are (the GPU's operand path; the interpreter's bfloat16 dots are
       wrong, its float16 ones sound) instead of rounding them and multiplying in float32.
     * ``only_candidate``: the attention launchers take only candidate number ``i`` of each tile
       list (the last of a shorter one) as their fixed choice: the compile matrix's sweep of
@@ -59,6 +62,7 @@ class KernelOptions:
     deterministic: Optional[bool] = None
     min_programs_per_sm: int = 2
     decode_min_keys_per_split: Optional[int] = None
+    quantized_split_k: Optional[int] = None
     cross_entropy_chunk: int = 1 << 26
     interpreter_tiles: Optional[Mapping[str, tuple]] = None
     interpreter_half_dots: bool = False
@@ -74,6 +78,8 @@ class KernelOptions:
         _check_int("min_programs_per_sm", self.min_programs_per_sm, 0)
         if self.decode_min_keys_per_split is not None:
             _check_int("decode_min_keys_per_split", self.decode_min_keys_per_split, 1)
+        if self.quantized_split_k is not None:
+            _check_int("quantized_split_k", self.quantized_split_k, 1)
         _check_int("cross_entropy_chunk", self.cross_entropy_chunk, 1)
         if self.only_candidate is not None:
             _check_int("only_candidate", self.only_candidate, 0)

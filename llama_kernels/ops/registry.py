@@ -15,6 +15,7 @@ command line reads this table before it decides whether Triton's interpreter is 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import itertools
 from dataclasses import dataclass, field
@@ -276,6 +277,20 @@ def _fused_linear_cross_entropy(case):
     return Sample((hidden, weight, target.view(case.batch, case.tokens)), {}, (0, 1), ("hidden", "weight", "target"))
 
 
+def _quantized_linear(case, bits, group_size=None, bias=False, tokens=None):
+    """An MLP up projection (hidden -> intermediate) with its weight ~ N(0, 1/hidden) quantised
+    (``llama_kernels.quantize.quantize_weight``); ``bias`` ~ N(0, 1) as Qwen2's q/k/v have one."""
+    from ..quantize import quantize_weight
+
+    h, n = case.dims["hidden"], case.dims["intermediate"]
+    x = case.randn(case.batch, tokens or case.tokens, h)
+    weight = quantize_weight(case.randn(n, h, scale=h ** -0.5), bits, group_size)
+    args = (x, weight.qweight, weight.scales, weight.zeros, case.randn(n) if bias else None)
+    grad = (0, 4) if bias else (0,)
+    names = ("x", "qweight", "scales", "zeros", "bias")
+    return Sample(args, {"bits": bits, "group_size": weight.group_size}, grad, names)
+
+
 OPS = (
     Op("rms_norm", ".ops.rms_norm", "rms_norm", "rms_norm_", (
         OpSample("rms_norm", _rms_norm), OpSample("rms_norm+residual", _rms_norm_residual),
@@ -291,6 +306,12 @@ OPS = (
        (OpSample("flash_decode", _flash_decode, training=False, check=False),), sequence=True),
     Op("fused_linear_cross_entropy", ".ops.cross_entropy", "cross_entropy", "cross_entropy_",
        (OpSample("fused_linear_cross_entropy", _fused_linear_cross_entropy),)),
+    # Not patched by apply_kernels: llama_kernels.quantize_weights puts it into models.
+    Op("quantized_linear", ".ops.quantized", None, "quantized_linear_", (
+        OpSample("int8_linear", functools.partial(_quantized_linear, bits=8)),
+        OpSample("int4_linear", functools.partial(_quantized_linear, bits=4, group_size=32, bias=True)),
+        OpSample("int4_decode", functools.partial(_quantized_linear, bits=4, group_size=64, tokens=1),
+                 training=False, check=False))),
 )
 SAMPLES = {sample.name: sample for op in OPS for sample in op.samples}
 OP_OF_SAMPLE = {sample.name: op for op in OPS for sample in op.samples}

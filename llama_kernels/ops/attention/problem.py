@@ -14,9 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from ..common import INTERPRET
-from ..device import device_limits
-from ..options import current as current_options
+from ..device import dot_mode
 
 LOG2E = 1.4426950408889634
 
@@ -38,20 +36,6 @@ class KernelSpec(NamedTuple):
     WINDOW: bool
     SOFTCAP: bool
     VARLEN: bool
-
-
-def dot_mode(dtype, device):
-    """``(DOT_IN_FP32, PRECISION)`` for the kernels' dots on ``device``: the GPU multiplies
-    half-precision operands as they are and float32 in IEEE precision (never TF32); the
-    interpreter multiplies everything in float32 (its bfloat16 dots are wrong), unless the
-    ``interpreter_half_dots`` option asks for the GPU's operand path.  Half-precision operands
-    name the backend's default precision, which they ignore: "tf32" on NVIDIA (the PTX every list
-    was checked with), "ieee" on AMD (only gfx942 accepts "tf32"; gfx90a and gfx950 refuse it)."""
-    if dtype == torch.float32:
-        return INTERPRET, "ieee"
-    if INTERPRET and not current_options().interpreter_half_dots:
-        return True, "ieee"
-    return False, ("tf32" if device_limits(device).backend in ("cuda", "interpreter") else "ieee")
 
 
 def effective_window(window: int, seq_k: int) -> int:
