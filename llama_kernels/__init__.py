@@ -36,6 +36,13 @@ signatures; a test keeps it current)::
     offloaded_checkpoint(function, *args, offload_device='cpu', params=None, **kwargs)
         ``function(*args, **kwargs)`` checkpointed, its positional tensors kept on
         ``offload_device``.
+    quantize_weights(model, bits=8, group_size=None, *, include_lm_head=False)
+        Replace ``model``'s attention and MLP projections by :class:`QuantizedLinear` s, in place;
+        returns ``model``.
+    QuantizedLinear(in_features, out_features, bias=True, *, bits=8, group_size=None, device=None,
+            dtype=None)
+        A frozen ``nn.Linear`` with 8-bit or 4-bit weights: ``y = x @ W.T + bias`` by the
+        dequantising matmul (:func:`~llama_kernels.ops.quantized.quantized_linear`).
     kernel_options(**overrides)
         Run a block with some launcher options changed (``KernelOptions``' fields; the others keep
         the values in force).
@@ -62,10 +69,12 @@ _EXPORTS = {
     "chunked_mlp": ".long_context",
     "checkpoint_layers": ".long_context",
     "offloaded_checkpoint": ".long_context",
+    "quantize_weights": ".quantize",
+    "QuantizedLinear": ".quantize",
     "kernel_options": ".ops.options",
     "KernelOptions": ".ops.options",
 }
-_SUBMODULES = ("model", "reference", "patch", "ops", "cli", "long_context", "oracle")
+_SUBMODULES = ("model", "reference", "patch", "ops", "cli", "long_context", "oracle", "quantize")
 __all__ = [*_EXPORTS, "model", "reference", "__version__"]
 
 

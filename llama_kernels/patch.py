@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import itertools
 import sys
 import types
 import warnings
@@ -258,9 +259,10 @@ def _hook_execution_device(module) -> Optional[torch.device]:
 
 
 def _first_parameter_device(module) -> Optional[torch.device]:
+    # Buffers count too: a quantised projection (llama_kernels.quantize) keeps its weight in them.
     for sub in module.modules():
         device = _hook_execution_device(sub)
-        param = next(sub.parameters(recurse=False), None)
+        param = next(itertools.chain(sub.parameters(recurse=False), sub.buffers(recurse=False)), None)
         if device is not None or param is not None:
             return device or param.device
     return None

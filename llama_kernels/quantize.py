@@ -3,90 +3,48 @@
 Every ``nn.Linear`` of the attention and MLP blocks becomes a :class:`QuantizedLinear` that keeps
 8-bit or 4-bit weights (formats: :mod:`llama_kernels.ops.quantized`) and runs the dequantising
 matmul kernel; the embedding and, by default, the LM head stay as they are.  Quantisation is
-round-to-nearest::
-
-    int8:  s[n] = max_k |W[n, k]| / 127,          q = clamp(round(W / s), -127, 127)
-    int4:  per group of G input features, lo = min(W, 0), hi = max(W, 0):
-           s = (hi - lo) / 15,  z = clamp(round(-lo / s), 0, 15),  q = clamp(round(W / s) + z, 0, 15)
-
-with the scales stored in the weight's dtype and ``q`` computed from the stored scale (so that
-``(q - z) * s`` is within half a step of ``W`` except where clamped).  The quantised weights are
-buffers (frozen: no gradients; ``state_dict`` holds them), the bias stays a parameter.
+round-to-nearest (:func:`~llama_kernels.ops.quantized.quantize_weight`, re-exported here), the
+scales in the weight's dtype.  The quantised weights are buffers (frozen: no gradients;
+``state_dict`` holds them), the bias stays a parameter.
 """
 from __future__ import annotations
 
 import sys
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from . import reference
-from .ops.common import FLOAT_DTYPES, check_tensor, values_readable
-from .ops.quantized import BITS, GROUP_SIZES, INT4_MAX, INT8_MAX, check_quantized_weight, quantized_linear
-
-DEFAULT_GROUP_SIZE = 128  # int4 (gpt-fast's and torchao's default)
-
-
-class QuantizedWeight(NamedTuple):
-    """A quantised ``(N, K)`` weight: the arguments :func:`~llama_kernels.ops.quantized.quantized_linear`
-    takes (``zeros`` None and ``group_size`` None for int8)."""
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: Optional[torch.Tensor]
-    bits: int
-    group_size: Optional[int]
+from .ops.quantized import (  # noqa: F401  (QuantizedWeight, quantize_weight: part of this module's API)
+    GROUP_SIZES,
+    QuantizedWeight,
+    check_format,
+    check_quantized_weight,
+    quantize_weight,
+    quantized_linear,
+)
 
 
-def _check_format(bits, group_size) -> Optional[int]:
-    """``group_size`` as used for ``bits`` (int4's default filled in); errors name the argument."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
-    if bits == 8:
-        if group_size is not None:
-            raise ValueError(f"group_size must be None for bits=8 (one scale per output row), got {group_size!r}")
-        return None
-    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES} for bits=4, got {group_size!r}")
-    return group_size
+class NoFloatWeight(torch.Tensor):
+    """A :class:`QuantizedLinear`'s ``weight``: the float weight's shape, dtype and device, no
+    values.  Code that only inspects an ``nn.Linear``'s weight (PEFT: its type, device and dtype)
+    works; every operation on it raises, so that nothing reads it or merges into it silently (PEFT's
+    ``merge_and_unload`` would add LoRA's update to a copy and drop it)."""
 
+    __torch_function__ = torch._C._disabled_torch_function_impl
 
-def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[int] = None) -> QuantizedWeight:
-    """Round-to-nearest quantisation of a ``(N, K)`` floating-point weight (module docstring).
+    @staticmethod
+    def __new__(cls, shape, dtype, device):
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=device, requires_grad=False)
 
-    ``bits=4`` needs ``K`` divisible by ``group_size`` (32, 64, 128 or 256; default 128).  Scales
-    keep ``weight``'s dtype.  Refuses non-finite weights.  Works on meta and fake tensors (shapes
-    only), so quantised models can be planned and measured at any size.
-    """
-    group_size = _check_format(bits, group_size)
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
-    n, k = weight.shape
-    if bits == 4 and k % group_size:
-        raise ValueError(f"weight has {k} input features, not a multiple of group_size {group_size}")
-    if values_readable(weight) and weight.numel() and not bool(torch.isfinite(weight).all()):
-        raise ValueError("weight has non-finite values (inf or NaN): they cannot be quantised")
-    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.detach().to(compute)
-    if bits == 8:
-        scales = (w.abs().amax(dim=1) / INT8_MAX).to(weight.dtype)
-        s = _nonzero(scales.to(compute))
-        q = torch.round(w / s[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
-        return QuantizedWeight(q, scales, None, 8, None)
-    w = w.view(n, k // group_size, group_size)
-    lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
-    scales = ((hi - lo) / INT4_MAX).to(weight.dtype)
-    s = _nonzero(scales.to(compute))
-    zeros = torch.round(-lo / s).clamp(0, INT4_MAX)
-    q = (torch.round(w / s[..., None]) + zeros[..., None]).clamp(0, INT4_MAX).to(torch.uint8).view(n, k // 2, 2)
-    packed = q[..., 0] | (q[..., 1] << 4)
-    return QuantizedWeight(packed, scales, zeros.to(torch.uint8), 4, group_size)
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise RuntimeError(f"a QuantizedLinear keeps no float weight, so {func} cannot run on its .weight "
+                           "(QuantizedLinear.dequantized_weight() makes one)")
 
-
-def _nonzero(scale):
-    # A row or group of zeros gets scale 0 (it dequantises to zeros); divide by 1 there instead.
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    def __repr__(self):
+        return f"NoFloatWeight(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device})"
 
 
 class QuantizedLinear(nn.Linear):
@@ -94,8 +52,9 @@ class QuantizedLinear(nn.Linear):
     dequantising matmul (:func:`~llama_kernels.ops.quantized.quantized_linear`).
 
     Buffers ``qweight``, ``scales`` and (int4) ``zeros``; ``bias`` a parameter or None.  It is an
-    ``nn.Linear`` (``in_features``, ``out_features``) so that PEFT wraps it in LoRA layers, but has
-    no ``weight``: :meth:`dequantized_weight` makes one.  Gradients reach the input and the bias.
+    ``nn.Linear`` (``in_features``, ``out_features``) so that PEFT wraps it in LoRA layers; its
+    ``weight`` is a :class:`NoFloatWeight` (every operation on it raises):
+    :meth:`dequantized_weight` makes a real one.  Gradients reach the input and the bias.
     """
 
     # op slot: (x, qweight, scales, zeros, bias, *, bits, group_size) -> y; the kernel (which runs
@@ -105,7 +64,7 @@ class QuantizedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits: int = 8,
                  group_size: Optional[int] = None, device=None, dtype=None):
         nn.Module.__init__(self)  # not nn.Linear's: there is no float weight to allocate
-        group_size = _check_format(bits, group_size)
+        group_size = check_format(bits, group_size)
         if bits == 4 and in_features % group_size:
             raise ValueError(f"in_features {in_features} is not a multiple of group_size {group_size}")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
@@ -134,6 +93,15 @@ class QuantizedLinear(nn.Linear):
         module.qweight, module.scales, module.zeros = quantized.qweight, quantized.scales, quantized.zeros
         module.bias = linear.bias
         return module
+
+    @property
+    def weight(self) -> NoFloatWeight:
+        return NoFloatWeight((self.out_features, self.in_features), self.scales.dtype, self.qweight.device)
+
+    @weight.setter
+    def weight(self, value):
+        raise AttributeError("a QuantizedLinear's weight cannot be set: quantise a new layer "
+                             "(QuantizedLinear.from_linear) instead")
 
     def forward(self, x):
         return self.quantized_linear(x, self.qweight, self.scales, self.zeros, self.bias, bits=self.bits,
@@ -173,6 +141,16 @@ def _tuner_layer_class():
     return getattr(tuners, "BaseTunerLayer", None) if tuners is not None else None
 
 
+def _group_hint(model, bits, head, include_lm_head) -> str:
+    # The group sizes every projection's input features divide, if any: what to ask for instead.
+    if bits != 4:
+        return ""
+    widths = {m.in_features for m in model.modules()
+              if type(m) is nn.Linear and (m is not head or include_lm_head)}
+    fitting = [g for g in GROUP_SIZES if widths and all(w % g == 0 for w in widths)]
+    return f"; group_size {' or '.join(map(str, fitting))} would fit" if fitting else ""
+
+
 def quantize_weights(model: nn.Module, bits: int = 8, group_size: Optional[int] = None, *,
                      include_lm_head: bool = False) -> nn.Module:
     """Replace ``model``'s attention and MLP projections by :class:`QuantizedLinear` s, in place;
@@ -192,12 +170,12 @@ def quantize_weights(model: nn.Module, bits: int = 8, group_size: Optional[int] 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    group_size = _check_format(bits, group_size)
+    group_size = check_format(bits, group_size)
     if not isinstance(include_lm_head, bool):
         raise TypeError(f"include_lm_head must be True or False, got {include_lm_head!r}")
     head = _output_embedding(model)
     tuner = _tuner_layer_class()
-    targets, problems = [], []
+    targets, problems = [], {}  # problems: reason -> the layers it concerns
     for name, module in model.named_modules():
         if tuner is not None and isinstance(module, tuner):
             raise ValueError(f"{name} is a PEFT adapter layer: quantise the model before adding adapters")
@@ -206,13 +184,15 @@ def quantize_weights(model: nn.Module, bits: int = 8, group_size: Optional[int] 
         if not isinstance(module, nn.Linear) or (module is head and not include_lm_head):
             continue
         if type(module) is not nn.Linear:
-            problems.append(f"{name} ({type(module).__name__}: not a plain nn.Linear)")
+            problems.setdefault(f"{type(module).__name__}, not a plain nn.Linear", []).append(name)
         elif bits == 4 and module.in_features % group_size:
-            problems.append(f"{name} ({module.in_features} input features, not a multiple of {group_size})")
+            problems.setdefault(f"{module.in_features} input features, not a multiple of {group_size}", []).append(name)
         else:
             targets.append(name)
     if problems:
-        raise ValueError(f"cannot quantise to {bits} bits: " + "; ".join(problems))
+        raise ValueError(f"cannot quantise to {bits} bits: " + "; ".join(
+            f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''} ({reason})"
+            for reason, names in problems.items()) + _group_hint(model, bits, head, include_lm_head))
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

@@ -20,6 +20,7 @@ from llama_kernels.model import Llama, LlamaConfig
 from llama_kernels.ops import common
 from llama_kernels.ops.common import LAUNCHES
 from llama_kernels.ops.attention import flash_decode
+from llama_kernels.quantize import quantize_weight
 from helpers import leaf, max_error
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -103,6 +104,7 @@ def _op_cases(device):
     cos, sin = randn(5, 32), randn(5, 32)
     k_cache, v_cache = randn(2, 2, 40, 32), randn(2, 2, 40, 32)
     lengths = torch.tensor([3, 40], dtype=torch.int32, device=device)
+    int4 = quantize_weight(randn(48, 64), bits=4, group_size=32)
     return {
         "rms_norm": (lambda x, w: lk.rms_norm(x, w, 1e-5), [x, weight], True),
         "rms_norm_residual": (lambda x, w, r: lk.rms_norm(x, w, 1e-5, residual=r), [x, weight, residual], True),
@@ -112,6 +114,8 @@ def _op_cases(device):
         "flash_attention": (lambda q, k, v: lk.flash_attention(q, k, v), [q, k, v], True),
         "flash_attention_decode_path": (lambda q, k, v: lk.flash_attention(q[:, :, -1:], k, v), [q, k, v], False),
         "flash_decode": (lambda q: flash_decode(q[:, :, -1:], k_cache, v_cache, lengths), [q], False),
+        "quantized_linear": (lambda x: lk.quantized_linear(x, int4.qweight, int4.scales, int4.zeros, bits=4,
+                                                           group_size=32), [x], True),
     }
 
 

@@ -40,7 +40,7 @@ under Triton's interpreter every dot is in float32 (``device.dot_mode``).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -48,6 +48,7 @@ import triton.language as tl
 
 from .. import reference
 from .common import (
+    FLOAT_DTYPES,
     INTERPRET,
     autocast_inputs,
     cast_rne,
@@ -58,6 +59,7 @@ from .common import (
     row_layout,
     row_tile_ptrs,
     use_triton,
+    values_readable,
 )
 from .device import NoFittingConfig, config_fits, device_limits, dot_mode, first_fit
 from .options import current as current_options
@@ -66,6 +68,7 @@ BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128, 256)  # int4 groups of input features (powers of two: BLOCK_K divides them)
 INT8_MAX = 127
 INT4_MAX = 15
+DEFAULT_GROUP_SIZE = 128  # int4 (gpt-fast's and torchao's default)
 # The decode schedule's rows: at most one tensor-core tile of 16.
 DECODE_ROWS = 16
 
@@ -142,8 +145,10 @@ def quantized_linear_reduce_kernel(PARTIAL, BIAS, OUT, M, N, SPLIT, HAS_BIAS: tl
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(SPLIT):
-        acc += tl.load(PARTIAL + split * M * N + offsets, mask=mask, other=0.0)
+    partial = PARTIAL + offsets
+    for _ in range(SPLIT):  # pointer steps of M * N: 64-bit, whatever the split's size
+        acc += tl.load(partial, mask=mask, other=0.0)
+        partial += M * N
     if HAS_BIAS:
         acc += tl.load(BIAS + offsets % N, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + offsets, cast_rne(acc, OUT.dtype.element_ty), mask=mask)
@@ -191,6 +196,76 @@ def quantized_linear_bwd_kernel(
             acc += tl.dot(dy, lo, input_precision=PRECISION)
     offsets = rows.to(tl.int64)[:, None] * K + ks[None, :]  # DX is contiguous
     tl.store(DX + offsets, cast_rne(acc, DX.dtype.element_ty), mask=row_mask[:, None] & k_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# The formats
+# ---------------------------------------------------------------------------------------------
+class QuantizedWeight(NamedTuple):
+    """A quantised ``(N, K)`` weight: the arguments :func:`~llama_kernels.ops.quantized.quantized_linear`
+    takes (``zeros`` None and ``group_size`` None for int8)."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    bits: int
+    group_size: Optional[int]
+
+
+def check_format(bits, group_size) -> Optional[int]:
+    """``group_size`` as used for ``bits`` (int4's default filled in); errors name the argument."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if bits == 8:
+        if group_size is not None:
+            raise ValueError(f"group_size must be None for bits=8 (one scale per output row), got {group_size!r}")
+        return None
+    group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} for bits=4, got {group_size!r}")
+    return group_size
+
+
+def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: Optional[int] = None) -> QuantizedWeight:
+    """Round-to-nearest quantisation of a ``(N, K)`` floating-point weight::
+
+        int8:  s[n] = max_k |W[n, k]| / 127,          q = clamp(round(W / s), -127, 127)
+        int4:  per group of G input features, lo = min(W, 0), hi = max(W, 0):
+               s = (hi - lo) / 15,  z = clamp(round(-lo / s), 0, 15),  q = clamp(round(W / s) + z, 0, 15)
+
+    with ``q`` computed from the stored (rounded) scale.
+
+    ``bits=4`` needs ``K`` divisible by ``group_size`` (32, 64, 128 or 256; default 128).  Scales
+    keep ``weight``'s dtype.  Refuses non-finite weights.  Works on meta and fake tensors (shapes
+    only), so quantised models can be planned and measured at any size.
+    """
+    group_size = check_format(bits, group_size)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,))
+    n, k = weight.shape
+    if bits == 4 and k % group_size:
+        raise ValueError(f"weight has {k} input features, not a multiple of group_size {group_size}")
+    if values_readable(weight) and weight.numel() and not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight has non-finite values (inf or NaN): they cannot be quantised")
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.detach().to(compute)
+    if bits == 8:
+        scales = (w.abs().amax(dim=1) / INT8_MAX).to(weight.dtype)
+        s = _nonzero(scales.to(compute))
+        q = torch.round(w / s[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return QuantizedWeight(q, scales, None, 8, None)
+    w = w.view(n, k // group_size, group_size)
+    lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+    scales = ((hi - lo) / INT4_MAX).to(weight.dtype)
+    s = _nonzero(scales.to(compute))
+    zeros = torch.round(-lo / s).clamp(0, INT4_MAX)
+    q = (torch.round(w / s[..., None]) + zeros[..., None]).clamp(0, INT4_MAX).to(torch.uint8).view(n, k // 2, 2)
+    packed = q[..., 0] | (q[..., 1] << 4)
+    return QuantizedWeight(packed, scales, zeros.to(torch.uint8), 4, group_size)
+
+
+def _nonzero(scale):
+    # A row or group of zeros gets scale 0 (it dequantises to zeros); divide by 1 there instead.
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,7 +484,7 @@ def quantized_linear(x, qweight, scales, zeros=None, bias=None, *, bits=8, group
     ``bits=4``: ``qweight`` uint8 ``(N, K // 2)`` (input features ``2j`` and ``2j + 1`` in the low
     and high nibble of byte ``j``), ``scales`` and ``zeros`` (uint8) ``(N, K // group_size)``:
     ``W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]``, ``group_size`` one of 32, 64,
-    128, 256.  :func:`llama_kernels.quantize.quantize_weight` makes both.
+    128, 256.  :func:`quantize_weight` makes both.
 
     Returns a new contiguous ``(..., N)`` tensor in ``x``'s dtype (float32, float16, bfloat16),
     summed in float32 from exact products and rounded once (module docstring).  ``x`` may be any

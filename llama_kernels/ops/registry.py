@@ -279,8 +279,8 @@ def _fused_linear_cross_entropy(case):
 
 def _quantized_linear(case, bits, group_size=None, bias=False, tokens=None):
     """An MLP up projection (hidden -> intermediate) with its weight ~ N(0, 1/hidden) quantised
-    (``llama_kernels.quantize.quantize_weight``); ``bias`` ~ N(0, 1) as Qwen2's q/k/v have one."""
-    from ..quantize import quantize_weight
+    (``ops.quantized.quantize_weight``); ``bias`` ~ N(0, 1) as Qwen2's q/k/v have one."""
+    from .quantized import quantize_weight
 
     h, n = case.dims["hidden"], case.dims["intermediate"]
     x = case.randn(case.batch, tokens or case.tokens, h)
