@@ -53,6 +53,12 @@ name the family and head dim.  The work counts above take the family's head dim 
 query-key pairs inside its window (T^2 / 2 - (T - W)^2 / 2 for T > W); soft-capping's tanh and the
 norms are not counted (the records' note says so).
 
+``--quantize FORMATS`` (``settings.quantize``) replaces the providers by the quantised comparison of
+:mod:`benchmarks.bench_quantized`: the reference model at its real depth with ``apply_kernels`` in
+bf16 (``ours``) and quantised (``ours+int8``, ``ours+int4-g128``...), measured by the same
+:func:`_measure` without its training step (records' shape ``<model>-<layers>layers``); a decode
+step's bytes count a quantised layer's ``qweight`` + ``scales`` + ``zeros``.
+
 The compiled providers (:data:`COMPILED`: ``torch.compile``, ``hf+compile``) are each measured in a
 fresh process of their own (:mod:`benchmarks.isolated`), never in this one: ``hf+ours`` and
 ``hf+liger`` change transformers' modeling modules for every later model of their process, which

@@ -311,6 +311,20 @@ def _max_rel_err(got: list, want: list) -> float:
     return worst
 
 
+def _input_bytes(*values) -> int:
+    """Bytes of the tensors among ``values`` and of the parameters and buffers of the modules among
+    them (a provider's layout may hand over a built layer: a third party's quantised weight).  A
+    tensor subclass counts its logical size (``numel * element_size``), which may exceed its storage:
+    then fewer sets are rotated, and ``do_bench``'s L2 flush before each call still holds."""
+    tensors = []
+    for v in values:
+        if isinstance(v, torch.nn.Module):
+            tensors += [*v.parameters(), *v.buffers()]
+        else:
+            tensors.append(v)
+    return nbytes(*tensors)
+
+
 def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
     """(call, sets): a no-argument function doing one ``mode`` step on the next of several input
     sets, rotated so that the sets together exceed the L2.  Each step (and the forward that records
@@ -322,7 +336,7 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
         return _in_own_layout(fn, own_build(i, grad), grad)
 
     probe = build(0, trains)
-    set_bytes = nbytes(*probe.args, *probe.kwargs.values()) * (2 if mode != "forward" else 1)  # + cotangents
+    set_bytes = _input_bytes(*probe.args, *probe.kwargs.values()) * (2 if mode != "forward" else 1)  # + cotangents
     del probe
     if mode == "forward":
         grad_mode = torch.enable_grad if trains else torch.no_grad  # a training forward records the graph

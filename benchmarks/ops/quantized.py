@@ -267,6 +267,6 @@ def _spec(fmt: str) -> OpSpec:
 
 
 QUANTIZED_LINEAR = tuple(_spec(fmt) for fmt in FORMATS)
-# The two formats the GPU session's phase q and --quick-minded runs measure first.
+# The formats phase q of benchmarks/gpu_session.sh measures: int8 and int4 in groups of 128.
 QUICK_NAMES = tuple(spec.name for spec in QUANTIZED_LINEAR if spec.name in ("int8_linear", "int4_linear-g128"))
 assert set(SWEEPS) == set(ROWS), "every run mode needs its quantized_linear rows"
