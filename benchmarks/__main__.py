@@ -88,6 +88,17 @@ def family_name(text: str) -> str:
     return text
 
 
+def format_list(text: str) -> tuple[str, ...]:
+    """``--quantize`` value: comma-separated ``8``, ``4``, ``4g64``... -> weight format names
+    (:func:`benchmarks.bench_quantized.parse_formats`; imported on first use: torch only)."""
+    from .bench_quantized import parse_formats
+
+    try:
+        return parse_formats(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 PARTS = ("ops", "model", "batches")
 # Run only when named in --only: training-step memory on fake tensors (benchmarks/bench_memory.py,
 # CPU-heavy, exact without a GPU; its own files, <cpu|gpu>-fake-memory-<date>.*).
@@ -137,6 +148,12 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
                    help="the model part's model family (default llama: LLaMA-3-8B shapes, the reference model and "
                         "transformers' LLaMA); qwen3 (Qwen3-8B) or gemma2 (Gemma-2-9B): transformers' model of that "
                         "family only (hf, hf+ours, hf+compile, hf+liger); results named <stem>-NAME")
+    p.add_argument("--quantize", type=format_list, metavar="FORMATS",
+                   help="the model part measures the quantised comparison instead of its providers: the reference "
+                        "LLaMA at its real depth (32 layers) with apply_kernels in bf16 (ours) and quantized to each "
+                        "format (ours+int8, ours+int4-g128...: quantize_weights + apply_kernels), prefill and decode; "
+                        "formats 8, 4 (groups of 128), 4g32, 4g64, 4g128, 4g256, e.g. 8,4; results named "
+                        "<stem>-quantized (LLaMA only: not with --family)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="run the torch.compile providers (default: yes, except in smoke mode)")
     from . import bench_memory  # torch only, no triton: safe before TRITON_INTERPRET is chosen
@@ -147,7 +164,11 @@ def build_parser(prog: str = "python -m benchmarks") -> argparse.ArgumentParser:
 
 def parse_args(argv, prog: str = "python -m benchmarks"):
     """Parsed and validated arguments; argparse exits with status 2 and an ``error:`` line if bad."""
-    return build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.quantize and args.family != "llama":
+        parser.error("--quantize measures the reference LLaMA model: it does not take --family")
+    return args
 
 
 def problems(records: list) -> list:
@@ -189,7 +210,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         args.only = tuple(part for part in args.only if part != "memory")
         if not args.only:
             return memory_rc
-    from . import bench_batches, bench_model, common, ops, report
+    from . import bench_batches, bench_model, bench_quantized, common, ops, report
     from .common import say
 
     mode = "smoke" if args.smoke or not on_gpu else "quick" if args.quick else "full"
@@ -197,6 +218,7 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     settings = common.make_settings(
         mode, device, args.compile,
         ops=args.ops, tokens=args.tokens, shapes=args.shapes,  # validated by the parser
+        quantize=args.quantize or (),
     )
     if args.out is not None:
         out_dir = args.out
@@ -222,6 +244,8 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
     stem = report.file_stem(settings, date)
     if args.family != "llama":  # another model: never overwrite the LLaMA run's files of the same day
         stem = f"{stem}-{args.family}"
+    if settings.quantize:  # the quantised comparison's model part: never overwrite the plain run's files
+        stem = f"{stem}-quantized"
 
     def make_report(interrupted: str | None, complete: bool) -> dict:
         common.add_speedups(records)
@@ -239,8 +263,11 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
                          "rotate_bytes": settings.rotate_bytes, "compile": settings.compile,
                          "timer": "triton.testing.do_bench median" if on_gpu else "host clock median (CPU)"},
             "model_family": args.family,
-            "providers": {**ops.provider_notes(), **bench_model.provider_notes(args.family),
+            "providers": {**ops.provider_notes(),
+                          **(bench_quantized.provider_notes(settings.quantize) if settings.quantize
+                             else bench_model.provider_notes(args.family)),
                           **bench_batches.provider_notes()},
+            "quantize": list(settings.quantize),
             "ops": {s.name: s.note for s in ops.OPS},
             "wall_s": common.elapsed_s(),
         }

@@ -34,6 +34,15 @@ by fitting the measured points, predicting the crossing, and verifying by measur
 step (1024 tokens) above (:func:`longest_fitting`).  Every figure in the tables is measured; the
 predictions are kept beside the verified lengths.
 
+Quantised models (``hf+ours+int8``, ``hf+ours+int4``: ``llama_kernels.quantize.quantize_weights``
+after ``apply_kernels``) keep their weights in buffers (``qweight``, ``scales``, ``zeros``), which
+are counted as ``PARAM`` here: the model's weights, as the other providers' parameters are.  Their
+weights are frozen, so full fine-tuning does not apply (``skipped``); LoRA trains adapters on the
+quantised base (QLoRA's way).  The ``decode`` mode is inference, for every provider: a prefill of T
+tokens without grad (a KV cache, the last position's logits only, as ``generate`` computes them)
+and one decode step after it; its peak is the prefill's or the step's (weights, the KV cache of T
++ 1 positions, the prefill's activations), and its second peak (``fwd_bwd_*``) the prefill's alone.
+
 Records are written as ``<out>/<cpu|gpu>-fake-memory[-smoke]-<date>.{json,md,png}``; a second run
 into the same folder on the same day keeps the first run's records for the (model, mode,
 provider) combinations it does not measure, so a sweep can be run in parts.
@@ -120,7 +129,12 @@ MODES = {
     "full+ckpt": "full fine-tuning with gradient checkpointing of every decoder layer",
     "lora": f"LoRA r={LORA_RANK} on {', '.join(LORA_TARGETS)}, base frozen, AdamW on the adapters",
     "lora+ckpt": "LoRA with gradient checkpointing",
+    "decode": "inference: prefill of T tokens (no grad, KV cache, the last position's logits only, as generate "
+              "does), then one decode step; no optimizer (its fwd+bwd figures are the prefill's peak alone)",
 }
+TRAINING_MODES = ("full", "full+ckpt", "lora", "lora+ckpt")
+QUANTIZED = {"hf+ours+int8": 8, "hf+ours+int4": 4}  # provider -> quantize_weights' bits
+INT4_GROUP = 128  # int4's group (quantize_weights' default), or the largest of 64, 32 that tiles a smaller model
 PROVIDERS = {
     "hf-eager": "transformers, attn_implementation='eager' (T x T scores materialised)",
     "hf-sdpa": "transformers, attn_implementation='sdpa' (the baseline of the ratios)",
@@ -133,6 +147,11 @@ PROVIDERS = {
     "ref-eager": "llama_kernels.model.Llama (the package's eager reference; LLaMA shapes only; loss = "
                  "model.loss(input_ids), logits materialised)",
     "ref+ours": "the reference model after apply_kernels (fused LM head + loss)",
+    "hf+ours+int8": "hf+ours, then llama_kernels.quantize.quantize_weights(model, bits=8): every attention and MLP "
+                    "projection int8 (one scale per output row; frozen buffers, counted as PARAM), embedding and "
+                    "LM head bf16; full fine-tuning skipped (frozen weights), LoRA on the quantised base",
+    "hf+ours+int4": "hf+ours, then quantize_weights(model, bits=4, group_size=128): projections int4 in groups of "
+                    "128 (a bf16 scale and a uint8 zero point each), as hf+ours+int8 otherwise",
 }
 DEFAULT_SMOKE_MODELS = ("smoke-llama",)
 SMOKE_MODES = ("full", "lora+ckpt")  # the smoke run's default: both kinds of training, checkpointing
@@ -253,6 +272,11 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
     if ours and device == "cpu" and not _interpreting():
         raise Skipped("TRITON_INTERPRET was not 1 when triton was imported: on CPU tensors (fake or not) our "
                       "kernels would fall back to eager, so the figure would be eager's")
+    if provider in QUANTIZED and mode.startswith("full"):
+        raise Skipped("quantised weights are frozen: full fine-tuning does not apply (the lora modes train "
+                      "adapters on the quantised base)")
+    if mode == "decode" and provider == "hf+ours+long":
+        raise Skipped("the long-context options act in training only: at inference this is hf+ours")
     long_context = None
     if provider == "hf+ours+long":
         try:
@@ -285,8 +309,20 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
             warnings.simplefilter("always")
             if ours:
                 import llama_kernels
+                from llama_kernels.patch import kernel_summary
 
                 llama_kernels.apply_kernels(model)
+                # Taken here for a quantised model: kernel_summary finds a module's device by its
+                # parameters, and a quantised layer's weights are buffers (the kernels run all the same).
+                summary = kernel_summary(model)
+            if provider in QUANTIZED:  # after apply_kernels, which finds a module's device by its parameters
+                from llama_kernels.quantize import quantize_weights
+
+                bits = QUANTIZED[provider]
+                group = _int4_group(spec.config) if bits == 4 else None
+                quantize_weights(model, bits=bits, group_size=group)
+                if group not in (None, INT4_GROUP):
+                    notes.append(f"int4 in groups of {group} (this model's widths are not multiples of {INT4_GROUP})")
             if long_context is not None:
                 long_context.chunked_mlp(model, chunk_tokens=CHUNK_TOKENS)
             if ckpt:
@@ -300,19 +336,27 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
                     if lora:
                         model.enable_input_require_grads()  # as PEFT's prepare_model_for_kbit_training
             if lora:
-                model = _with_lora(model)
+                model = _with_lora(model, quantized=provider in QUANTIZED)
         for w in caught:
             text = str(w.message).strip().splitlines()[0][:200] if str(w.message).strip() else ""
             if "kernel" in text.lower() or "eager" in text.lower():
                 notes.append(text)
         if ours:
-            from llama_kernels.patch import kernel_summary
-
-            notes.append("kernels: " + ", ".join(f"{k} {v}" for k, v in kernel_summary(model).items()))
+            if provider not in QUANTIZED:
+                summary = kernel_summary(model)
+            notes.append("kernels: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return model, loss_fn, notes
 
 
-def _with_lora(model):
+def _int4_group(config: dict) -> int:
+    """:data:`INT4_GROUP`, or the largest group of 64 and 32 dividing every projection's input width
+    (the hidden size, the query heads' width, the MLP's): the tiny smoke models' 64."""
+    widths = (config["hidden_size"], config["intermediate_size"],
+              config["num_attention_heads"] * shapes.head_dim(config))
+    return next((g for g in (INT4_GROUP, 64, 32) if all(w % g == 0 for w in widths)), 32)
+
+
+def _with_lora(model, quantized: bool = False):
     """``peft.get_peft_model`` with the LoRA of :data:`MODES`, on real or fake modules.
 
     PEFT moves each new adapter (and each wrapped layer) to its base layer's device and dtype with
@@ -338,6 +382,13 @@ def _with_lora(model):
     torch.nn.Module.to = to
     try:
         return peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, target_modules=list(LORA_TARGETS)))
+    except AttributeError as exc:
+        if not quantized:
+            raise
+        # A quantised layer has no float weight, which this PEFT may look for: QLoRA on llama_kernels'
+        # quantisation cannot run here (a limit of the pair, reported as such, not a failed measurement).
+        raise Missing(f"peft {getattr(peft, '__version__', '?')} cannot add LoRA to "
+                      f"llama_kernels.quantize.QuantizedLinear: {exc}") from None
     finally:
         torch.nn.Module.to = original
 
@@ -448,6 +499,9 @@ def _peak_tracker():
                 del workspace
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            # A quantised layer's weights are buffers; they are the model's weights: PARAM.
+            weights = _quantized_weight_ids(module)
+
             def grad_hook(grad):
                 self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
 
@@ -464,8 +518,12 @@ def _peak_tracker():
                         param.register_post_accumulate_grad_hook(lambda p: grad_hook(p.grad)),
                     )
             for buffer in module.buffers():
-                winfos = self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER)
-                buffer_memory += sum(w.mem_consumed for w in winfos)
+                if id(buffer) in weights:
+                    winfos = self._update_and_maybe_create_winfos(buffer, _MemRefType.PARAM)
+                    param_memory += sum(w.mem_consumed for w in winfos)
+                else:
+                    winfos = self._update_and_maybe_create_winfos(buffer, _MemRefType.BUFFER)
+                    buffer_memory += sum(w.mem_consumed for w in winfos)
             return param_memory, buffer_memory
 
         def _update_peak_stats(self, peak_state) -> None:
@@ -475,6 +533,35 @@ def _peak_tracker():
                     self._peak_mem_snap[dev] = dict(snap)
 
     return PeakTracker()
+
+
+def _quantized_weight_ids(module) -> set:
+    """``id`` of every quantised weight buffer (``qweight``, ``scales``, ``zeros``) under ``module``."""
+    from llama_kernels.quantize import QuantizedLinear
+
+    return {id(t) for m in module.modules() if isinstance(m, QuantizedLinear)
+            for t in (m.qweight, m.scales, m.zeros) if t is not None}
+
+
+def _decode_step(model, ids, after_prefill=None) -> None:
+    """Inference as ``generate`` runs it, one new token: a prefill of ``ids`` into a KV cache without
+    grad, the last position's logits only, then one decode step; ``after_prefill()`` between."""
+    with torch.no_grad():
+        if hasattr(model, "new_cache"):  # the reference model: its own preallocated cache
+            t = ids.shape[1]
+            cache = model.new_cache(ids.shape[0], t + 1)
+            logits = model(ids, cache, 0)[:, -1]
+            if after_prefill is not None:
+                after_prefill()
+            model(logits.argmax(-1, keepdim=True), cache, t)
+            return
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        if after_prefill is not None:
+            after_prefill()
+        # transformers 5.x renamed the cache `past_key_values` -> `cache` (argument and output).
+        key = "cache" if "cache" in out else "past_key_values"
+        model(input_ids=out.logits[:, -1].argmax(-1, keepdim=True), use_cache=True, logits_to_keep=1,
+              **{key: out[key]})
 
 
 @contextlib.contextmanager
@@ -506,20 +593,31 @@ def _one_sequence_masks():
 
 
 def measure_fake(spec: ModelSpec, mode: str, provider: str, tokens: int, device: str = "cpu") -> dict:
-    """One training step on fake tensors: MemTracker's peak split (bytes per category) on
-    ``device``, the peak on 'meta' (offloaded), the AdamW state bytes and notes."""
+    """One training step (``decode``: prefill and one decode step) on fake tensors: MemTracker's
+    peak split (bytes per category) on ``device``, the peak on 'meta' (offloaded), the AdamW state
+    bytes and notes."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True), _one_sequence_masks():
         model, loss_fn, notes = build(spec, mode, provider, device, offload_device="meta")
-        opt, states, trainable = _optimizer(model)
+        inference = mode == "decode"
+        opt, states, trainable = (None, 0, 0) if inference else _optimizer(model)
         ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
         tracker = _peak_tracker()
-        tracker.track_external(model, opt, ids)
+        tracker.track_external(model, *([] if inference else [opt]), ids)
         snapshots = []
+
+        def snapshot():
+            snapshots.append(tracker.get_tracker_snapshot("peak"))
+            if inference:  # the decode step calls the model again: MemTracker's per-module stats allow one call
+                tracker.reset_mod_stats()
+
         with tracker:
-            _train_step(model, loss_fn, opt, ids,
-                        after_backward=lambda: snapshots.append(tracker.get_tracker_snapshot("peak")))
+            if inference:
+                model.eval()
+                _decode_step(model, ids, after_prefill=snapshot)
+            else:
+                _train_step(model, loss_fn, opt, ids, after_backward=snapshot)
         peak = tracker.get_tracker_snapshot("peak")
     total, cats, meta = _split(peak, device)
     fwd_bwd_total, fwd_bwd_cats, _ = _split(snapshots[0], device)
@@ -549,11 +647,15 @@ def measure_cuda(spec: ModelSpec, mode: str, provider: str, tokens: int) -> int:
     the weights, optimizer states and inputs included (the offload goes to host memory)."""
     torch.cuda.empty_cache()
     model, loss_fn, _ = build(spec, mode, provider, "cuda", offload_device="cpu")
-    opt, _, _ = _optimizer(model)
+    opt = None if mode == "decode" else _optimizer(model)[0]
     ids = torch.randint(0, spec.config["vocab_size"], (1, tokens), device="cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    _train_step(model, loss_fn, opt, ids)
+    if opt is None:
+        model.eval()
+        _decode_step(model, ids)
+    else:
+        _train_step(model, loss_fn, opt, ids)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     del model, opt, ids
@@ -828,6 +930,12 @@ def _step_cell(r: MemRecord) -> str:
     return f"{r.peak_bytes / GIB:.2f} ({r.peak_minus_params_bytes / GIB:.2f}{ratio})"
 
 
+def _decode_cell(r: MemRecord) -> str:
+    ratio = f", {r.ratio_to_hf_sdpa:.2f}x" if r.ratio_to_hf_sdpa is not None else ""
+    return (f"{r.peak_bytes / GIB:.2f} (weights {r.categories.get('PARAM', 0) / GIB:.2f}; rest "
+            f"{r.peak_minus_params_bytes / GIB:.2f}{ratio})")
+
+
 def _fwd_bwd_cell(r: MemRecord) -> str:
     if r.fwd_bwd_minus_params_states_bytes is None:
         return ""
@@ -857,7 +965,8 @@ def _mode_table(title: str, records: list, cell) -> list:
 
 
 def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
-    lines = [f"# Training-step memory at real model sizes (fake tensors, {report['fake_device']}), "
+    what = "Training-step" if all(r.mode in TRAINING_MODES for r in records) else "Training-step and inference"
+    lines = [f"# {what} memory at real model sizes (fake tensors, {report['fake_device']}), "
              f"{report['date']}", ""]
     if report.get("warning"):
         lines += [f"> **{report['warning']}**", ""]
@@ -875,7 +984,9 @@ def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
         "fragmentation are not counted, so leave a margin. SDPA on fake CPU tensors takes torch's CPU flash "
         "backend, which saves what the CUDA flash backend saves (output + float32 logsumexp). Every peak below "
         "was measured; the longest lengths were predicted from a fit and then verified by measuring there and "
-        "one step above (see benchmarks/README.md).",
+        "one step above (see benchmarks/README.md). The `decode` mode is inference instead: a prefill of T tokens "
+        "into a KV cache (no grad, the last position's logits) and one decode step. Quantised providers' weights "
+        "(`qweight`, `scales`, `zeros` buffers) are counted as PARAM.",
         "",
         "Categories (MemTracker's): " + "; ".join(f"**{c}** {n}" for c, n in CATEGORY_NOTES.items()) + ".",
         "",
@@ -910,6 +1021,11 @@ def write_markdown(report: dict, records: list, fits: list, path: Path) -> None:
                       "reaches the limit; not measured); `skipped`: see the tables below.", ""]
         for mode in dict.fromkeys(r.mode for r in rs):
             mr = [r for r in rs if r.mode == mode and r.source == "sweep"]
+            if mode == "decode":  # inference: no backward, no optimizer
+                lines += _mode_table(f"### {mode}: peak of the prefill and one decode step GiB (weights GiB, "
+                                     "then the rest: KV cache and activations, GiB and its ratio to hf-sdpa's)",
+                                     mr, _decode_cell)
+                continue
             lines += _mode_table(f"### {mode}: peak of the whole step GiB (peak minus parameters GiB, ratio of "
                                  "that to hf-sdpa's)", mr, _step_cell)
             lines += _mode_table(f"### {mode}: forward + backward alone, peak minus parameters and optimizer "
@@ -990,7 +1106,8 @@ def write_plot(report: dict, records: list, path: Path) -> Path | None:
         ax.set_title(f"{model}, {mode}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    title = f"training-step peak memory, fake tensors ({report['fake_device']}), {report['date']}"
+    what = "training-step" if all(r.mode in TRAINING_MODES for r in ok) else "training-step and inference"
+    title = f"{what} peak memory, fake tensors ({report['fake_device']}), {report['date']}"
     if report.get("warning"):
         title += "\nSMOKE RUN: TINY MODELS"
     fig.suptitle(title, fontsize=10, color="red" if report.get("warning") else "black")

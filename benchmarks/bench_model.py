@@ -53,6 +53,12 @@ name the family and head dim.  The work counts above take the family's head dim 
 query-key pairs inside its window (T^2 / 2 - (T - W)^2 / 2 for T > W); soft-capping's tanh and the
 norms are not counted (the records' note says so).
 
+``--quantize FORMATS`` (``settings.quantize``) replaces the providers by the quantised comparison of
+:mod:`benchmarks.bench_quantized`: the reference model at its real depth with ``apply_kernels`` in
+bf16 (``ours``) and quantised (``ours+int8``, ``ours+int4-g128``...), measured by the same
+:func:`_measure` without its training step (records' shape ``<model>-<layers>layers``); a decode
+step's bytes count a quantised layer's ``qweight`` + ``scales`` + ``zeros``.
+
 The compiled providers (:data:`COMPILED`: ``torch.compile``, ``hf+compile``) are each measured in a
 fresh process of their own (:mod:`benchmarks.isolated`), never in this one: ``hf+ours`` and
 ``hf+liger`` change transformers' modeling modules for every later model of their process, which
@@ -142,8 +148,9 @@ SWEEPS = {
 }
 LOSS_TOLERANCE = 1e-2  # relative difference of the first loss from the family's unpatched model
 # Providers whose ``decode`` figure is the CUDA-graph step, and who get the ``decode-no-graph`` one
-# too: the reference model, eager and patched.  transformers' generate has no such step here, and
-# a compiled model keeps its plain generate (its decode runs in full mode only).
+# too: the reference model, eager and patched (and, in the quantised comparison, patched and
+# quantised: ``ours+int8``...; see graph_decode).  transformers' generate has no such step here,
+# and a compiled model keeps its plain generate (its decode runs in full mode only).
 GRAPH_DECODE = ("eager", "ours")
 # Compiled models: more warm-up, decode in full mode only, and each measured in a fresh process of
 # its own (benchmarks/isolated.py), never in the one where other providers patched transformers.
@@ -381,13 +388,20 @@ def _flop_note(cfg, family: str) -> str | None:
 
 
 def _weight_bytes_per_token(model, cfg) -> int:
-    """Bytes of the weights one decode step reads: all, but one row of an untied embedding."""
+    """Bytes of the weights one decode step reads: all, but one row of an untied embedding; a
+    quantised layer's weights are its buffers (``qweight``, ``scales``, ``zeros``)."""
+    from llama_kernels.quantize import QuantizedLinear
+
     total = 0
     for name, p in model.named_parameters():
         if "embed_tokens" in name and not cfg.get("tie_word_embeddings", False):
             total += p.shape[1] * p.element_size()
         else:
             total += p.numel() * p.element_size()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros)
+                         if t is not None)
     return total
 
 
@@ -414,30 +428,38 @@ _OPS = (("prefill", "forward"), ("decode", "generate"), ("decode-no-graph", "gen
         ("train", "forward+backward+AdamW"))
 
 
-def _record(name, op, tokens, cfg, settings, family="llama", **kw) -> Record:
+def graph_decode(name: str) -> bool:
+    """Whether provider ``name``'s decode figure is the CUDA-graph step (:data:`GRAPH_DECODE`, and the
+    quantised reference models ``ours+<format>`` of :mod:`benchmarks.bench_quantized`)."""
+    return name in GRAPH_DECODE or name.startswith("ours+")
+
+
+def _record(name, op, tokens, cfg, settings, family="llama", shape=None, **kw) -> Record:
     dims = {k: cfg[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                                 "num_key_value_heads", "vocab_size")}
     dims.update(head_dim=head_dim(cfg), family=family)
     if kw.get("work_unit") == "FLOP":  # what the FLOP count of this family approximates
         kw["note"] = "; ".join(filter(None, (kw.get("note"), _flop_note(cfg, family)))) or None
-    return Record("model", op, dict(_OPS)[op], name, shape_label(family, settings), {**dims, "batch": 1}, tokens,
-                  "bf16", **kw)
+    return Record("model", op, dict(_OPS)[op], name, shape or shape_label(family, settings), {**dims, "batch": 1},
+                  tokens, "bf16", **kw)
 
 
 def _decode_ops(name: str) -> tuple:
-    """The decode figures of provider ``name``: see :data:`GRAPH_DECODE`."""
-    return ("decode", "decode-no-graph") if name in GRAPH_DECODE else ("decode",)
+    """The decode figures of provider ``name``: see :func:`graph_decode`."""
+    return ("decode", "decode-no-graph") if graph_decode(name) else ("decode",)
 
 
-def _plan(settings: Settings, name: str):
-    """(op, tokens) of every figure of provider ``name``; decode's tokens are the prompt length."""
+def _plan(settings: Settings, name: str, training: bool = True):
+    """(op, tokens) of every figure of provider ``name``; decode's tokens are the prompt length.
+    ``training=False``: no training step (a quantised model's weights are frozen)."""
     sweep = SWEEPS[settings.mode]
     return ([("prefill", t) for t in sweep["prefill"]]
             + [(op, p) for p, _ in sweep["decode"] for op in _decode_ops(name)]
-            + [("train", t) for t in sweep["train"]])
+            + ([("train", t) for t in sweep["train"]] if training else []))
 
 
-def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="llama"):
+def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="llama", shape=None,
+             training=True):
     sweep = dict(SWEEPS[settings.mode])
     dev = settings.device
     if name in COMPILED:  # the first calls compile (and may recompile): never time them
@@ -451,8 +473,8 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="l
             loss = runner.loss(_ids(cfg, sweep["train"][0], dev, 0)).item()
     except Exception as exc:
         status, reason = classify(exc)
-        for op, tokens in _plan(settings, name):
-            records.append(_record(name, op, tokens, cfg, settings, family, status=status, reason=reason,
+        for op, tokens in _plan(settings, name, training):
+            records.append(_record(name, op, tokens, cfg, settings, family, shape, status=status, reason=reason,
                                    note=runner.note))
             say(records[-1].describe())
         return
@@ -461,7 +483,7 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="l
     say(f"model {name}: first loss {loss:.4f} ({runner.family} reference {ref:.4f})")
 
     def attempt(op, tokens, body, note=runner.note, **kw):
-        r = _record(name, op, tokens, cfg, settings, family, note=note, **kw)
+        r = _record(name, op, tokens, cfg, settings, family, shape, note=note, **kw)
         if mismatch:
             r.status, r.reason = "mismatch", f"first loss {loss:.4f} vs {runner.family}'s {ref:.4f}"
         else:
@@ -551,9 +573,11 @@ def _measure(name, runner, cfg, settings, limits, records, ref_losses, family="l
                 work=2 * linear_params(cfg) * t + _attention_fwd_flop(cfg, t), work_unit="FLOP")
     for prompt, new in sweep["decode"]:
         for op in _decode_ops(name):
-            graphs = op == "decode" and name in GRAPH_DECODE
+            graphs = op == "decode" and graph_decode(name)
             note = "; ".join(filter(None, (runner.note, DECODE_NOTES[graphs])))
             attempt(op, prompt, functools.partial(decode, prompt=prompt, new=new, graphs=graphs), note=note)
+    if not training:
+        return
     runner.model.train()
     for t in sweep["train"]:
         attempt("train", t, functools.partial(train, t=t),
@@ -567,7 +591,14 @@ def run(settings: Settings, limits: dict, records: list, progress=None, family: 
     (``__main__`` rewrites the report then, so a run killed later keeps them).  ``family`` (a key
     of :data:`FAMILIES`) picks the model: LLaMA-3-8B's shapes and the reference model too, or
     another transformers family's (its ``hf`` providers only).
+    With ``settings.quantize`` the model part is the quantised comparison instead
+    (:func:`benchmarks.bench_quantized.run`).
     """
+    if settings.quantize:
+        from . import bench_quantized
+
+        bench_quantized.run(settings, limits, records, progress)
+        return
     cfg = _config(settings, family)
     say(f"model: {cfg['num_hidden_layers']} layers of {title(family)} shape" if settings.mode != "smoke"
         else f"model: tiny smoke config ({family})")
@@ -583,13 +614,15 @@ def run(settings: Settings, limits: dict, records: list, progress=None, family: 
             progress(f"model {name}")
 
 
-def run_provider(name, build, cfg, settings, limits, records, ref_losses, family="llama") -> None:
+def run_provider(name, build, cfg, settings, limits, records, ref_losses, family="llama", shape=None,
+                 training=True) -> None:
     """Build provider ``name`` (``build(stack)``), measure its figures into ``records``, free it.
 
     ``ref_losses`` holds the first losses of each family's unpatched model (set by the first
     provider of a family to get there).  :func:`run` calls this in its own process for every
     provider but the compiled ones, which :func:`run_isolated` has :mod:`benchmarks.isolated` run
-    through this same function in a fresh process.
+    through this same function in a fresh process.  ``shape`` replaces the records' shape label,
+    ``training=False`` leaves the training step out (:mod:`benchmarks.bench_quantized`).
     """
     say(f"model {name}: building")
     with contextlib.ExitStack() as stack:
@@ -597,12 +630,12 @@ def run_provider(name, build, cfg, settings, limits, records, ref_losses, family
             runner = build(stack)
         except Exception as exc:
             status, reason = classify(exc)
-            for op, tokens in _plan(settings, name):
-                records.append(_record(name, op, tokens, cfg, settings, family, status=status, reason=reason))
+            for op, tokens in _plan(settings, name, training):
+                records.append(_record(name, op, tokens, cfg, settings, family, shape, status=status, reason=reason))
                 say(records[-1].describe())
         else:
             try:
-                _measure(name, runner, cfg, settings, limits, records, ref_losses, family)
+                _measure(name, runner, cfg, settings, limits, records, ref_losses, family, shape, training)
             finally:
                 del runner
                 if name in COMPILED:

@@ -64,6 +64,7 @@ class Settings:
     ops: tuple[str, ...] | None = None  # only these ops (None: all)
     tokens: tuple[int, ...] | None = None  # override the token counts of the mode
     shapes: tuple[str, ...] | None = None  # override the model shapes of the mode (ops only)
+    quantize: tuple[str, ...] = ()  # the model part's quantised comparison: weight formats ("int8", "int4-g128")
 
     @property
     def meaningful(self) -> bool:
@@ -78,7 +79,7 @@ class Settings:
 
 
 def make_settings(mode: str, device: torch.device, compile: bool | None, ops=None, tokens=None,
-                  shapes=None) -> Settings:
+                  shapes=None, quantize=()) -> Settings:
     if device.type == "cuda":
         # Rotating inputs whose total is twice the L2 means no timed call finds its inputs cached
         # (do_bench also flushes L2 before each call; the rotation makes that not the only guard).
@@ -90,7 +91,7 @@ def make_settings(mode: str, device: torch.device, compile: bool | None, ops=Non
     warmup, rep, host_reps = budgets[mode]
     if compile is None:  # inductor's CPU compile takes ~20 s per graph: off in smoke unless asked
         compile = mode != "smoke"
-    return Settings(mode, device, warmup, rep, host_reps, rotate, compile, ops, tokens, shapes)
+    return Settings(mode, device, warmup, rep, host_reps, rotate, compile, ops, tokens, shapes, tuple(quantize))
 
 
 def settings_json(settings: Settings) -> dict:
@@ -100,7 +101,8 @@ def settings_json(settings: Settings) -> dict:
 
 def settings_from_json(doc: dict) -> Settings:
     """The :class:`Settings` that :func:`settings_json` wrote (its tuples come back as JSON lists)."""
-    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items() if k in ("ops", "tokens", "shapes")}
+    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in doc.items()
+              if k in ("ops", "tokens", "shapes", "quantize")}
     return Settings(**{**doc, **tuples, "device": torch.device(doc["device"])})
 
 

@@ -40,9 +40,19 @@
 #                 tensors beside torch.cuda.max_memory_allocated of the same step run for real (the
 #                 CPU results' table, checked on the device); out to MEMORY_DIR, its markdown appended
 #                 to bench.txt, its files packed into bench.tgz          MEMORY_TIMEOUT (180 s)
+#   q. bench.txt  (appended; not in the default PHASES) weight-only quantisation, QUANT_ARGS (default:
+#                 --quick --only ops,model --ops int8_linear,int4_linear-g128 --quantize 8,4): the
+#                 quantised linear at LLaMA-3-8B's four projection shapes, 1, 2, 4, 8, 16 and 2048
+#                 rows (ours, bf16 cuBLAS, eager dequantise + matmul, torch.compile of it, torchao and
+#                 bitsandbytes when importable), then the 32-layer model in bf16, int8 and int4-g128
+#                 (apply_kernels, quantize_weights): prefill and batch-1 decode with and without CUDA
+#                 graphs; out to QUANT_DIR, its files named <stem>-quantized* by the benchmark, packed
+#                 into bench.tgz, its markdown appended to bench.txt.  About 60 s of op timings, 100 s
+#                 of inductor compiles (two formats, a few dynamic-shape recompiles each) and 80 s for
+#                 the three 32-layer models (estimates; not yet run on a GPU)   QUANT_TIMEOUT (300 s)
 #   c. tests.txt  the rest of the CUDA test suite in the time left (pytest-xdist / pytest-timeout
 #                 when importable)                                     the rest of SESSION_BUDGET
-# The phases run in the order a, b, v, d, f, m, c.  SESSION_BUDGET (default 540 s) bounds all of them
+# The phases run in the order a, b, v, d, f, m, q, c.  SESSION_BUDGET (default 540 s) bounds all of them
 # together (the device tool allows 600 s a call): each phase's limit is cut to what is left.
 # What phase v cost the others: phase b no longer runs flash_attention (phase d sweeps the same
 # shapes with the same providers) and its limit went from 300 s to 240 s.  linear_cross_entropy
@@ -69,6 +79,10 @@
 #   run(command="SESSION_BUDGET=270 PHASES=f bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=300)
 # or the memory of real training steps beside the fake-tensor count (peft travels in .whl if missing):
 #   run(command="SESSION_BUDGET=200 PHASES=m bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=230)
+# or the quantised linear and the quantised model (a session of its own, or instead of dc; torchao and
+# bitsandbytes are measured when their wheels travel in .whl; add --no-compile to QUANT_ARGS if
+# inductor's compiles do not fit):
+#   run(command="SESSION_BUDGET=330 PHASES=q bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=360)
 # The tool returns at most 8 files from $OUT, and these are the 8: check.txt, bench.txt,
 # <stem>.json, <stem>.md, <stem>-attention.json, <stem>-attention.md, bench.tgz, tests.txt.
 set -uo pipefail
@@ -80,12 +94,15 @@ ATTN_DIR=${ATTN_DIR:-/tmp/bench-attention}
 VARLEN_DIR=${VARLEN_DIR:-/tmp/bench-varlen}
 FAMILY_DIR=${FAMILY_DIR:-/tmp/bench-family}
 MEMORY_DIR=${MEMORY_DIR:-/tmp/bench-memory}
+QUANT_DIR=${QUANT_DIR:-/tmp/bench-quantized}
 PHASES=${PHASES:-abvdc}
-# Every op but flash_attention (phase d) and varlen_attention (phase v): a new op goes here.
+# Every op but flash_attention (phase d), varlen_attention (phase v) and the quantised linears
+# (phase q): a new op goes here.
 read -r -a BENCH_ARGS <<< "${BENCH_ARGS:---quick --only ops,model --ops rms_norm,rms_norm+residual,swiglu,apply_rotary,decode,linear_cross_entropy}"
 read -r -a VARLEN_ARGS <<< "${VARLEN_ARGS:---quick --only ops,batches --ops varlen_attention --shapes llama3-8b,smollm2-135m}"
 read -r -a ATTN_ARGS <<< "${ATTN_ARGS:---quick --only ops --ops flash_attention --shapes llama3-8b,smollm2-135m --tokens 2048,4096,8192,16384 --no-compile}"
 read -r -a FAMILY_ARGS <<< "${FAMILY_ARGS:---quick --only model --family qwen3}"
+read -r -a QUANT_ARGS <<< "${QUANT_ARGS:---quick --only ops,model --ops int8_linear,int4_linear-g128 --quantize 8,4}"
 read -r -a MEMORY_ARGS <<< "${MEMORY_ARGS:---only memory --memory-models llama3.2-1b --memory-modes full,lora+ckpt --memory-providers hf-sdpa,hf+ours,hf+ours+long --memory-tokens 2048,4096 --memory-max-tokens 4096 --memory-no-search}"
 START=$SECONDS
 mkdir -p "$OUT"
@@ -122,16 +139,16 @@ limited() {
 }
 has() { "$PY" -c "import $1" 2>/dev/null; }
 wanted() { [[ $PHASES == *$1* ]]; }
-# `pack`: every file of phases b, v, d, f and m (the folders at the root: their names differ) in bench.tgz.
+# `pack`: every file of phases b, v, d, f, m and q (the folders at the root: their names differ) in bench.tgz.
 pack() {
   local args=() d
-  for d in "$BENCH_DIR" "$VARLEN_DIR" "$ATTN_DIR" "$FAMILY_DIR" "$MEMORY_DIR"; do
+  for d in "$BENCH_DIR" "$VARLEN_DIR" "$ATTN_DIR" "$FAMILY_DIR" "$MEMORY_DIR" "$QUANT_DIR"; do
     compgen -G "$d/*" > /dev/null && args+=(-C "$d" .)
   done
   if ((${#args[@]})); then
     tar -czf "$OUT/bench.tgz" "${args[@]}" && echo "copied to $OUT: $(ls "$OUT" | tr '\n' ' ')"
   else
-    echo "the benchmarks wrote nothing to $BENCH_DIR, $VARLEN_DIR, $ATTN_DIR, $FAMILY_DIR or $MEMORY_DIR"
+    echo "the benchmarks wrote nothing to $BENCH_DIR, $VARLEN_DIR, $ATTN_DIR, $FAMILY_DIR, $MEMORY_DIR or $QUANT_DIR"
   fi
 }
 # `add_suffix DIR SUFFIX`: <stem>.json, <stem>.md, <stem>-ops-<op>.png ... in DIR become <stem>-SUFFIX.json,
@@ -146,7 +163,7 @@ add_suffix() {
     done
   done
 }
-CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- VARLEN_RC=- ATTN_RC=- FAMILY_RC=- MEMORY_RC=- TESTS_RC=-
+CHECK_RC=- CHECK_TESTS_RC=- BENCH_RC=- VARLEN_RC=- ATTN_RC=- FAMILY_RC=- MEMORY_RC=- QUANT_RC=- TESTS_RC=-
 
 phase "setup" | tee "$OUT/check.txt"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -170,7 +187,7 @@ has xdist && XDIST=(-n "${TEST_WORKERS:-8}")
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
                                        'cuda', torch.cuda.is_available())"
-  for m in pytest xdist pytest_timeout liger_kernel gguf transformers matplotlib flash_attn; do
+  for m in pytest xdist pytest_timeout liger_kernel gguf transformers matplotlib flash_attn torchao bitsandbytes; do
     has "$m" && echo "have $m" || echo "no $m"
   done
 } 2>&1 | tee -a "$OUT/check.txt"
@@ -276,6 +293,12 @@ if wanted m; then
   MEMORY_RC=$?
 fi
 
+# --- q. weight-only quantisation: the op at LLaMA-3-8B's projections, the 32-layer model (not in the default PHASES)
+if wanted q; then
+  appended q "$QUANT_DIR" "${QUANT_TIMEOUT:-300}" "${QUANT_ARGS[@]}"
+  QUANT_RC=$?
+fi
+
 # --- c. the rest of the CUDA test suite ---------------------------------------------------------------
 if wanted c; then
   phase "c. the rest of the test suite${XDIST:+ (pytest-xdist, ${XDIST[1]} workers)}" | tee "$OUT/tests.txt"
@@ -292,6 +315,6 @@ if wanted c; then
 fi
 
 phase "done: check rc $CHECK_RC, quick tests rc $CHECK_TESTS_RC, benchmark rc $BENCH_RC, varlen rc $VARLEN_RC," \
-  "attention rc $ATTN_RC, family rc $FAMILY_RC, memory rc $MEMORY_RC, tests rc $TESTS_RC" \
+  "attention rc $ATTN_RC, family rc $FAMILY_RC, memory rc $MEMORY_RC, quantized rc $QUANT_RC, tests rc $TESTS_RC" \
   | tee -a "$OUT/check.txt"
 exit 0

@@ -27,14 +27,17 @@ def write_plots(report: dict, records: list[Record], out_dir: Path, stem: str) -
         if r.status == "ok":
             by_op.setdefault((r.suite, r.op), []).append(r)
     for (suite, op), rs in by_op.items():
-        # One row of panels per model shape, one column per mode; bf16 solid, other dtypes dashed.
+        # One row of panels per model shape, one column per mode (and, for an op whose unit changes
+        # with the tokens, e.g. the quantised linears' GB/s at decode and TFLOP/s at prefill, per
+        # unit); bf16 solid, other dtypes dashed.
         shapes = list(dict.fromkeys(r.shape for r in rs))
-        modes = list(dict.fromkeys(r.mode for r in rs))
-        fig, axes = plt.subplots(len(shapes), len(modes), figsize=(5 * len(modes), 3.8 * len(shapes)),
+        columns = list(dict.fromkeys((r.mode, r.throughput_unit if suite == "ops" else None) for r in rs))
+        fig, axes = plt.subplots(len(shapes), len(columns), figsize=(5 * len(columns), 3.8 * len(shapes)),
                                  squeeze=False)
         for row, shape in zip(axes, shapes, strict=True):
-            for ax, mode in zip(row, modes, strict=True):
-                _panel(ax, [r for r in rs if (r.shape, r.mode) == (shape, mode)], report)
+            for ax, (mode, unit) in zip(row, columns, strict=True):
+                _panel(ax, [r for r in rs if (r.shape, r.mode) == (shape, mode)
+                            and (unit is None or r.throughput_unit == unit)], report)
                 ax.set_title(f"{op} {mode}, {shape}", fontsize=9)
         title = f"{report['environment']['device']['name']}, {report['date']}"
         if report.get("warning"):

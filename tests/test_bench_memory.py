@@ -242,3 +242,66 @@ def test_reference_model_checkpointing_keeps_less_of_the_forward():
     plain, ckpt = (bm.measure_fake(spec, mode, "ref+ours", 256) for mode in ("full", "full+ckpt"))
     assert ckpt["categories"]["ACT"] < plain["categories"]["ACT"]
     assert ckpt["total"] < plain["total"]
+
+
+# --- quantised models and the decode (inference) mode ---------------------------------------------
+
+def _projection_shapes(c: dict) -> list:
+    """(N, K) of one layer's q, k, v, o, gate, up, down."""
+    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    return [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+
+
+def test_decode_mode_counts_quantised_weights_as_params():
+    """Inference (prefill + one decode step): no gradient, no optimizer; a quantised model's weights
+    (qweight, scales, zeros: buffers) are its PARAM, counted by hand; the activations and the KV
+    cache are the same whatever the weights' format."""
+    spec = bm.ALL_MODELS["smoke-llama"]
+    c, tokens = spec.config, 128
+    group = bm._int4_group(c)
+    assert group == 64  # the tiny model's width is no multiple of 128
+    projections = c["num_hidden_layers"] * sum(n * k for n, k in _projection_shapes(c))
+    rows = c["num_hidden_layers"] * sum(n for n, _ in _projection_shapes(c))
+    rest = 2 * (_hand_count_params(c) - projections)  # embedding, norms, LM head: bf16
+    want = {"hf+ours": rest + 2 * projections,
+            "hf+ours+int8": rest + projections + 2 * rows,  # int8 + a bf16 scale per output row
+            "hf+ours+int4": rest + projections // 2 + 3 * (projections // group)}  # + bf16 scale, uint8 zero
+    got = {p: bm.measure_fake(spec, "decode", p, tokens) for p in want}
+    kv = c["num_hidden_layers"] * 2 * c["num_key_value_heads"] * c["head_dim"] * 2 * tokens  # K and V, bf16
+    for p, m in got.items():
+        cats = m["categories"]
+        assert cats["PARAM"] == want[p], p
+        assert cats["GRAD"] == cats["OPT"] == cats["TEMP"] == 0 and m["opt_states"] == m["trainable"] == 0
+        assert cats["ACT"] == got["hf+ours"]["categories"]["ACT"] >= kv
+        assert sum(cats.values()) == m["total"] and m["fwd_bwd_total"] <= m["total"]
+    assert "int4 in groups of 64" in " ".join(got["hf+ours+int4"]["notes"])
+    # The kernel summary is taken before quantisation: the patched modules are there all the same.
+    assert "attention 1" in " ".join(got["hf+ours+int4"]["notes"])
+
+
+def test_quantised_providers_train_adapters_only():
+    spec = bm.ALL_MODELS["smoke-llama"]
+    with pytest.raises(bm.Skipped, match="frozen"):
+        bm.build(spec, "full", "hf+ours+int8", "cpu", "meta")
+    try:  # QLoRA's way: LoRA on the quantised base, when this PEFT can wrap the quantised layers
+        m = bm.measure_fake(spec, "lora", "hf+ours+int4", 64)
+    except bm.Missing as exc:
+        assert "cannot add LoRA to llama_kernels.quantize.QuantizedLinear" in str(exc)
+    else:
+        assert 0 < m["trainable"] and m["categories"]["GRAD"] >= 0
+
+
+def test_decode_mode_run_writes_its_table(tmp_path):
+    rc = cli.main(["bench", "--only", "memory", "--smoke", "--out", str(tmp_path), "--memory-modes", "decode",
+                   "--memory-providers", "hf-sdpa,hf+ours+int4", "--memory-tokens", "128", "--memory-no-search"])
+    assert rc == 0
+    (json_path,) = tmp_path.glob("*.json")
+    doc = json.loads(json_path.read_text())
+    assert {(r["mode"], r["provider"], r["status"]) for r in doc["records"]} == {
+        ("decode", "hf-sdpa", "ok"), ("decode", "hf+ours+int4", "ok")}
+    by = {(r["provider"], r["tokens"]): r for r in doc["records"]}
+    assert by["hf+ours+int4", 128]["categories"]["PARAM"] < by["hf-sdpa", 128]["categories"]["PARAM"]
+    md = json_path.with_suffix(".md").read_text()
+    assert "inference memory" in md and "decode: peak of the prefill and one decode step" in md
+    assert "(weights " in md

@@ -3,9 +3,10 @@
 Checks what a GPU run relies on: every op and model figure is produced for every provider (timed,
 or reported missing/skipped with a reason), the JSON, markdown and plots are written, and a smoke
 run says in its files that its timings mean nothing.  It does not judge the kernels (their own
-tests do): "ours" may be reported missing while an op is being written.  Three runs: the ops and
-the model (``smoke_run``), packed attention alone (``varlen_run``) and the padded/packed batches
-of transformers' model (``batches_run``).
+tests do): "ours" may be reported missing while an op is being written.  Four runs: the ops and
+the model (``smoke_run``), packed attention alone (``varlen_run``), the padded/packed batches
+of transformers' model (``batches_run``) and two quantised linears at two projections
+(``quantized_run``).
 """
 import json
 import re
@@ -19,9 +20,11 @@ from benchmarks import ops as op_benchmarks
 from benchmarks.__main__ import PARTS, Terminated, main
 from benchmarks.ops import OPS, harness
 from benchmarks.ops import attention as attention_ops
+from benchmarks.ops import quantized as quantized_ops
 
 VARLEN = "varlen_attention"  # run by varlen_run, left out of smoke_run (each run stays short)
-SMOKE_OPS = [spec.name for spec in OPS if spec.name != VARLEN]
+QUANTIZED = [spec.name for spec in quantized_ops.QUANTIZED_LINEAR]  # run by quantized_run (two of them)
+SMOKE_OPS = [spec.name for spec in OPS if spec.name != VARLEN and spec.name not in QUANTIZED]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -780,10 +783,258 @@ def test_only_takes_parts(tmp_path, capsys):
 
 
 def test_gpu_session_phase_b_runs_every_op_but_the_attention_sweeps():
-    """Phase b lists its ops (phases d and v run the attention ones): a new op must be added there."""
+    """Phase b lists its ops (phases d and v run the attention ones, phase q the quantised linears):
+    a new op must be added there."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     (bench_ops_arg,) = re.findall(r'BENCH_ARGS:---quick --only ops,model --ops ([^ }"]+)', text)
     assert sorted(bench_ops_arg.split(",")) == sorted(n for n in SMOKE_OPS if n != "flash_attention")
     assert "PHASES=${PHASES:-abvdc}" in text and "--ops varlen_attention" in text
+    # Phase q (a call of its own): int8 and int4 in groups of 128, and the quantised model.
+    (quant_args,) = re.findall(r'QUANT_ARGS:-([^}"]+)', text)
+    ops = re.findall(r"--ops ([^ ]+)", quant_args)[0].split(",")
+    assert ops == list(quantized_ops.QUICK_NAMES) and set(ops) <= set(QUANTIZED)
+    assert "--quantize 8,4" in quant_args and "--only ops,model" in quant_args
+    assert "wanted q" in text and "PHASES=q bash benchmarks/gpu_session.sh" in text
+
+
+# --- weight-only quantised linears and the quantised model -----------------------------------------
+
+QUANTIZED_RUN_OPS = ("int8_linear", "int4_linear-g64")
+QUANTIZED_RUN_PROJECTIONS = ("k/v", "down")  # N < K and N > K: a few projections keep the run short
+
+
+@pytest.fixture(scope="module")
+def quantized_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-quantized")
+    every = quantized_ops.projections
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantized_ops, "projections",
+                   lambda dims: {k: v for k, v in every(dims).items() if k in QUANTIZED_RUN_PROJECTIONS})
+        rc = main(["--smoke", "--only", "ops", "--ops", ",".join(QUANTIZED_RUN_OPS), "--tokens", "1,20",
+                   "--out", str(out)])
+    return rc, out
+
+
+def test_quantized_projections_and_cases_cover_the_model():
+    import torch
+
+    from benchmarks.common import make_settings
+
+    assert quantized_ops.projections(op_benchmarks.MODELS["llama3-8b"]) == {
+        "q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
+    assert [s.name for s in quantized_ops.QUANTIZED_LINEAR] == [
+        "int8_linear", "int4_linear-g128", "int4_linear-g64", "int4_linear-g32"]
+    quick = make_settings("quick", torch.device("cpu"), False)
+    spec = next(s for s in OPS if s.name == "int4_linear-g128")
+    cases = list(spec.case_list(quick))
+    assert [(c.shape, c.tokens) for c in cases] == [
+        (f"llama3-8b {p}", m) for p in ("q/o", "k/v", "gate/up", "down") for m in quantized_ops.ROWS["quick"]]
+    assert cases[0].dims == {"projection": "q/o", "out_features": 4096, "in_features": 4096, "bits": 4,
+                             "group_size": 128}
+    # An int4 group must tile the input features: SmolLM2's 576 is no multiple of 128.
+    smol = make_settings("quick", torch.device("cpu"), False, shapes=("smollm2-135m",), tokens=(1,))
+    assert {c.dims["in_features"] % 128 for c in spec.case_list(smol)} == {0}
+
+
+def test_quantized_inputs_are_random_weights_quantised_in_the_format():
+    import torch
+
+    from benchmarks.ops.harness import Case, build_inputs
+    from llama_kernels import reference
+
+    spec = next(s for s in OPS if s.name == "int4_linear-g64")
+    dims = {"projection": "k/v", "out_features": 64, "in_features": 128, "bits": 4, "group_size": 64}
+    case = Case("smoke k/v", dims, 3, torch.bfloat16, torch.device("cpu"))
+    inp = build_inputs(spec, case, 1000, False)
+    x, qweight, scales, zeros, bias = inp.args
+    assert inp.kwargs == {"bits": 4, "group_size": 64} and bias is None and inp.leaves == ()
+    assert x.shape == (1, 3, 128) and x.dtype == torch.bfloat16
+    assert qweight.shape == (64, 64) and qweight.dtype == torch.uint8 and scales.shape == zeros.shape == (64, 2)
+    w = reference.dequantize_weight(qweight, scales, zeros, bits=4, group_size=64, dtype=torch.float32)
+    assert 0.6 < w.std().item() * 128 ** 0.5 < 1.4  # ~N(0, 1/K): never zeros
+    assert len(torch.unique(qweight)) > 16
+    again = build_inputs(spec, case, 1000, False).args
+    assert all(torch.equal(a, b) for a, b in zip(inp.args[:4], again[:4]))  # fixed seeds: every provider alike
+    assert not torch.equal(x, build_inputs(spec, case, 1001, False).args[0])  # rotated sets differ
+    assert quantized_ops.weight_bytes(dims) == 64 * 128 // 2 + 64 * 2 * 3
+    assert quantized_ops.weight_bytes(dict(dims, bits=8, group_size=None)) == 64 * 128 + 64 * 2
+
+
+def test_quantized_run_times_every_provider_with_bytes_and_flop(quantized_run):
+    rc, out = quantized_run
+    assert rc in (0, 1)  # 1: a kernel disagrees with eager (the op tests say more)
+    records = [r for r in _records(out) if r["suite"] == "ops"]
+    providers = ("ours", "eager", "torch.compile", "bf16", "torchao", "bnb")
+    smoke = op_benchmarks.MODELS["smoke"]
+    projections = {k: v for k, v in quantized_ops.projections(smoke).items() if k in QUANTIZED_RUN_PROJECTIONS}
+    expected = {(op, f"smoke {p}", m, provider) for op in QUANTIZED_RUN_OPS for p in projections
+                for m in (1, 20) for provider in providers}
+    assert {(r["op"], r["shape"], r["tokens"], r["provider"]) for r in records} == expected
+    allowed = {"ours": ("ok",), "eager": ("ok",), "bf16": ("ok",), "torch.compile": ("skipped",),
+               "torchao": ("ok", "missing"), "bnb": ("skipped",)}  # bitsandbytes: CUDA only
+    for r in records:
+        assert r["status"] in allowed[r["provider"]], r
+        assert r["mode"] == "forward" and r["dtype"] == "bf16"
+        n, k, m = r["dims"]["out_features"], r["dims"]["in_features"], r["tokens"]
+        assert (n, k) == projections[r["dims"]["projection"]]
+        weights = quantized_ops.weight_bytes(r["dims"])
+        if m <= quantized_ops.DECODE_ROWS:  # bytes: the quantised weight, x and y
+            assert r["work_unit"] == "B" and r["work"] == weights + 2 * m * k + 2 * m * n
+        else:
+            assert r["work_unit"] == "FLOP" and r["work"] == 2 * m * n * k
+        if r["status"] == "ok":
+            own = r["provider"] == "bf16"
+            key = "own_weight" if own else "weight"
+            assert r["extra"][f"{key}_bytes"] == (2 * n * k if own else weights)
+            assert r["extra"][f"{key}_gbps"] == pytest.approx(r["extra"][f"{key}_bytes"] / r["ms"] / 1e6)
+            assert r["extra"][f"{key}_fraction_of_copy"] > 0
+    by = {(r["op"], r["shape"], r["tokens"], r["provider"]): r for r in records}
+    for op, shape, m, provider in expected:
+        if provider == "ours":
+            ours, bf16 = by[op, shape, m, "ours"], by[op, shape, m, "bf16"]
+            assert ours["extra"]["speedup_vs_bf16"] == pytest.approx(bf16["ms"] / ours["ms"])
+            assert bf16["speedup_of_ours"] == pytest.approx(bf16["ms"] / ours["ms"])  # the table's column
+            assert bf16["max_rel_err"] <= 3e-2  # the bf16 weight is the dequantised one
+    md = next(out.glob("*.md")).read_text()
+    for op in QUANTIZED_RUN_OPS:
+        assert f"## ops: {op}, forward" in md and list(out.glob(f"*-ops-{op}.png"))
+    assert "ours vs bf16" in md
+    assert "bitsandbytes is measured on CUDA only" in md
+
+
+def test_a_providers_tolerance_replaces_the_dtype_one(monkeypatch):
+    """A provider in another number format (torchao's, bitsandbytes' weights) is checked against its
+    own ``tolerance``; the others keep the dtype's; the spec's finish hook gets the case's records."""
+    import torch
+
+    from benchmarks.common import make_settings
+    from benchmarks.ops.harness import OpSpec, run_case
+
+    def off_by(factor, tolerance=None):
+        def factory():
+            def fn(x, qweight, scales, zeros, bias, **kwargs):
+                from llama_kernels import reference
+
+                return reference.quantized_linear(x, qweight, scales, zeros, bias, **kwargs) * factor
+
+            fn.tolerance = tolerance
+            return fn
+
+        return factory
+
+    finished = []
+    spec = OpSpec("int8_linear", "int8_linear", quantized_ops._work, lambda d: {}, ("smoke",),
+                  {"loose": off_by(1.05, 0.1), "strict": off_by(1.05)}, modes=("forward",), base=("eager",),
+                  inputs=quantized_ops._inputs, finish=lambda rs, limits: finished.append(len(rs)))
+    dims = {"projection": "k/v", "out_features": 32, "in_features": 64, "bits": 8, "group_size": None}
+    case = harness.Case("smoke k/v", dims, 2, torch.bfloat16, torch.device("cpu"))
+    records = []
+    run_case(spec, case, make_settings("smoke", torch.device("cpu"), False), {"copy_gbps": 1.0}, records)
+    status = {r.provider: r.status for r in records}
+    assert status == {"eager": "ok", "loose": "ok", "strict": "mismatch"}
+    assert finished == [3]
+
+
+def test_bitsandbytes_layers_hold_the_dequantised_weight():
+    """The bnb provider's layers (measured on CUDA; built here on the CPU, which bitsandbytes 0.50
+    supports) multiply by the weight they were given, within their own format's rounding."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import torch
+    import torch.nn.functional as F
+
+    del bnb
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 128, generator=gen) * 128 ** -0.5).to(torch.bfloat16)
+    x = torch.randn(1, 3, 128, generator=gen).to(torch.bfloat16)
+    want = F.linear(x, w).float()
+    for bits in (8, 4):
+        layer, what = quantized_ops._bnb_module(w, bits)
+        got = layer(x).float()
+        assert got.shape == want.shape and "bitsandbytes" in what
+        assert ((got - want).abs().max() / want.abs().max()).item() <= quantized_ops.FOREIGN_TOLERANCE[bits]
+    provider = quantized_ops._extras(4)["bnb"]()
+    with pytest.raises(Exception, match="CUDA only"):
+        provider.layout(x, None, None, None, None, bits=4, group_size=64)
+
+
+def test_quantize_option_is_parsed_and_checked(tmp_path, capsys):
+    from benchmarks import bench_quantized
+
+    assert bench_quantized.parse_formats("8,4,4g64,4") == ("int8", "int4-g128", "int4-g64")
+    assert bench_quantized.format_bits("int4-g64") == (4, 64) and bench_quantized.format_bits("int8") == (8, None)
+    assert main(["--smoke", "--only", "model", "--quantize", "3", "--out", str(tmp_path)]) == 2
+    assert "unknown format(s) '3'" in capsys.readouterr().err
+    assert main(["--smoke", "--only", "model", "--quantize", "8", "--family", "qwen3", "--out", str(tmp_path)]) == 2
+    assert "does not take --family" in capsys.readouterr().err
+
+
+def test_quantized_providers_quantize_the_patched_model():
+    """ours+<format>: apply_kernels, then quantize_weights (every projection; the LM head bf16);
+    its decode bytes count the quantised buffers, not a float weight."""
+    import contextlib
+
+    import torch
+
+    from benchmarks import bench_quantized
+    from benchmarks.common import make_settings
+    from llama_kernels.quantize import QuantizedLinear
+
+    settings = make_settings("smoke", torch.device("cpu"), False, quantize=("int8", "int4-g64"))
+    cfg = bench_quantized.config(settings)
+    assert cfg["num_hidden_layers"] == bench_quantized.LAYERS["smoke"] and bench_quantized.shape(settings) == (
+        "smoke-2layers")
+    built = bench_quantized.providers(cfg, settings)
+    assert list(built) == ["ours", "ours+int8", "ours+int4-g64"]
+    runner = built["ours+int4-g64"](contextlib.ExitStack())
+    layers = [m for m in runner.model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 7 * cfg["num_hidden_layers"] and {(m.bits, m.group_size) for m in layers} == {(4, 64)}
+    assert type(runner.model.lm_head) is torch.nn.Linear  # quantize_weights leaves the head
+    assert "apply_kernels then quantize_weights(model, bits=4, group_size=64)" in runner.note
+    assert type(runner.model.norm).__module__.startswith("llama_kernels")  # patched
+    quantized = sum(t.numel() * t.element_size() for m in layers for t in (m.qweight, m.scales, m.zeros))
+    params = sum(p.numel() * p.element_size() for n, p in runner.model.named_parameters() if "embed" not in n)
+    row = cfg["hidden_size"] * 2  # one embedding row a step
+    assert bench_model._weight_bytes_per_token(runner.model, cfg) == params + row + quantized
+
+
+def test_quantized_model_comparison_end_to_end(monkeypatch, tmp_path):
+    """--quantize: the comparison's providers, figures and files (the kernels swapped for their eager
+    twins, so that the interpreter's time stays out of a harness test)."""
+    from benchmarks import bench_quantized
+    from llama_kernels import reference
+    from llama_kernels.quantize import QuantizedLinear
+
+    monkeypatch.setattr(bench_model, "_patched", lambda model: model)
+    monkeypatch.setattr(QuantizedLinear, "quantized_linear", staticmethod(reference.quantized_linear))
+    assert main(["--smoke", "--only", "model", "--quantize", "8,4g64", "--out", str(tmp_path)]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    assert json_path.stem.endswith("-quantized")
+    report = json.loads(json_path.read_text())
+    assert report["quantize"] == ["int8", "int4-g64"]
+    assert any("quantised comparison" in k for k in report["providers"])
+    records = report["records"]
+    sweep = bench_model.SWEEPS["smoke"]
+    providers = ("ours", "ours+int8", "ours+int4-g64")
+    expected = {("prefill", p, t) for p in providers for t in sweep["prefill"]}
+    expected |= {(op, p, prompt) for p in providers for prompt, _ in sweep["decode"]
+                 for op in ("decode", "decode-no-graph")}
+    assert {(r["op"], r["provider"], r["tokens"]) for r in records} == expected  # no training step
+    assert {r["shape"] for r in records} == {"smoke-2layers"}
+    by = {(r["op"], r["provider"]): r for r in records}
+    for p in providers:
+        assert by["decode", p]["status"] == "skipped" and "CUDA device" in by["decode", p]["reason"]
+        assert by["decode-no-graph", p]["status"] == "ok" and by["prefill", p]["status"] == "ok"
+        assert by["prefill", p]["extra"]["loss"] == pytest.approx(by["prefill", "ours"]["extra"]["loss"],
+                                                                  rel=bench_model.LOSS_TOLERANCE)
+    # A quantised model's decode step moves fewer bytes: its projections' quantised weights.
+    bf16, int8, int4 = (by["decode-no-graph", p]["work"] for p in providers)
+    assert int4 < int8 < bf16
+    for p in providers[1:]:
+        r = by["decode-no-graph", p]
+        assert r["extra"]["speedup_vs_bf16"] == pytest.approx(by["decode-no-graph", "ours"]["ms"] / r["ms"])
+        assert r["speedup_of_ours"] == pytest.approx(r["ms"] / by["decode-no-graph", "ours"]["ms"])
+    md = json_path.with_suffix(".md").read_text()
+    assert "## model: decode-no-graph, generate" in md and "ours vs ours+int4-g64" in md
+    assert bench_quantized.LAYERS["quick"] == bench_quantized.LAYERS["full"] == 32

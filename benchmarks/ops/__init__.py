@@ -5,10 +5,11 @@ registry (``llama_kernels.ops.registry.SAMPLES``) builds its inputs and names it
 twin, how many bytes (or FLOP) one call must move (or do), and which providers exist besides the
 three most ops have (``ours``, ``eager``, ``torch.compile``; an op's ``base`` may name fewer).  Each op
 family declares its ops in its own file (``rms_norm``, ``glu``, ``rope``, ``attention``,
-``cross_entropy``); :mod:`benchmarks.ops.harness` holds the declaration type and the one loop
-(:func:`~benchmarks.ops.harness.run_case`) that does the same for every op and shape: check each
-provider's outputs and gradients against the reference (ours, or eager where ours cannot run),
-then time each mode with rotated inputs and record the peak memory.
+``cross_entropy``, ``quantized``: one op per weight format); :mod:`benchmarks.ops.harness` holds
+the declaration type and the one loop (:func:`~benchmarks.ops.harness.run_case`) that does the
+same for every op and shape: check each provider's outputs and gradients against the reference
+(ours, or eager where ours cannot run), then time each mode with rotated inputs and record the
+peak memory.
 
 Work per call (each op's ``note``, the README and the op files' ``_work_*`` functions say the same):
 the bytes that must move, each input read once and each output written once, the least any
@@ -16,7 +17,9 @@ implementation moves, for memory-bound ops (compared with the measured copy band
 the two matrix products for attention (compared with the measured bf16 matmul rate); for packed
 ``varlen_attention``, the real per-sequence work only, so a padded provider's rate shows its waste;
 for ``linear_cross_entropy`` (the LM head and its loss), the FLOP of its matrix products (logits
-forward; dhidden and dweight backward), with ours' peak memory also given as a ratio of eager's.
+forward; dhidden and dweight backward), with ours' peak memory also given as a ratio of eager's;
+for the quantised linears (``int8_linear``, ``int4_linear-g*``), the quantised weight + x + y bytes
+at decode (up to 16 rows), the ``2 M N K`` FLOP at prefill.
 
 Nothing here imports triton: ``python -m benchmarks`` reads :data:`OPS` and :data:`MODELS` to
 check its arguments before it chooses Triton's interpreter.
@@ -28,6 +31,7 @@ from .attention import DECODE, FLASH_ATTENTION, VARLEN_ATTENTION
 from .cross_entropy import LINEAR_CROSS_ENTROPY
 from .glu import SWIGLU
 from .harness import MODELS
+from .quantized import QUANTIZED_LINEAR
 from .rms_norm import RMS_NORM, RMS_NORM_RESIDUAL
 from .rope import APPLY_ROTARY
 
@@ -35,7 +39,7 @@ __all__ = ["MODELS", "OPS", "provider_notes", "run"]
 
 # The order of the run, the tables and --help.
 OPS = [RMS_NORM, RMS_NORM_RESIDUAL, SWIGLU, APPLY_ROTARY, FLASH_ATTENTION, DECODE, LINEAR_CROSS_ENTROPY,
-       VARLEN_ATTENTION]
+       VARLEN_ATTENTION, *QUANTIZED_LINEAR]
 
 
 def provider_notes() -> dict:

@@ -1,9 +1,12 @@
 """The op benchmarks' harness: how an op is declared (:class:`OpSpec`), and the one loop that checks
 and times every op (:func:`run_case`, :func:`run`).
 
-An op file (``rms_norm.py``, ``glu.py``, ``rope.py``, ``attention.py``, ``cross_entropy.py``)
-declares its :class:`OpSpec`: the sample of the op registry (``llama_kernels.ops.registry.SAMPLES``)
-its inputs come from (:func:`build_inputs`: a :class:`Case`'s :class:`Inputs`), how many bytes (or
+An op file (``rms_norm.py``, ``glu.py``, ``rope.py``, ``attention.py``, ``cross_entropy.py``,
+``quantized.py``) declares its :class:`OpSpec`: the sample of the op registry
+(``llama_kernels.ops.registry.SAMPLES``) its inputs come from (:func:`build_inputs`: a
+:class:`Case`'s :class:`Inputs`; an op whose cases are not model shapes times token counts, such
+as one weight format at every projection of a model, gives its own ``case_list`` and ``inputs``,
+and names the sample for its kernel and eager twin only), how many bytes (or
 FLOP) one call must move (or do), which providers exist besides the three most ops have (``ours``,
 the sample's kernel; ``eager``, its eager twin; ``torch.compile`` of that twin; an op's ``base``
 may name fewer, see :func:`providers`) and what they are (``provider_notes``, assembled by
@@ -18,7 +21,9 @@ that the loop checks or times (forward, backward, both) runs inside that context
 A provider may also carry a ``layout`` (``varlen_attention``'s padded batches):
 ``layout(*args, **kwargs) -> (its args, its kwargs, restore)``; its inputs are converted to it
 before any timing, and its outputs and gradients are checked back in the op's own layout (see
-:func:`_in_own_layout`, :func:`_check_run`).
+:func:`_in_own_layout`, :func:`_check_run`).  A provider that computes in another number format (a
+third party's quantised weights) may carry a ``tolerance``, the largest relative difference from
+the reference its check accepts instead of :data:`TOLERANCE`.
 """
 from __future__ import annotations
 
@@ -97,6 +102,12 @@ class OpSpec:
     case_dims: Callable | None = None  # case -> more dims for its records (e.g. varlen's lengths)
     memory_vs: str | None = None  # a provider whose peak memory ours' is given as a ratio of (see run_case)
     provider_notes: dict = field(default_factory=dict)  # what this op's `extra` providers are, for the report
+    # Cases and inputs of an op that is not swept over model shapes x token counts (quantized.py):
+    # case_list(settings) -> its Cases (instead of cases()); inputs(case, seed, grad) -> Inputs
+    # (instead of the registry sample's build).  The sample still names the kernel and the twin.
+    case_list: Callable | None = None
+    inputs: Callable | None = None
+    finish: Callable | None = None  # (one case's records, limits) -> None: derived figures into their extra
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +116,10 @@ class OpSpec:
 def build_inputs(spec: OpSpec, case: Case, seed: int, grad: bool) -> Inputs:
     """The inputs of one call of ``spec`` at ``case``: its registry sample built at the case's shape
     (batch 1) from ``seed``; with ``grad``, the arguments the sample differentiates made leaves that
-    keep their strides (``llama_kernels.oracle.leaf``: q/k/v stay transposed views' layouts)."""
+    keep their strides (``llama_kernels.oracle.leaf``: q/k/v stay transposed views' layouts).
+    An op with its own ``inputs`` builds them there."""
+    if spec.inputs is not None:
+        return spec.inputs(case, seed, grad)
     generator = torch.Generator(device=case.device).manual_seed(seed)
     sample = SAMPLES[spec.sample].build(SampleCase(case.dims, 1, case.tokens, case.dtype, case.device, generator))
     args = list(sample.args)
@@ -193,9 +207,9 @@ def providers(spec: OpSpec, settings: Settings) -> dict:
         if not settings.compile:
             raise Skipped("torch.compile providers are off (--no-compile, or --smoke where inductor's CPU "
                           "compile takes ~20 s per graph; --compile turns them on)")
-        if spec.sample not in _COMPILED:  # one per sample, so dynamo's cache serves every shape
-            _COMPILED[spec.sample] = torch.compile(_own_code(sample.eager(), spec.sample))
-        return _COMPILED[spec.sample]
+        if spec.name not in _COMPILED:  # one per op, so dynamo's cache serves every shape of it
+            _COMPILED[spec.name] = torch.compile(_own_code(sample.eager(), spec.name))
+        return _COMPILED[spec.name]
 
     def eager():
         return sample.eager()
@@ -206,8 +220,9 @@ def providers(spec: OpSpec, settings: Settings) -> dict:
 
 def _own_code(fn: Callable, name: str) -> Callable:
     """A function calling ``fn``, with a code object of its own (named ``name``).  Dynamo caches the
-    graphs of a compiled function on the code object it traces: two samples of one op (prefill and
-    decode both call the eager attention) get separate caches, as separate functions would."""
+    graphs of a compiled function on the code object it traces: two op benchmarks of one eager
+    function (prefill and decode both call the eager attention; the quantised formats all call
+    ``reference.quantized_linear``) get separate caches, as separate functions would."""
 
     def call(*args, **kwargs):
         return fn(*args, **kwargs)
@@ -296,6 +311,20 @@ def _max_rel_err(got: list, want: list) -> float:
     return worst
 
 
+def _input_bytes(*values) -> int:
+    """Bytes of the tensors among ``values`` and of the parameters and buffers of the modules among
+    them (a provider's layout may hand over a built layer: a third party's quantised weight).  A
+    tensor subclass counts its logical size (``numel * element_size``), which may exceed its storage:
+    then fewer sets are rotated, and ``do_bench``'s L2 flush before each call still holds."""
+    tensors = []
+    for v in values:
+        if isinstance(v, torch.nn.Module):
+            tensors += [*v.parameters(), *v.buffers()]
+        else:
+            tensors.append(v)
+    return nbytes(*tensors)
+
+
 def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
     """(call, sets): a no-argument function doing one ``mode`` step on the next of several input
     sets, rotated so that the sets together exceed the L2.  Each step (and the forward that records
@@ -307,7 +336,7 @@ def _timed_call(fn, build, mode: str, trains: bool, settings: Settings):
         return _in_own_layout(fn, own_build(i, grad), grad)
 
     probe = build(0, trains)
-    set_bytes = nbytes(*probe.args, *probe.kwargs.values()) * (2 if mode != "forward" else 1)  # + cotangents
+    set_bytes = _input_bytes(*probe.args, *probe.kwargs.values()) * (2 if mode != "forward" else 1)  # + cotangents
     del probe
     if mode == "forward":
         grad_mode = torch.enable_grad if trains else torch.no_grad  # a training forward records the graph
@@ -391,8 +420,9 @@ def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records
             free_memory()
             continue
         note = getattr(fn, "note", None)
-        if err is not None and not err <= TOLERANCE[case.dtype]:
-            reason = f"max|out - {reference_name}| / max|{reference_name}| = {err:.3g} > {TOLERANCE[case.dtype]}"
+        tolerance = getattr(fn, "tolerance", None) or TOLERANCE[case.dtype]
+        if err is not None and not err <= tolerance:
+            reason = f"max|out - {reference_name}| / max|{reference_name}| = {err:.3g} > {tolerance}"
             for mode in spec.modes:
                 say(record(name, mode, status="mismatch", reason=reason, note=note, max_rel_err=err).describe())
             continue
@@ -413,6 +443,8 @@ def run_case(spec: OpSpec, case: Case, settings: Settings, limits: dict, records
     free_memory()
     if spec.memory_vs:
         _memory_ratios(records[first:], spec.memory_vs)
+    if spec.finish is not None:
+        spec.finish(records[first:], limits)
 
 
 def run(specs, settings: Settings, limits: dict, records: list, progress=None) -> None:
@@ -433,7 +465,7 @@ def run(specs, settings: Settings, limits: dict, records: list, progress=None) -
         for spec in specs:
             if settings.ops and spec.name not in settings.ops:
                 continue
-            for case in cases(spec, settings):
+            for case in (spec.case_list(settings) if spec.case_list else cases(spec, settings)):
                 run_case(spec, case, settings, limits, records)
             if progress is not None:
                 progress(f"ops {spec.name}")
