@@ -312,10 +312,7 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
                 from llama_kernels.patch import kernel_summary
 
                 llama_kernels.apply_kernels(model)
-                # Taken here for a quantised model: kernel_summary finds a module's device by its
-                # parameters, and a quantised layer's weights are buffers (the kernels run all the same).
-                summary = kernel_summary(model)
-            if provider in QUANTIZED:  # after apply_kernels, which finds a module's device by its parameters
+            if provider in QUANTIZED:  # after apply_kernels (either order gives the same model)
                 from llama_kernels.quantize import quantize_weights
 
                 bits = QUANTIZED[provider]
@@ -336,14 +333,13 @@ def build(spec: ModelSpec, mode: str, provider: str, device: str, offload_device
                     if lora:
                         model.enable_input_require_grads()  # as PEFT's prepare_model_for_kbit_training
             if lora:
-                model = _with_lora(model, quantized=provider in QUANTIZED)
+                model = _with_lora(model)
         for w in caught:
             text = str(w.message).strip().splitlines()[0][:200] if str(w.message).strip() else ""
             if "kernel" in text.lower() or "eager" in text.lower():
                 notes.append(text)
         if ours:
-            if provider not in QUANTIZED:
-                summary = kernel_summary(model)
+            summary = kernel_summary(model)
             notes.append("kernels: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     return model, loss_fn, notes
 
@@ -356,7 +352,7 @@ def _int4_group(config: dict) -> int:
     return next((g for g in (INT4_GROUP, 64, 32) if all(w % g == 0 for w in widths)), 32)
 
 
-def _with_lora(model, quantized: bool = False):
+def _with_lora(model):
     """``peft.get_peft_model`` with the LoRA of :data:`MODES`, on real or fake modules.
 
     PEFT moves each new adapter (and each wrapped layer) to its base layer's device and dtype with
@@ -382,13 +378,6 @@ def _with_lora(model, quantized: bool = False):
     torch.nn.Module.to = to
     try:
         return peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, target_modules=list(LORA_TARGETS)))
-    except AttributeError as exc:
-        if not quantized:
-            raise
-        # A quantised layer has no float weight, which this PEFT may look for: QLoRA on llama_kernels'
-        # quantisation cannot run here (a limit of the pair, reported as such, not a failed measurement).
-        raise Missing(f"peft {getattr(peft, '__version__', '?')} cannot add LoRA to "
-                      f"llama_kernels.quantize.QuantizedLinear: {exc}") from None
     finally:
         torch.nn.Module.to = original
 

@@ -28,7 +28,7 @@ most of the bytes a step reads and hide what quantising the layers saves.
 from __future__ import annotations
 
 from . import bench_model
-from .common import Missing, say
+from .common import say
 
 # Layers of the comparison per run mode: LLaMA-3-8B's 32 (its config.json), the whole model as
 # decode reads it; smoke runs the tiny model at 2.
@@ -65,11 +65,8 @@ def shape(settings) -> str:
 
 
 def _quantized(model, fmt: str):
-    # From its module: the package's top level does not export quantize_weights (yet).
-    try:
-        from llama_kernels.quantize import quantize_weights
-    except Exception as exc:
-        raise Missing(f"llama_kernels.quantize not importable: {type(exc).__name__}: {exc}") from None
+    from llama_kernels import quantize_weights
+
     bits, group = format_bits(fmt)
     return quantize_weights(model, bits=bits, group_size=group)
 
@@ -84,9 +81,7 @@ def providers(cfg: dict, settings) -> dict:
     for fmt in settings.quantize:
         bits, group = format_bits(fmt)
         args = f"bits={bits}" + (f", group_size={group}" if group else "")
-        # apply_kernels first: patching after quantize_weights works as well, but then warns that the
-        # attention and MLP modules run eagerly (their weights are buffers, which it does not look
-        # at to find a module's device), though the kernels run.
+        # apply_kernels then quantize_weights (the other order gives the same model).
         built[f"ours+{fmt}"] = (lambda stack, fmt=fmt, args=args: bench_model.LlamaRunner(
             _quantized(bench_model._patched(llama()), fmt),
             f"apply_kernels then quantize_weights(model, {args}): projections {fmt}, embedding and LM head bf16"))

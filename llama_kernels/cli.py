@@ -140,12 +140,14 @@ def demo(args) -> int:
 
 
 def generate(args) -> int:
-    """Generate from a prompt with SmolLM2 (patched unless --no-kernels)."""
+    """Generate from a prompt with SmolLM2 (patched unless --no-kernels; quantised with --bits)."""
     device = select_device()
     import llama_kernels as lk
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, tokenizer = load_smollm2(dtype, device, quiet=True)
+    if args.bits:
+        lk.quantize_weights(model, args.bits, args.group_size if args.bits == 4 else None)
     if not args.no_kernels:
         lk.apply_kernels(model)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
@@ -346,6 +348,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                    help="sampling temperature, >= 0; 0 (the default) is greedy decoding")
     p.add_argument("--no-kernels", action="store_true", help="run transformers' eager model, unpatched")
+    p.add_argument("--bits", type=int, choices=(8, 4),
+                   help="quantise the attention and MLP weights first (llama_kernels.quantize_weights): 8 or 4")
+    p.add_argument("--group-size", type=int, choices=(32, 64), default=64,
+                   help="4-bit groups of input features (SmolLM2's 576 take 32 or 64; default: %(default)s)")
     p.set_defaults(func=generate)
     p = sub.add_parser("check", help="compare every op, forward and backward, with its float64 reference",
                        description="Run every op forward and backward on this device and compare it with "

@@ -79,6 +79,29 @@ def test_generate_with_smollm2(capsys):
     assert capsys.readouterr().out.startswith("The capital of France is")
 
 
+def test_generate_quantises_when_asked(monkeypatch, capsys):
+    """--bits quantises SmolLM2 before patching it (the model itself takes the interpreter minutes
+    quantised: a stand-in model here; tests/test_quantize.py checks quantised transformers models)."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(model, bits, group_size):
+        calls.append((bits, group_size))
+        raise Stop("stopped")  # ends the command here, after the load
+
+    monkeypatch.setattr(llama_kernels, "quantize_weights", stop)
+    monkeypatch.setattr(cli, "load_smollm2", lambda *args, **kwargs: (torch.nn.Linear(1, 1), None))
+    for argv, expected in ((["--bits", "8"], (8, None)), (["--bits", "4"], (4, 64)),
+                           (["--bits", "4", "--group-size", "32"], (4, 32))):
+        assert cli.main(["generate", "--prompt", "x", *argv]) == 1  # the error cli.main reports
+        assert calls.pop() == expected
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--prompt", "x", "--bits", "3"])
+    assert "invalid choice: 3" in capsys.readouterr().err
+
+
 def test_smollm2_tokenizer_pads_without_a_pad_token(monkeypatch):
     """transformers 5.17 builds the GGUF tokenizer with no pad token; padding must still work."""
     pytest.importorskip("gguf")
