@@ -22,7 +22,8 @@ KERNELS = {
     "rope_kernel", "attention_fwd_kernel", "attention_bwd_preprocess_kernel", "attention_bwd_dq_kernel",
     "attention_bwd_dkdv_kernel", "attention_bwd_fused_kernel", "attention_bwd_reduce_kernel",
     "attention_decode_split_kernel", "attention_decode_combine_kernel", "cross_entropy_fwd_kernel",
-    "cross_entropy_bwd_kernel",
+    "cross_entropy_bwd_kernel", "quantized_linear_fwd_kernel", "quantized_linear_reduce_kernel",
+    "quantized_linear_bwd_kernel",
 }
 
 

@@ -260,6 +260,67 @@ def compile_row_ops(lk, dtype, hiddens, qk_dims, widths, geglu_widths, vocab_cas
         backward(lk.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, interleaved), (q, k))
 
 
+def quantized_weight(n, k, bits, group, dtype):
+    """An ``(n, k)`` weight in ``quantize_weight``'s format (``llama_kernels.quantize``), as
+    ``(qweight, scales, zeros)``: shapes and dtypes only (nothing is computed, and quantising a
+    real weight of LLaMA's size takes a second)."""
+    if bits == 8:
+        return torch.zeros(n, k, dtype=torch.int8), torch.ones(n, dtype=dtype), None
+    return (torch.zeros(n, k // 2, dtype=torch.uint8), torch.ones(n, k // group, dtype=dtype),
+            torch.zeros(n, k // group, dtype=torch.uint8))
+
+
+def compile_quantized(lk, dtype, cases):
+    """quantized_linear: ``cases`` of ``(rows, N, K, bits, group, bias, backward)``; at most 16 rows
+    the decode schedule (split-K: float32 partial sums, then their reduction), more the tiled one;
+    ``backward``: the gradient to the activations too (else under ``no_grad``, as decoding runs)."""
+    for rows, n, k, bits, group, bias, with_backward in cases:
+        fmt = f"int{bits}" + (f" g{group}" if bits == 4 else "")
+        case(dtype, f"{fmt} {rows}x{k}->{n}{' bias' if bias else ''}")
+        qweight, scales, zeros = quantized_weight(n, k, bits, group, dtype)
+        x = torch.randn(rows, k, dtype=dtype, requires_grad=with_backward)
+        b = torch.randn(n, dtype=dtype, requires_grad=with_backward) if bias else None
+        with torch.set_grad_enabled(with_backward):
+            y = lk.quantized_linear(x, qweight, scales, zeros, b, bits=bits, group_size=group if bits == 4 else None)
+        if with_backward:
+            backward([y], (x,) + ((b,) if bias else ()))
+
+
+def compile_quantized_candidates(lk):
+    """Every launch candidate of the quantised linear (``_fwd_candidates``, ``_bwd_candidates``), one
+    at a time (the launchers are made to see one), at a decode and a prefill shape of each format
+    (the gate/up projection: the most column blocks); a candidate that does not fit the target is
+    recorded as pruned."""
+    global sweeping
+    from llama_kernels.ops import quantized
+    from llama_kernels.ops.device import NoFittingConfig
+
+    fwd_candidates, bwd_candidates = quantized._fwd_candidates, quantized._bwd_candidates
+    n, k = 14336, 4096
+    sweeping = True
+    try:
+        for rows, (bits, group) in itertools.product((16, 512), ((8, 0), (4, 32), (4, 128))):
+            fmt = f"int{bits}" + (f" g{group}" if bits == 4 else "")
+            qweight, scales, zeros = quantized_weight(n, k, bits, group, torch.bfloat16)
+            for which, configs in (("fwd", fwd_candidates(rows, n, k, bits, group)),
+                                   ("bwd", bwd_candidates(rows, n, k))):
+                for index, config in enumerate(configs):
+                    case(torch.bfloat16, f"{fmt} {rows}x{k}->{n}, {which} candidate {index}")
+                    setattr(quantized, f"_{which}_candidates", lambda *args, config=config: [config])
+                    x = torch.randn(rows, k, dtype=torch.bfloat16, requires_grad=which == "bwd")
+                    try:
+                        with torch.set_grad_enabled(which == "bwd"):
+                            y = lk.quantized_linear(x, qweight, scales, zeros, bits=bits, group_size=group or None)
+                        if which == "bwd":
+                            backward([y], (x,))
+                    except NoFittingConfig:
+                        pruned(f"quantized_linear_{which}_kernel", f"{config} does not fit")
+                    finally:
+                        quantized._fwd_candidates, quantized._bwd_candidates = fwd_candidates, bwd_candidates
+    finally:
+        sweeping = False
+
+
 def compile_attention(lk, dtype, d, *, varlen=True, decode_rows=(), extra=None, heads=(8, 2)):
     """flash_attention forward and backward (both schedules) at head dim ``d``; packed sequences
     (``varlen``) with their decode path; ``decode_rows``: the split-KV decode path with that many
@@ -368,6 +429,14 @@ def compile_ci(lk):
     compile_attention(lk, fp32, 256, varlen=False, decode_rows=(16,))
     if TARGETS[target_name()][:2] == ("cuda", 90):
         compile_tma(lk, bf16, 128)
+    # Quantised LLaMA-3-8B projections (q/o 4096 -> 4096, k/v -> 1024, gate/up -> 14336, down
+    # 14336 -> 4096): decode at 1 and 16 rows (split-K), a prefill of 512 rows, forward and backward.
+    h, kv, inter = 4096, 1024, 14336
+    compile_quantized(lk, bf16, (
+        (1, h, h, 8, 0, False, False), (16, kv, h, 8, 0, True, True), (512, inter, h, 8, 0, True, True),
+        (1, inter, h, 4, 128, False, False), (16, h, inter, 4, 128, True, True), (512, h, h, 4, 128, False, True),
+        (1, h, h, 4, 32, False, False), (16, kv, h, 4, 32, True, False), (512, h, inter, 4, 32, True, True)))
+    compile_quantized(lk, fp32, ((512, inter, h, 8, 0, True, True),))
 
 
 def target_name():
@@ -391,7 +460,15 @@ def compile_full(lk):
                 if TARGETS[target_name()][:2] == ("cuda", 90):
                     compile_tma(lk, dtype, d)
                     compile_tma(lk, dtype, d, extra=dict(window=32, softcap=50.0))
+        # Every format at LLaMA-3-8B's four projection shapes (the k/v one with a bias, as Qwen2's),
+        # decode to prefill.
+        projections = ((4096, 4096, False), (1024, 4096, True), (14336, 4096, False), (4096, 14336, False))
+        compile_quantized(lk, dtype, [
+            (rows, n, k, bits, group, bias, rows > 1)
+            for bits, group in ((8, 0), (4, 32), (4, 64), (4, 128), (4, 256))
+            for rows in (1, 16, 64, 512, 2048) for n, k, bias in projections])
     compile_attention_candidates(lk)
+    compile_quantized_candidates(lk)
 
 
 def report(target):
@@ -433,10 +510,10 @@ def run_target(target, which):
     driver.set_active(StandInDriver(target))
     JITFunction.run = compile_only
     import llama_kernels as lk
-    from llama_kernels.ops import cross_entropy, glu, rms_norm, rope
+    from llama_kernels.ops import cross_entropy, glu, quantized, rms_norm, rope
     from llama_kernels.ops.attention import interface
 
-    for module in (interface, cross_entropy, glu, rms_norm, rope):
+    for module in (interface, cross_entropy, glu, quantized, rms_norm, rope):
         module.use_triton = lambda op, device: True  # CPU tensors, compiled for the GPU
     (compile_full if which == "full" else compile_ci)(lk)
     return 1 if report(target) else 0

@@ -275,8 +275,12 @@ def _fwd_candidates(m: int, n: int, k: int, bits: int, group: int) -> list:
     """Tiles of the forward in order of preference (``first_fit`` keeps the first that fits).
 
     Decode (``m <= 16``): 16 rows, narrow column blocks, long K-tiles (a weight tile of 16 KB per
-    pipeline stage).  Prefill: 128 x 128 or 64 x 64 output tiles, 64-wide K-tiles.  int4 K-tiles
-    divide the group.  Under the interpreter, whose cost is per program, tiles are large.
+    pipeline stage), 8 warps: half the weight tile per thread of 4 warps (4 warps spilled on sm_120,
+    and int4's scalar byte loads halve).  Prefill: int8 128 x 128 output tiles, int4 128 x 64 (its
+    per-group ``acc += part * s`` keeps two float32 tiles live: 128 x 128 spilled on sm_100 and
+    sm_120), 64-wide K-tiles, then smaller.  int4 K-tiles divide the group.  Checked spill-free in
+    half precision on every target of ``tools/compile_matrix.py``.  Under the interpreter, whose
+    cost is per program, tiles are large.
     """
     k_cap = group if bits == 4 else max(16, triton.next_power_of_2(k))
     n_cap = max(16, triton.next_power_of_2(n))
@@ -289,12 +293,18 @@ def _fwd_candidates(m: int, n: int, k: int, bits: int, group: int) -> list:
     if INTERPRET:
         return [tile(64, 64, 128, 4, 1)]
     if m <= DECODE_ROWS:
-        return [tile(16, 64, 256, 4, 3), tile(16, 64, 128, 4, 3), tile(16, 32, 128, 4, 2), tile(16, 32, 64, 4, 1)]
+        return [tile(16, 64, 256, 8, 3), tile(16, 64, 128, 4, 3), tile(16, 32, 128, 4, 2), tile(16, 32, 64, 4, 1)]
+    if bits == 4:
+        return [tile(128, 64, 64, 8, 3), tile(64, 64, 64, 4, 2), tile(32, 32, 32, 4, 1)]
     return [tile(128, 128, 64, 8, 3), tile(64, 128, 64, 4, 3), tile(64, 64, 64, 4, 2), tile(32, 32, 32, 4, 1)]
 
 
 def _bwd_candidates(m: int, n: int, k: int) -> list:
-    """Tiles of the backward (``[BLOCK_M, BLOCK_K]`` of dx, ``BLOCK_N`` of the reduction), in order."""
+    """Tiles of the backward (``[BLOCK_M, BLOCK_K]`` of dx, ``BLOCK_N`` of the reduction), in order.
+
+    The dequantised float32 weight tile and its ``hi``/``lo`` halves are live with the accumulator:
+    128 x 64 x 128 spilled (int8) on sm_80, sm_86, sm_89 and sm_120, so prefill takes 128 rows x 64
+    features with 32-wide steps of the reduction; at most 16 rows, 16 x 128 with 64-wide steps."""
     m_cap, n_cap, k_cap = (max(16, triton.next_power_of_2(v)) for v in (m, n, k))
 
     def tile(bm, bn, bk, warps, stages):
@@ -303,7 +313,9 @@ def _bwd_candidates(m: int, n: int, k: int) -> list:
 
     if INTERPRET:
         return [tile(64, 64, 64, 4, 1)]
-    return [tile(128, 64, 128, 8, 3), tile(64, 64, 64, 4, 2), tile(32, 32, 32, 4, 1)]
+    if m <= DECODE_ROWS:
+        return [tile(16, 64, 128, 8, 3), tile(16, 32, 64, 4, 2)]
+    return [tile(128, 32, 64, 8, 3), tile(64, 32, 64, 4, 2), tile(32, 32, 32, 4, 1)]
 
 
 def _split_k(m_blocks: int, n_blocks: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
