@@ -291,7 +291,9 @@ def main(argv=None, prog: str = "python -m benchmarks") -> int:
         parts = args.only or PARTS
         if "ops" in parts:
             ops.run(settings, limits, records, progress)
-        if "model" in parts:
+        if "model" in parts and settings.quantize:  # the quantised comparison replaces the model part
+            bench_quantized.run(settings, limits, records, progress)
+        elif "model" in parts:
             bench_model.run(settings, limits, records, progress, family=args.family)
         if "batches" in parts:
             bench_batches.run(settings, limits, records, progress)

@@ -590,15 +590,9 @@ def run(settings: Settings, limits: dict, records: list, progress=None, family: 
     ``progress(label)``, when given, is called after each provider's figures are in ``records``
     (``__main__`` rewrites the report then, so a run killed later keeps them).  ``family`` (a key
     of :data:`FAMILIES`) picks the model: LLaMA-3-8B's shapes and the reference model too, or
-    another transformers family's (its ``hf`` providers only).
-    With ``settings.quantize`` the model part is the quantised comparison instead
-    (:func:`benchmarks.bench_quantized.run`).
+    another transformers family's (its ``hf`` providers only).  (With ``--quantize`` the model part
+    is :func:`benchmarks.bench_quantized.run` instead.)
     """
-    if settings.quantize:
-        from . import bench_quantized
-
-        bench_quantized.run(settings, limits, records, progress)
-        return
     cfg = _config(settings, family)
     say(f"model: {cfg['num_hidden_layers']} layers of {title(family)} shape" if settings.mode != "smoke"
         else f"model: tiny smoke config ({family})")
