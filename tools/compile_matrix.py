@@ -16,9 +16,12 @@ Usage::
 ``--set ci`` (the default; ``tests/test_compile_matrix.py`` runs it for every target): the
 launchers' own choices at LLaMA-3-8B, SmolLM2 and Gemma shapes in bfloat16 and a few in float32,
 attention at head dims 64/128/256 (both backward schedules, packed sequences, sliding window +
-softcap), decode at 16 and 64 rows per KV head.  ``--set full`` (``make compile-matrix``):
-every dtype and shape of the old sm_90 report, and every autotuning candidate of the attention
-kernels (``llama_kernels.ops.attention.configs.CONFIGS``), one at a time.
+softcap), decode at 16 and 64 rows per KV head, the quantised linear (int8, int4 in groups of 32
+and 128) at LLaMA-3-8B's projections: decode at 1 and 16 rows (split-K), a prefill of 512, with
+and without bias, forward and backward.  ``--set full`` (``make compile-matrix``): every dtype and
+shape of the old sm_90 report, every quantised format at five row counts, and every autotuning
+candidate of the attention kernels (``llama_kernels.ops.attention.configs.CONFIGS``) and every
+launch candidate of the quantised linear, one at a time.
 
 One line per compiled kernel: name, dtype, case, shared memory, registers (NVIDIA; VGPRs on
 AMD), spilled bytes (NVIDIA local memory; AMD scratch), the widths of its global loads (``ld 16B

@@ -274,12 +274,15 @@ def _nonzero(scale):
 def _fwd_candidates(m: int, n: int, k: int, bits: int, group: int) -> list:
     """Tiles of the forward in order of preference (``first_fit`` keeps the first that fits).
 
-    Decode (``m <= 16``): 16 rows, narrow column blocks, long K-tiles (a weight tile of 16 KB per
-    pipeline stage), 8 warps: half the weight tile per thread of 4 warps (4 warps spilled on sm_120,
-    and int4's scalar byte loads halve).  Prefill: int8 128 x 128 output tiles, int4 128 x 64 (its
-    per-group ``acc += part * s`` keeps two float32 tiles live: 128 x 128 spilled on sm_100 and
-    sm_120), 64-wide K-tiles, then smaller.  int4 K-tiles divide the group.  Checked spill-free in
-    half precision on every target of ``tools/compile_matrix.py``.  Under the interpreter, whose
+    Decode (``m <= 16``): 16 rows, narrow column blocks, 8 warps; int8 long K-tiles (a weight tile
+    of 16 KB per pipeline stage), int4 K-tiles of 64 (2 KB): ``_weight_tile`` loads packed int4
+    weights with a scalar byte load per element (two under Triton 3.6), and more than 16 elements
+    per thread spill (16 x 64 x 128 on 4 warps spilled ~1.9 KB on sm_90 and sm_120 under 3.6).
+    Prefill: int8 128 x 128 x 64, int4 128 x 64 x 32 in 2 stages (its per-group ``acc += part * s``
+    keeps two float32 tiles live: 128 x 128 spilled on sm_100 and sm_120, 128 x 64 x 64 on sm_100
+    under 3.6, 3 stages 8 bytes on sm_86 and sm_89 under 3.9).
+    int4 K-tiles divide the group.  The first choices compile spill-free in half precision on every
+    target of ``tools/compile_matrix.py`` under Triton 3.6 and 3.9.  Under the interpreter, whose
     cost is per program, tiles are large.
     """
     k_cap = group if bits == 4 else max(16, triton.next_power_of_2(k))
@@ -293,9 +296,11 @@ def _fwd_candidates(m: int, n: int, k: int, bits: int, group: int) -> list:
     if INTERPRET:
         return [tile(64, 64, 128, 4, 1)]
     if m <= DECODE_ROWS:
+        if bits == 4:
+            return [tile(16, 64, 64, 8, 3), tile(16, 32, 32, 4, 1)]
         return [tile(16, 64, 256, 8, 3), tile(16, 64, 128, 4, 3), tile(16, 32, 128, 4, 2), tile(16, 32, 64, 4, 1)]
     if bits == 4:
-        return [tile(128, 64, 64, 8, 3), tile(64, 64, 64, 4, 2), tile(32, 32, 32, 4, 1)]
+        return [tile(128, 64, 32, 8, 2), tile(64, 64, 32, 4, 2), tile(32, 32, 32, 4, 1)]
     return [tile(128, 128, 64, 8, 3), tile(64, 128, 64, 4, 3), tile(64, 64, 64, 4, 2), tile(32, 32, 32, 4, 1)]
 
 
