@@ -40,6 +40,7 @@ under Triton's interpreter every dot is in float32 (``device.dot_mode``).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -212,10 +213,14 @@ class QuantizedWeight(NamedTuple):
     group_size: Optional[int]
 
 
-def check_format(bits, group_size) -> Optional[int]:
-    """``group_size`` as used for ``bits`` (int4's default filled in); errors name the argument."""
+def _check_bits(bits) -> None:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
         raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+
+
+def check_format(bits, group_size) -> Optional[int]:
+    """``group_size`` as used for ``bits`` (int4's default filled in); errors name the argument."""
+    _check_bits(bits)
     if bits == 8:
         if group_size is not None:
             raise ValueError(f"group_size must be None for bits=8 (one scale per output row), got {group_size!r}")
@@ -271,6 +276,18 @@ def _nonzero(scale):
 # ---------------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
+def _cap(size: int) -> int:
+    # The largest useful block along a dimension of ``size``: its power of two, at least a dot's 16.
+    return max(16, triton.next_power_of_2(size))
+
+
+def _tile(caps, block_m, block_n, block_k, num_warps, num_stages) -> dict:
+    """A launch configuration, its blocks capped at ``caps`` (M, N, K)."""
+    cap_m, cap_n, cap_k = caps
+    return dict(BLOCK_M=min(block_m, cap_m), BLOCK_N=min(block_n, cap_n), BLOCK_K=min(block_k, cap_k),
+                num_warps=num_warps, num_stages=num_stages)
+
+
 def _fwd_candidates(m: int, n: int, k: int, bits: int, group: int) -> list:
     """Tiles of the forward in order of preference (``first_fit`` keeps the first that fits).
 
@@ -285,14 +302,7 @@ def _fwd_candidates(m: int, n: int, k: int, bits: int, group: int) -> list:
     target of ``tools/compile_matrix.py`` under Triton 3.6 and 3.9.  Under the interpreter, whose
     cost is per program, tiles are large.
     """
-    k_cap = group if bits == 4 else max(16, triton.next_power_of_2(k))
-    n_cap = max(16, triton.next_power_of_2(n))
-    m_cap = max(16, triton.next_power_of_2(m))
-
-    def tile(bm, bn, bk, warps, stages):
-        return dict(BLOCK_M=min(bm, m_cap), BLOCK_N=min(bn, n_cap), BLOCK_K=min(bk, k_cap),
-                    num_warps=warps, num_stages=stages)
-
+    tile = functools.partial(_tile, (_cap(m), _cap(n), group if bits == 4 else _cap(k)))
     if INTERPRET:
         return [tile(64, 64, 128, 4, 1)]
     if m <= DECODE_ROWS:
@@ -310,12 +320,7 @@ def _bwd_candidates(m: int, n: int, k: int) -> list:
     The dequantised float32 weight tile and its ``hi``/``lo`` halves are live with the accumulator:
     128 x 64 x 128 spilled (int8) on sm_80, sm_86, sm_89 and sm_120, so prefill takes 128 rows x 64
     features with 32-wide steps of the reduction; at most 16 rows, 16 x 128 with 64-wide steps."""
-    m_cap, n_cap, k_cap = (max(16, triton.next_power_of_2(v)) for v in (m, n, k))
-
-    def tile(bm, bn, bk, warps, stages):
-        return dict(BLOCK_M=min(bm, m_cap), BLOCK_N=min(bn, n_cap), BLOCK_K=min(bk, k_cap),
-                    num_warps=warps, num_stages=stages)
-
+    tile = functools.partial(_tile, (_cap(m), _cap(n), _cap(k)))
     if INTERPRET:
         return [tile(64, 64, 64, 4, 1)]
     if m <= DECODE_ROWS:
@@ -345,12 +350,11 @@ def _fwd_fake(x, qweight, scales, zeros, bias, bits, group_size):
     return torch.empty((*x.shape[:-1], qweight.shape[0]), dtype=x.dtype, device=x.device)
 
 
-def _fwd_launch(x, qweight, scales, zeros, bias, y, bits, group_size, has_bias: bool):
+def _fwd_launch(args_for, m, n, k, x, y, bits, group_size, has_bias: bool):
     """``(grid, constexprs, config, k_per_split)`` of the forward: the first tile of
     :func:`_fwd_candidates` that fits the device, compiled with its own split (the split changes the
-    epilogue: float32 partial sums instead of the rounded output)."""
-    n, k = y.shape[-1], x.shape[-1]
-    m = y.numel() // n
+    epilogue: float32 partial sums instead of the rounded output).  ``args_for(out, k_per_split)``:
+    the kernel's arguments."""
     dot_in_fp32, precision = dot_mode(x.dtype, x.device)
     consts = dict(BITS=bits, GROUP=max(group_size, 1), HAS_BIAS=has_bias, PRECISION=precision,
                   DOT_IN_FP32=dot_in_fp32 or x.dtype == torch.float32)
@@ -360,21 +364,13 @@ def _fwd_launch(x, qweight, scales, zeros, bias, y, bits, group_size, has_bias: 
         split, k_per_split = _split_k(triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), k,
                                       config["BLOCK_K"], x.device)
         out = y if split == 1 else y.new_empty(0, dtype=torch.float32)  # only its dtype is compiled
-        args = _fwd_args(x, qweight, scales, zeros, bias, out, k_per_split)
-        if config_fits(quantized_linear_fwd_kernel, args, {**consts, "SPLIT": split}, config, limits):
+        if config_fits(quantized_linear_fwd_kernel, args_for(out, k_per_split), {**consts, "SPLIT": split},
+                       config, limits):
             grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]), split)
             return grid, {**consts, "SPLIT": split}, config, k_per_split
     raise NoFittingConfig(f"llama_kernels: no launch configuration of quantized_linear (int{bits}, {m}x{k} @ "
                           f"{k}x{n}) fits {limits.arch} ({limits.shared_memory} bytes of shared memory per block); "
                           f"tried {configs}")
-
-
-def _fwd_args(x, qweight, scales, zeros, bias, out, k_per_split):
-    k = x.shape[-1]
-    x2, *x_strides = row_layout(x)
-    m = x2.numel() // k
-    return (x2, qweight, scales, zeros, bias, out, m, qweight.shape[0], k, k_per_split, *x_strides,
-            qweight.stride(0), qweight.stride(1), scales.stride(0), zeros.stride(0))
 
 
 @compilable("quantized_linear_fwd", _fwd_fake)
@@ -385,15 +381,19 @@ def quantized_linear_fwd(x: torch.Tensor, qweight: torch.Tensor, scales: torch.T
     y = _fwd_fake(x, qweight, scales, zeros, bias, bits, group_size)
     if y.numel() == 0:
         return y
-    m, n = y.numel() // y.shape[-1], y.shape[-1]
+    m, n, k = y.numel() // y.shape[-1], y.shape[-1], x.shape[-1]
     zeros = scales if zeros is None else zeros  # int8: never read
     bias_arg = y if bias is None else bias
-    grid, consts, config, k_per_split = _fwd_launch(x, qweight, scales, zeros, bias_arg, y, bits, group_size,
-                                                    bias is not None)
+    x, *x_strides = row_layout(x)
+    weight_strides = (qweight.stride(0), qweight.stride(1), scales.stride(0), zeros.stride(0))
+
+    def args_for(out, k_per_split):
+        return (x, qweight, scales, zeros, bias_arg, out, m, n, k, k_per_split, *x_strides, *weight_strides)
+
+    grid, consts, config, k_per_split = _fwd_launch(args_for, m, n, k, x, y, bits, group_size, bias is not None)
     split = consts["SPLIT"]
     out = y if split == 1 else torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-    quantized_linear_fwd_kernel[grid](*_fwd_args(x, qweight, scales, zeros, bias_arg, out, k_per_split),
-                                      **consts, **config)
+    quantized_linear_fwd_kernel[grid](*args_for(out, k_per_split), **consts, **config)
     count_launch(quantized_linear_fwd_kernel)
     if split > 1:
         block = 1024
@@ -458,8 +458,7 @@ class QuantizedLinearFunction(torch.autograd.Function):
 def check_quantized_weight(qweight, scales, zeros, *, bits, group_size, in_features=None) -> int:
     """Validate a quantised weight (see :func:`quantized_linear`); returns its input features ``K``.
     Errors name the argument."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
-        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    _check_bits(bits)
     if bits == 8:
         check_tensor("qweight", qweight, ndim=2, dtypes=(torch.int8,))
         if group_size is not None:
